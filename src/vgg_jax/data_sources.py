@@ -1,0 +1,263 @@
+"""Datasets -> host uint8 arrays: TFDS, an image folder, or a synthetic learnable set.
+
+Every loader returns this process's share of a split as `(images, labels)`, with
+images uint8 NHWC at the configured size and labels int32. TensorFlow is imported
+only on the TFDS path, so the image-folder and synthetic paths run without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+CIFAR10_TARBALL = "cifar-10-binary.tar.gz"
+
+
+class DatasetUnavailableError(RuntimeError):
+    """The dataset is neither prepared nor obtainable; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One process's share of one split, in host memory."""
+
+    images: np.ndarray  # uint8 (N, H, W, 3)
+    labels: np.ndarray  # int32 (N,)
+    class_names: tuple[str, ...]
+    num_examples_global: int  # rows in the whole split, over all processes
+
+
+def process_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """The [start, end) rows of a split that one process loads (contiguous, near-equal)."""
+    per_process = -(-num_examples // process_count)
+    start = min(num_examples, process_index * per_process)
+    return start, min(num_examples, start + per_process)
+
+
+def load_split(
+    dataset: str,
+    split: str,
+    *,
+    data_dir: str | None,
+    image_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    synthetic_sizes: Sequence[int] = (2048, 512),
+    synthetic_classes: int = 10,
+) -> Split:
+    """Loads this process's part of `split` of `dataset` (a TFDS name, 'image_folder',
+    or 'synthetic')."""
+    if dataset == "synthetic":
+        return load_synthetic(
+            split, image_size, synthetic_sizes, synthetic_classes, process_index, process_count
+        )
+    if dataset == "image_folder":
+        if not data_dir:
+            raise DatasetUnavailableError(
+                "dataset='image_folder' needs --config.data_dir=DIR holding "
+                "DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg"
+            )
+        return load_image_folder(data_dir, split, image_size, process_index, process_count)
+    return load_tfds(dataset, split, data_dir, image_size, process_index, process_count)
+
+
+# ---------------------------------------------------------------------------- image folder
+
+
+def list_image_folder(root: str, split: str) -> tuple[list[tuple[Path, int]], tuple[str, ...]]:
+    """(path, label) for every image under root/split/<class>/, classes sorted by name."""
+    split_dir = Path(root) / split
+    if not split_dir.is_dir():
+        raise DatasetUnavailableError(
+            f"image folder {split_dir} does not exist; expected "
+            f"{root}/{{train,test}}/<class name>/<image files>"
+        )
+    class_names = tuple(sorted(p.name for p in split_dir.iterdir() if p.is_dir()))
+    if not class_names:
+        raise DatasetUnavailableError(f"image folder {split_dir} has no class sub-folders")
+    files = [
+        (path, label)
+        for label, name in enumerate(class_names)
+        for path in sorted((split_dir / name).iterdir())
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not files:
+        raise DatasetUnavailableError(f"image folder {split_dir} holds no images")
+    return files, class_names
+
+
+def read_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
+    """One image file -> uint8 (image_size, image_size, 3) RGB, resized with bicubic."""
+    with Image.open(path) as image:
+        return to_rgb_array(image, image_size)
+
+
+def to_rgb_array(image: Image.Image, image_size: int) -> np.ndarray:
+    """A PIL image of any mode -> uint8 RGB (image_size, image_size, 3)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits rather than clipping.
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray((array / top * 255.0).round().astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite transparency on white, as a viewer shows it.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    image = image.convert("RGB")
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_image_folder(
+    root: str, split: str, image_size: int, process_index: int, process_count: int
+) -> Split:
+    files, class_names = list_image_folder(root, split)
+    start, end = process_range(len(files), process_index, process_count)
+    local = files[start:end]
+    images = np.stack([read_image(path, image_size) for path, _ in local])
+    labels = np.asarray([label for _, label in local], np.int32)
+    return Split(images, labels, class_names, len(files))
+
+
+# ------------------------------------------------------------------------------- synthetic
+
+
+def load_synthetic(
+    split: str,
+    image_size: int,
+    sizes: Sequence[int],
+    num_classes: int,
+    process_index: int,
+    process_count: int,
+) -> Split:
+    """A small learnable dataset made offline: each class is a fixed coarse colour
+    pattern; every example is its class's pattern, shifted by up to 3 pixels, with
+    random contrast and Gaussian noise. A tiny VGG learns it in a few epochs."""
+    num_examples = sizes[0] if split == "train" else sizes[1]
+    pattern_rng = np.random.default_rng(1234)  # the same classes for every split
+    coarse = pattern_rng.uniform(0, 255, (num_classes, 4, 4, 3))
+    repeat = -(-image_size // 4)
+    patterns = coarse.repeat(repeat, 1).repeat(repeat, 2)[:, :image_size, :image_size]
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    labels = rng.integers(0, num_classes, num_examples).astype(np.int32)
+    shifts = rng.integers(-3, 4, (num_examples, 2))
+    contrast = rng.uniform(0.3, 1.0, (num_examples, 1, 1, 1))
+    noise = rng.normal(0, 96, (num_examples, image_size, image_size, 3))
+    images = np.stack(
+        [np.roll(patterns[y], tuple(s), axis=(0, 1)) for y, s in zip(labels, shifts, strict=True)]
+    )
+    images = np.clip((images - 128) * contrast + 128 + noise, 0, 255).astype(np.uint8)
+    start, end = process_range(num_examples, process_index, process_count)
+    names = tuple(f"class_{i}" for i in range(num_classes))
+    return Split(images[start:end], labels[start:end], names, num_examples)
+
+
+# ------------------------------------------------------------------------------------ TFDS
+
+
+def import_tensorflow():
+    """Imports TensorFlow for TFDS, hidden from GPUs so that JAX keeps them."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    return tf
+
+
+def network_available(host: str = "storage.googleapis.com", timeout: float = 3.0) -> bool:
+    """Whether a TFDS download could start: a name lookup and one TCP connect, bounded."""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolved_data_dir(data_dir: str | None) -> str:
+    return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+
+
+def prepare_tfds(builder, name: str, data_dir: str) -> None:
+    """Prepares a TFDS dataset from the manual folder or the network, or says how."""
+    import tensorflow_datasets as tfds
+
+    manual_dir = os.path.join(data_dir, "downloads", "manual")
+    has_manual_files = os.path.isdir(manual_dir) and bool(os.listdir(manual_dir))
+    if not has_manual_files and not network_available():
+        hint = (
+            f"put {CIFAR10_TARBALL} (from https://www.cs.toronto.edu/~kriz/{CIFAR10_TARBALL}) "
+            f"in {manual_dir}/ and rerun"
+            if name.startswith("cifar10")
+            else f"put the files it downloads in {manual_dir}/ and rerun"
+        )
+        raise DatasetUnavailableError(
+            f"TFDS dataset {name!r} is not prepared in {data_dir} and cannot be downloaded "
+            f"(no network): {hint}; or use --config.dataset=image_folder, or configs/smoke.py"
+        )
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+    )
+
+
+def load_tfds(
+    name: str,
+    split: str,
+    data_dir: str | None,
+    image_size: int,
+    process_index: int,
+    process_count: int,
+) -> Split:
+    tf = import_tensorflow()
+    import tensorflow_datasets as tfds
+
+    data_dir = resolved_data_dir(data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DatasetUnavailableError(f"TFDS has no dataset named {name!r}") from None
+    if not builder.is_prepared():
+        prepare_tfds(builder, name, data_dir)
+    known_splits = builder.info.splits
+    if known_splits and split not in known_splits:
+        raise DatasetUnavailableError(
+            f"TFDS dataset {name!r} has no split {split!r}; it has {sorted(known_splits)}"
+        )
+    if known_splits:
+        num_examples = known_splits[split].num_examples
+        start, end = process_range(num_examples, process_index, process_count)
+        dataset = builder.as_dataset(split=f"{split}[{start}:{end}]", shuffle_files=False)
+    else:
+        # A builder without split metadata (tfds.testing.mock_data): size unknown ahead.
+        dataset = builder.as_dataset(split=split, shuffle_files=False)
+        num_examples = None
+
+    def to_rgb_uint8(example):
+        image = example["image"]
+        if image.shape[-1] == 1:
+            image = tf.image.grayscale_to_rgb(image)
+        if image.shape[0] != image_size or image.shape[1] != image_size:
+            image = tf.image.resize(image, (image_size, image_size), method="bicubic")
+            image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        return image, tf.cast(example["label"], tf.int32)
+
+    dataset = dataset.map(to_rgb_uint8, num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
+    images, labels = [], []
+    for image_batch, label_batch in tfds.as_numpy(dataset):
+        images.append(image_batch)
+        labels.append(label_batch)
+    class_names = tuple(builder.info.features["label"].names)
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    if num_examples is None:
+        num_examples = len(labels)
+        start, end = process_range(num_examples, process_index, process_count)
+        images, labels = images[start:end], labels[start:end]
+    return Split(images, labels, class_names, num_examples)

@@ -1,0 +1,87 @@
+"""Config -> learning-rate schedule and optax optimiser."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+def create_learning_rate_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.Schedule:
+    """The schedule named by `config.schedule`, as a function of the step.
+
+    discexp:  lr * lr_decay_rate ** floor(samples_seen / lr_decay_samples)  (the seed's)
+    multistep: lr * lr_decay_rate ** (number of `lr_boundaries_epochs` passed)
+    cosine:   linear warm-up, then cosine decay to 0 at the last step
+    onecycle: linear warm-up to lr, then linear decay to 0 at the last step
+    constant: lr
+    """
+    base_lr = config.learning_rate
+    total_steps = max(1, config.num_epochs * steps_per_epoch)
+    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+    name = config.schedule
+    if name == "constant":
+        return optax.constant_schedule(base_lr)
+    if name == "discexp":
+        batch_size = config.batch_size
+        decay_rate = config.lr_decay_rate
+        decay_samples = config.lr_decay_samples
+
+        def discexp(step):
+            samples_seen = step * batch_size
+            return base_lr * decay_rate ** jnp.floor(samples_seen / decay_samples)
+
+        return discexp
+    if name == "multistep":
+        boundaries = {
+            int(round(epoch * steps_per_epoch)): config.lr_decay_rate
+            for epoch in config.lr_boundaries_epochs
+        }
+        return optax.piecewise_constant_schedule(base_lr, boundaries)
+    if name == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, base_lr, warmup_steps, total_steps, end_value=0.0
+        )
+    if name == "onecycle":
+        return optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, base_lr, max(1, warmup_steps)),
+                optax.linear_schedule(base_lr, 0.0, max(1, total_steps - warmup_steps)),
+            ],
+            [max(1, warmup_steps)],
+        )
+    raise ValueError(
+        f"unknown schedule {name!r}; choose discexp, multistep, cosine, onecycle or constant"
+    )
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+    """Momentum SGD with the seed's coupled L2 term and optional decoupled weight decay.
+
+    Coupled L2 (`config.l2`) is added to the gradient *before* momentum, as Paddle's
+    L2Regularization and PyTorch's SGD(weight_decay=...) do. Decoupled weight decay
+    (`config.weight_decay`) is added after momentum and scaled by the learning rate.
+    """
+    if config.optimizer != "sgd":
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; only 'sgd' is supported")
+    parts = []
+    if config.l2:
+        parts.append(optax.add_decayed_weights(config.l2))
+    parts.append(optax.trace(decay=config.momentum, nesterov=config.nesterov))
+    if config.weight_decay:
+        parts.append(optax.add_decayed_weights(config.weight_decay))
+    parts.append(optax.scale_by_learning_rate(schedule))
+    if config.get("grad_clip_norm"):
+        parts.insert(0, optax.clip_by_global_norm(config.grad_clip_norm))
+    return optax.chain(*parts)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full batches in one pass; the remainder is served by the next pass's shuffle."""
+    return max(1, math.floor(num_examples / batch_size))

@@ -1,0 +1,319 @@
+"""Training and evaluation: the train state, the jitted steps, and the epoch loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from vgg_jax import data_sources, input_pipeline, models, optim
+from vgg_jax.metrics_log import MetricsLog
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainState(train_state.TrainState):
+    """Params, optimiser state and step (from flax), plus BN statistics and the dropout
+    key (raw uint32 key data, so that checkpoints hold plain arrays)."""
+
+    batch_stats: Any
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a predictor needs to know about the training data."""
+
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+    num_train_examples: int
+    num_eval_examples: int
+
+
+def build_model(config: ml_collections.ConfigDict, info: DatasetInfo) -> models.VGG:
+    """The VGG that `config` describes, normalising inputs with the dataset's statistics."""
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+    return models.create_model(
+        config.model,
+        len(info.class_names),
+        width=config.width,
+        batch_norm=config.batch_norm,
+        conv_dropout=config.conv_dropout,
+        head=config.head,
+        head_dropout=config.head_dropout,
+        dtype=DTYPES[config.dtype],
+        mean=info.mean,
+        std=info.std,
+        stages=config.get("stages"),
+    )
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model: models.VGG,
+    image_size: int,
+    learning_rate_fn: optax.Schedule,
+    mesh: Mesh | None = None,
+) -> TrainState:
+    """Initialises parameters from `config.seed`, replicated over the mesh if given."""
+    tx = optim.create_optimizer(config, learning_rate_fn)
+    params_key, dropout_key = jax.random.split(jax.random.key(config.seed))
+
+    def init() -> TrainState:
+        images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
+        variables = model.init(params_key, images, train=False)
+        return TrainState.create(
+            apply_fn=model.apply,
+            params=variables["params"],
+            tx=tx,
+            batch_stats=variables.get("batch_stats", {}),
+            rng=jax.random.key_data(dropout_key),
+        )
+
+    out_shardings = NamedSharding(mesh, P()) if mesh is not None else None
+    return jax.jit(init, out_shardings=out_shardings)()
+
+
+def cross_entropy_loss(
+    logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+) -> jax.Array:
+    """Per-example softmax cross-entropy against (optionally smoothed) one-hot labels."""
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], label_smoothing: float = 0.0
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step on a batch of uint8 images; returns summed (not averaged) metrics so
+    that an epoch's metrics are plain sums."""
+    dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_fn(params):
+        logits, new_model_state = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            rngs={"dropout": dropout_key},
+            mutable=["batch_stats"],
+        )
+        loss = cross_entropy_loss(logits, batch["label"], label_smoothing).mean()
+        return loss, (logits, new_model_state)
+
+    (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
+    state = state.apply_gradients(
+        grads=grads, batch_stats=new_model_state.get("batch_stats", state.batch_stats)
+    )
+    count = batch["label"].shape[0]
+    metrics = {
+        "loss_sum": loss * count,
+        "correct": jnp.sum(jnp.argmax(logits, -1) == batch["label"]),
+        "count": jnp.asarray(count, jnp.float32),
+    }
+    return state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Summed loss and correct predictions over the unmasked examples of a batch."""
+    logits = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
+    )
+    mask = batch["mask"]
+    loss = cross_entropy_loss(logits, batch["label"])
+    return {
+        "loss_sum": jnp.sum(loss * mask),
+        "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def make_step_functions(
+    config: ml_collections.ConfigDict, mesh: Mesh
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """Jitted steps that take a whole epoch's batches plus an index, so one dispatch
+    per step moves nothing between host and device. The state is donated."""
+    replicated = NamedSharding(mesh, P())
+
+    @functools.partial(jax.jit, donate_argnums=0, out_shardings=replicated)
+    def train_at(state, epoch_batches, index):
+        batch = jax.tree.map(lambda array: array[index], epoch_batches)
+        return train_step(state, batch, config.label_smoothing)
+
+    @functools.partial(jax.jit, out_shardings=replicated)
+    def eval_at(state, eval_batches, index):
+        batch = jax.tree.map(lambda array: array[index], eval_batches)
+        return eval_step(state, batch)
+
+    return train_at, eval_at
+
+
+def sum_metrics(total: dict[str, jax.Array] | None, new: dict[str, jax.Array]) -> dict:
+    """Adds step metrics on the device (no host sync)."""
+    return new if total is None else jax.tree.map(jnp.add, total, new)
+
+
+def summarise(sums: dict[str, jax.Array], prefix: str) -> dict[str, float]:
+    """Device sums -> host means (this is the one host sync per epoch and split)."""
+    sums = jax.device_get(sums)
+    count = max(float(sums["count"]), 1.0)
+    return {
+        f"{prefix}_loss": float(sums["loss_sum"]) / count,
+        f"{prefix}_accuracy": float(sums["correct"]) / count,
+    }
+
+
+def evaluate(state: TrainState, eval_batches: dict[str, jax.Array], eval_at) -> dict[str, float]:
+    """Loss and accuracy over every evaluation example."""
+    sums = None
+    for index in range(eval_batches["label"].shape[0]):
+        sums = sum_metrics(sums, eval_at(state, eval_batches, index))
+    return summarise(sums, "test")
+
+
+def check_batch_size(batch_size: int, device_count: int, name: str = "batch_size") -> None:
+    if batch_size <= 0 or batch_size % device_count:
+        raise ValueError(
+            f"{name}={batch_size} must be a positive multiple of the device count "
+            f"({device_count}); try {max(1, batch_size // device_count) * device_count}"
+        )
+
+
+def load_data(config: ml_collections.ConfigDict):
+    """Both splits of this process, in host memory, and what a predictor needs of them."""
+    kwargs = {
+        "data_dir": config.data_dir,
+        "image_size": config.image_size,
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "synthetic_sizes": (config.synthetic_train_size, config.synthetic_eval_size),
+        "synthetic_classes": config.synthetic_classes,
+    }
+    train_split = data_sources.load_split(config.dataset, config.train_split, **kwargs)
+    eval_split = data_sources.load_split(config.dataset, config.eval_split, **kwargs)
+    mean, std = input_pipeline.channel_stats(train_split.images)
+    if jax.process_count() > 1:
+        # Every process must build the same model: take process 0's statistics.
+        from jax.experimental import multihost_utils
+
+        mean, std = (
+            tuple(float(v) for v in multihost_utils.broadcast_one_to_all(jnp.asarray(s)))
+            for s in (mean, std)
+        )
+    info = DatasetInfo(
+        class_names=train_split.class_names,
+        mean=mean,
+        std=std,
+        image_size=config.image_size,
+        num_train_examples=train_split.num_examples_global,
+        num_eval_examples=eval_split.num_examples_global,
+    )
+    return train_split, eval_split, info
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains for `config.num_epochs` passes, evaluating on every test example after each,
+    and logs to WORKDIR/metrics.jsonl and TensorBoard. Returns the final state."""
+    if config.get("distributed"):
+        jax.distributed.initialize()
+    device_count = jax.device_count()
+    check_batch_size(config.batch_size, device_count)
+    eval_batch_size = config.eval_batch_size or config.batch_size
+    check_batch_size(eval_batch_size, device_count, "eval_batch_size")
+    mesh = input_pipeline.create_mesh()
+
+    train_split, eval_split, info = load_data(config)
+    train_data = input_pipeline.put_train_split(train_split, mesh)
+    eval_batches = input_pipeline.put_eval_batches(eval_split, eval_batch_size, mesh)
+    del train_split, eval_split
+    steps_per_epoch = optim.steps_per_epoch(train_data.num_examples, config.batch_size)
+    if config.get("max_steps_per_epoch"):
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    logger.info(
+        "%s: %d train / %d eval examples, %d classes; %d devices, %d steps of %d per epoch",
+        config.dataset,
+        info.num_train_examples,
+        info.num_eval_examples,
+        len(info.class_names),
+        device_count,
+        steps_per_epoch,
+        config.batch_size,
+    )
+
+    model = build_model(config, info)
+    learning_rate_fn = optim.create_learning_rate_schedule(config, steps_per_epoch)
+    state = create_train_state(config, model, config.image_size, learning_rate_fn, mesh)
+    train_at, eval_at = make_step_functions(config, mesh)
+    log = MetricsLog(workdir, enabled=jax.process_index() == 0)
+    data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+
+    for epoch in range(int(state.step) // steps_per_epoch, config.num_epochs):
+        epoch_start = time.perf_counter()
+        batches = input_pipeline.epoch_batches(
+            train_data,
+            jax.random.fold_in(data_key, epoch),
+            steps=steps_per_epoch,
+            batch_size=config.batch_size,
+            augment=config.augment,
+            mesh=mesh,
+        )
+        sums = None
+        bar = tqdm(
+            total=steps_per_epoch * config.batch_size,
+            desc=f"epoch {epoch + 1}/{config.num_epochs}",
+            unit="img",
+            unit_scale=True,
+            leave=False,
+            disable=not config.progress_bar or jax.process_index() != 0,
+        )
+        running_loss = None
+        for index in range(steps_per_epoch):
+            state, metrics = train_at(state, batches, index)
+            sums = sum_metrics(sums, metrics)
+            bar.update(config.batch_size)
+            if (index + 1) % config.log_every_steps == 0:
+                # Show the loss computed one logging interval ago: it is done by now, so
+                # reading it does not stall the queue of dispatched steps.
+                if running_loss is not None:
+                    bar.set_postfix(loss=f"{float(running_loss):.4f}")
+                running_loss = sums["loss_sum"] / sums["count"]
+        bar.close()
+        record = {"epoch": epoch + 1, "step": int(state.step)}
+        record.update(summarise(sums, "train"))
+        record.update(evaluate(state, eval_batches, eval_at))
+        record["learning_rate"] = float(learning_rate_fn(int(state.step) - 1))
+        record["epoch_seconds"] = time.perf_counter() - epoch_start
+        logger.info(
+            "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  lr %.5g  %.1fs",
+            epoch + 1,
+            config.num_epochs,
+            record["train_loss"],
+            record["train_accuracy"],
+            record["test_loss"],
+            record["test_accuracy"],
+            record["learning_rate"],
+            record["epoch_seconds"],
+        )
+        log.write(record)
+    log.close()
+    return state

@@ -1,0 +1,104 @@
+"""End to end: the command line on the synthetic smoke config, an image folder, and TFDS
+mock data; and the one-line errors."""
+
+import json
+
+import pytest
+from conftest import CONFIGS, run_cli
+
+from vgg_jax.metrics_log import read_metrics
+
+REQUIRED_KEYS = {
+    "epoch",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "learning_rate",
+    "epoch_seconds",
+}
+
+
+MOCKED_MAIN = """
+import sys
+import tensorflow_datasets as tfds
+from vgg_jax import data_sources, main
+data_sources.network_available = lambda *a, **k: True  # mock_data fakes the download
+sys.argv = ["vgg_jax.main", *sys.argv[1:]]
+with tfds.testing.mock_data(num_examples=64):
+    main.run()
+"""
+
+
+def test_smoke_config_learns_from_the_command_line(tmp_path):
+    result = run_cli("vgg_jax.main", f"--config={CONFIGS / 'smoke.py'}", f"--workdir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    records = read_metrics(tmp_path)
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert set(records[0]) >= REQUIRED_KEYS
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert records[-1]["test_accuracy"] > records[0]["test_accuracy"]
+    assert records[-1]["test_accuracy"] > 0.5  # chance is 0.1
+    assert "epoch 4/4" in result.stderr
+    assert list(tmp_path.glob("events.out.tfevents*"))
+
+
+def test_image_folder_end_to_end(tmp_path, image_folder):
+    workdir = tmp_path / "work"
+    result = run_cli(
+        "vgg_jax.main",
+        f"--config={CONFIGS / 'smoke.py'}",
+        f"--workdir={workdir}",
+        "--config.dataset=image_folder",
+        f"--config.data_dir={image_folder}",
+        "--config.batch_size=8",
+        "--config.num_epochs=2",
+        "--config.progress_bar=False",
+    )
+    assert result.returncode == 0, result.stderr
+    records = read_metrics(workdir)
+    assert len(records) == 2
+    assert 0.0 <= records[-1]["test_accuracy"] <= 1.0
+
+
+def test_tfds_mock_data_end_to_end(tmp_path):
+    result = run_cli(
+        "-c",
+        MOCKED_MAIN,
+        f"--config={CONFIGS / 'vgg16.py'}",
+        f"--workdir={tmp_path}",
+        "--config.model=vgg_tiny",
+        "--config.batch_size=32",
+        "--config.num_epochs=1",
+        "--config.augment=crop_flip",
+        "--config.progress_bar=False",
+    )
+    assert result.returncode == 0, result.stderr
+    (record,) = read_metrics(tmp_path)
+    assert record["step"] == 2
+    assert json.loads(json.dumps(record)) == record
+
+
+def test_unknown_override_is_one_line_naming_the_field(tmp_path):
+    result = run_cli(
+        "vgg_jax.main",
+        f"--config={CONFIGS / 'smoke.py'}",
+        f"--workdir={tmp_path}",
+        "--config.batch_sizee=3",
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "batch_sizee" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("--config.batch_size=many", "batch_size"), ("--config.batch_size=12", "device count")],
+)
+def test_bad_values_are_one_line_errors(tmp_path, override, expected):
+    result = run_cli(
+        "vgg_jax.main", f"--config={CONFIGS / 'smoke.py'}", f"--workdir={tmp_path}", override
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr

@@ -1,0 +1,83 @@
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from vgg_jax import data_sources, input_pipeline, optim, train
+
+
+def _state_and_batches(config, mesh):
+    split = data_sources.load_split("synthetic", "train", data_dir=None, image_size=16)
+    info = train.DatasetInfo(split.class_names, (120.0,) * 3, (60.0,) * 3, 16, 2048, 0)
+    model = train.build_model(config, info)
+    schedule = optim.create_learning_rate_schedule(config, 8)
+    state = train.create_train_state(config, model, 16, schedule, mesh)
+    data = input_pipeline.put_train_split(split, mesh)
+    batches = input_pipeline.epoch_batches(
+        data, jax.random.key(0), steps=2, batch_size=32, augment="crop_flip", mesh=mesh
+    )
+    return state, batches
+
+
+def test_sharded_step_on_8_devices_matches_1_device(tiny_config):
+    tiny_config.conv_dropout = "0.3"  # dropout masks must not depend on the device count
+    assert jax.device_count() == 8
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = Mesh(np.array(devices), ("data",))
+        state, batches = _state_and_batches(tiny_config, mesh)
+        train_at, _ = train.make_step_functions(tiny_config, mesh)
+        losses = []
+        for index in range(2):
+            state, metrics = train_at(state, batches, index)
+            losses.append(float(metrics["loss_sum"]))
+        assert len(state.params["conv1_1"]["kernel"].sharding.device_set) == len(devices)
+        results.append((losses, jax.device_get(state.params), jax.device_get(state.batch_stats)))
+    (losses_1, params_1, stats_1), (losses_8, params_8, stats_8) = results
+    np.testing.assert_allclose(losses_1, losses_8, rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_1, params_8
+    )
+    # BN statistics are those of the global batch, not of each device's shard.
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), stats_1, stats_8
+    )
+
+
+def test_train_step_batch_is_sharded_and_state_replicated(tiny_config):
+    mesh = input_pipeline.create_mesh()
+    state, batches = _state_and_batches(tiny_config, mesh)
+    assert batches["image"].sharding.is_equivalent_to(
+        NamedSharding(mesh, P(None, "data")), batches["image"].ndim
+    )
+    train_at, _ = train.make_step_functions(tiny_config, mesh)
+    state, _ = train_at(state, batches, 0)
+    kernel = state.params["conv1_1"]["kernel"]
+    assert kernel.sharding.is_fully_replicated and len(kernel.sharding.device_set) == 8
+
+
+def test_eval_counts_every_example_once(tiny_config):
+    mesh = input_pipeline.create_mesh()
+    state, _ = _state_and_batches(tiny_config, mesh)
+    split = data_sources.load_split(
+        "synthetic", "test", data_dir=None, image_size=16, synthetic_sizes=(8, 100)
+    )
+    eval_batches = input_pipeline.put_eval_batches(split, 64, mesh)
+    _, eval_at = train.make_step_functions(tiny_config, mesh)
+    sums = None
+    for index in range(eval_batches["label"].shape[0]):
+        sums = train.sum_metrics(sums, eval_at(state, eval_batches, index))
+    assert float(sums["count"]) == 100
+
+
+def test_indivisible_batch_size_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"batch_size=12 .* device count \(8\); try 8"):
+        train.check_batch_size(12, 8)
+
+
+def test_label_smoothing_raises_the_loss_of_a_confident_prediction():
+    logits = np.array([[10.0, 0.0, 0.0]])
+    plain = float(train.cross_entropy_loss(logits, np.array([0]))[0])
+    smoothed = float(train.cross_entropy_loss(logits, np.array([0]), 0.1)[0])
+    assert smoothed > plain
