@@ -56,4 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 50  # progress-bar loss refresh interval
     config.progress_bar = True  # show a per-epoch progress bar
     config.distributed = False  # call jax.distributed.initialize() (multi-host)
+
+    # Checkpoints (WORKDIR/checkpoints; rerunning the same command resumes).
+    config.checkpoint_every_epochs = 1  # save after every this many epochs (and the last)
+    config.keep_checkpoints = 3  # keep this many latest checkpoints, plus the best one
+    config.async_checkpointing = True  # write checkpoints in the background
     return config

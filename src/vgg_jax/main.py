@@ -16,6 +16,7 @@ from ml_collections import config_flags
 
 from vgg_jax import train
 from vgg_jax.data_sources import DatasetUnavailableError
+from vgg_jax.preemption import Preempted
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBoard events and checkpoints.")
@@ -40,6 +41,9 @@ def main(argv: list[str]) -> None:
     configure_logging()
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except Preempted as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(stopped.exit_code)
     except (DatasetUnavailableError, ValueError) as error:
         sys.exit(f"error: {error}")
 

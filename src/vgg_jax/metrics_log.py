@@ -42,6 +42,18 @@ class MetricsLog:
                     self._tensorboard.add_scalar(name, value, record["epoch"])
             self._tensorboard.flush()
 
+    def truncate_after(self, epoch: int) -> None:
+        """Drops records of epochs after `epoch`: a resumed run redoes those epochs (their
+        checkpoint was not complete when the previous run stopped)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if json.loads(line)["epoch"] <= epoch]
+        if len(kept) != len(lines):
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()

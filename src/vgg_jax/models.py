@@ -39,6 +39,12 @@ HEADS: dict[str, dict[str, Any]] = {
     "tf_seed": {"hidden": (2048, 2048), "batch_norm": False, "dropout": 0.5},
 }
 
+# PyTorch's default initialisation for conv and dense kernels (kaiming_uniform with
+# a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Under BN a smaller initial scale means a
+# larger effective step early on, which the seed's heavily dropped-out net needs to get
+# going; it also makes our nets and the PyTorch reference identical at initialisation.
+TORCH_KERNEL_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
 # ImageNet-style defaults: used when the caller gives no dataset statistics.
 DEFAULT_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 DEFAULT_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -115,6 +121,7 @@ class VGG(nn.Module):
                     padding="SAME",
                     use_bias=not self.batch_norm,
                     dtype=self.dtype,
+                    kernel_init=TORCH_KERNEL_INIT,
                     name=f"conv{block_index + 1}_{conv_index + 1}",
                 )(x)
                 if norm is not None:
@@ -140,7 +147,7 @@ class VGG(nn.Module):
             if self.head == "cifar":
                 # The seed drops the pooled features before its first dense layer.
                 x = nn.Dropout(rate, deterministic=not train)(x)
-            x = nn.Dense(features, dtype=self.dtype, name=f"fc{index + 1}")(x)
+            x = self._dense(features, f"fc{index + 1}")(x)
             if use_bn:
                 x = nn.BatchNorm(
                     use_running_average=not train,
@@ -153,9 +160,12 @@ class VGG(nn.Module):
             x = nn.Dropout(rate, deterministic=not train)(x)
         if self.head == "cifar":
             # The seed's second fc512 is linear and feeds the classifier directly.
-            x = nn.Dense(512, dtype=self.dtype, name=f"fc{len(spec['hidden']) + 1}")(x)
-        x = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
+            x = self._dense(512, f"fc{len(spec['hidden']) + 1}")(x)
+        x = self._dense(self.num_classes, "classifier")(x)
         return x.astype(jnp.float32)
+
+    def _dense(self, features: int, name: str) -> nn.Dense:
+        return nn.Dense(features, dtype=self.dtype, kernel_init=TORCH_KERNEL_INIT, name=name)
 
 
 def create_model(

@@ -18,8 +18,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from vgg_jax import data_sources, input_pipeline, models, optim
+from vgg_jax import checkpoint, data_sources, input_pipeline, models, optim
 from vgg_jax.metrics_log import MetricsLog
+from vgg_jax.preemption import Preempted, PreemptionGuard
 
 logger = logging.getLogger(__name__)
 
@@ -231,9 +232,36 @@ def load_data(config: ml_collections.ConfigDict):
     return train_split, eval_split, info
 
 
+def check_resumable(manager, config: ml_collections.ConfigDict) -> int | None:
+    """The newest usable checkpoint step, after checking its config matches; None if the
+    workdir holds none."""
+    steps = checkpoint.usable_steps(manager)
+    if not steps:
+        return None
+    saved_config = checkpoint.read_json_item(manager, steps[0], "config")
+    checkpoint.check_compatible(saved_config, config, str(manager.directory))
+    return steps[0]
+
+
+def log_epoch(record: dict[str, Any], num_epochs: int) -> None:
+    logger.info(
+        "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  lr %.5g  %.1fs",
+        record["epoch"],
+        num_epochs,
+        record["train_loss"],
+        record["train_accuracy"],
+        record["test_loss"],
+        record["test_accuracy"],
+        record["learning_rate"],
+        record["epoch_seconds"],
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains for `config.num_epochs` passes, evaluating on every test example after each,
-    and logs to WORKDIR/metrics.jsonl and TensorBoard. Returns the final state."""
+    """Trains for `config.num_epochs` passes, evaluating on every test example after each;
+    logs to WORKDIR/metrics.jsonl and TensorBoard; checkpoints to WORKDIR/checkpoints and
+    resumes from there. Raises `Preempted` after saving if SIGTERM/SIGINT arrives.
+    Returns the final state."""
     if config.get("distributed"):
         jax.distributed.initialize()
     device_count = jax.device_count()
@@ -241,6 +269,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     eval_batch_size = config.eval_batch_size or config.batch_size
     check_batch_size(eval_batch_size, device_count, "eval_batch_size")
     mesh = input_pipeline.create_mesh()
+    manager = checkpoint.create_manager(
+        checkpoint.checkpoint_dir(workdir),
+        keep=config.keep_checkpoints,
+        async_save=config.async_checkpointing,
+    )
+    resume_step = check_resumable(manager, config)
 
     train_split, eval_split, info = load_data(config)
     train_data = input_pipeline.put_train_split(train_split, mesh)
@@ -263,57 +297,107 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     model = build_model(config, info)
     learning_rate_fn = optim.create_learning_rate_schedule(config, steps_per_epoch)
     state = create_train_state(config, model, config.image_size, learning_rate_fn, mesh)
-    train_at, eval_at = make_step_functions(config, mesh)
     log = MetricsLog(workdir, enabled=jax.process_index() == 0)
-    data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-
-    for epoch in range(int(state.step) // steps_per_epoch, config.num_epochs):
-        epoch_start = time.perf_counter()
-        batches = input_pipeline.epoch_batches(
-            train_data,
-            jax.random.fold_in(data_key, epoch),
-            steps=steps_per_epoch,
-            batch_size=config.batch_size,
-            augment=config.augment,
-            mesh=mesh,
-        )
-        sums = None
-        bar = tqdm(
-            total=steps_per_epoch * config.batch_size,
-            desc=f"epoch {epoch + 1}/{config.num_epochs}",
-            unit="img",
-            unit_scale=True,
-            leave=False,
-            disable=not config.progress_bar or jax.process_index() != 0,
-        )
-        running_loss = None
-        for index in range(steps_per_epoch):
-            state, metrics = train_at(state, batches, index)
-            sums = sum_metrics(sums, metrics)
-            bar.update(config.batch_size)
-            if (index + 1) % config.log_every_steps == 0:
-                # Show the loss computed one logging interval ago: it is done by now, so
-                # reading it does not stall the queue of dispatched steps.
-                if running_loss is not None:
-                    bar.set_postfix(loss=f"{float(running_loss):.4f}")
-                running_loss = sums["loss_sum"] / sums["count"]
-        bar.close()
-        record = {"epoch": epoch + 1, "step": int(state.step)}
-        record.update(summarise(sums, "train"))
-        record.update(evaluate(state, eval_batches, eval_at))
-        record["learning_rate"] = float(learning_rate_fn(int(state.step) - 1))
-        record["epoch_seconds"] = time.perf_counter() - epoch_start
+    partial_sums = None
+    if resume_step is not None:
+        state = checkpoint.restore_state(manager, resume_step, state, NamedSharding(mesh, P()))
+        meta = checkpoint.read_json_item(manager, resume_step, "meta")
+        if meta["steps_per_epoch"] != steps_per_epoch:
+            raise checkpoint.IncompatibleCheckpointError(
+                f"{manager.directory} was written with {meta['steps_per_epoch']} steps per "
+                f"epoch, this run has {steps_per_epoch}: the dataset changed; use a new --workdir"
+            )
+        partial_sums = meta.get("partial_train_sums")
+        log.truncate_after(meta["epoch"])
         logger.info(
-            "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  lr %.5g  %.1fs",
-            epoch + 1,
-            config.num_epochs,
-            record["train_loss"],
-            record["train_accuracy"],
-            record["test_loss"],
-            record["test_accuracy"],
-            record["learning_rate"],
-            record["epoch_seconds"],
+            "resuming from %s/%d: epoch %d, step %d of %d",
+            manager.directory,
+            resume_step,
+            meta["epoch"] + 1,
+            meta["step_in_epoch"],
+            steps_per_epoch,
         )
-        log.write(record)
-    log.close()
+
+    train_at, eval_at = make_step_functions(config, mesh)
+    data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    base_meta = {"dataset_info": dataclasses.asdict(info), "steps_per_epoch": steps_per_epoch}
+
+    def save(epoch: int, step_in_epoch: int, record=None, sums=None) -> None:
+        meta = {**base_meta, "epoch": epoch, "step_in_epoch": step_in_epoch}
+        if record is not None:
+            meta["test_accuracy"] = record["test_accuracy"]
+            meta["record"] = record
+        if sums is not None:
+            meta["partial_train_sums"] = {k: float(v) for k, v in jax.device_get(sums).items()}
+        checkpoint.save(manager, state, config, meta, meta.get("test_accuracy"))
+
+    def finish() -> None:
+        manager.wait_until_finished()  # the last save is complete before we return
+        manager.close()
+        log.close()
+
+    def stop(where: str) -> None:
+        finish()
+        raise Preempted(
+            guard.signal_number,
+            f"stopped by signal {guard.signal_number} {where} (step {int(state.step)}); "
+            f"checkpoint saved in {manager.directory}; rerun the same command to resume",
+        )
+
+    with PreemptionGuard() as guard:
+        first_step = int(state.step)
+        if first_step >= config.num_epochs * steps_per_epoch:
+            logger.info("already trained for %d epochs: nothing to do", config.num_epochs)
+        for epoch in range(first_step // steps_per_epoch, config.num_epochs):
+            epoch_start = time.perf_counter()
+            batches = input_pipeline.epoch_batches(
+                train_data,
+                jax.random.fold_in(data_key, epoch),
+                steps=steps_per_epoch,
+                batch_size=config.batch_size,
+                augment=config.augment,
+                mesh=mesh,
+            )
+            start_index = int(state.step) - epoch * steps_per_epoch
+            sums = None
+            if partial_sums is not None and start_index > 0:
+                sums = {k: jnp.asarray(v, jnp.float32) for k, v in partial_sums.items()}
+            bar = tqdm(
+                total=steps_per_epoch * config.batch_size,
+                initial=start_index * config.batch_size,
+                desc=f"epoch {epoch + 1}/{config.num_epochs}",
+                unit="img",
+                unit_scale=True,
+                leave=False,
+                disable=not config.progress_bar or jax.process_index() != 0,
+            )
+            running_loss = None
+            for index in range(start_index, steps_per_epoch):
+                state, metrics = train_at(state, batches, index)
+                sums = sum_metrics(sums, metrics)
+                bar.update(config.batch_size)
+                if guard.requested and index + 1 < steps_per_epoch:
+                    bar.close()
+                    save(epoch, index + 1, sums=sums)
+                    stop(f"in epoch {epoch + 1} after step {index + 1} of {steps_per_epoch}")
+                if (index + 1) % config.log_every_steps == 0:
+                    # Show the loss computed one logging interval ago: it is done by now,
+                    # so reading it does not stall the queue of dispatched steps.
+                    if running_loss is not None:
+                        bar.set_postfix(loss=f"{float(running_loss):.4f}")
+                    running_loss = sums["loss_sum"] / sums["count"]
+            bar.close()
+            record = {"epoch": epoch + 1, "step": int(state.step)}
+            record.update(summarise(sums, "train"))
+            record.update(evaluate(state, eval_batches, eval_at))
+            record["learning_rate"] = float(learning_rate_fn(int(state.step) - 1))
+            record["epoch_seconds"] = time.perf_counter() - epoch_start
+            log_epoch(record, config.num_epochs)
+            log.write(record)
+            last_epoch = epoch + 1 == config.num_epochs
+            if (epoch + 1) % config.checkpoint_every_epochs == 0 or last_epoch or guard.requested:
+                save(epoch + 1, 0, record=record)
+            if guard.requested and not last_epoch:
+                stop(f"after epoch {epoch + 1}")
+    finish()
     return state

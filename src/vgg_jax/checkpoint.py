@@ -1,0 +1,248 @@
+"""Orbax checkpoints under WORKDIR/checkpoints: save, resume, restore on any topology.
+
+Each step folder holds four items:
+  model   params and BN statistics (all a predictor needs)
+  train   optimiser state, step and dropout key
+  config  the resolved config, as JSON
+  meta    JSON: dataset info (class names, normalisation, image size), the epoch and
+          position in it, and the epoch's metrics
+Nothing is pickled. Arrays are restored against shapes and shardings built here from the
+config, so a checkpoint written on 8 GPUs restores on 1 CPU without knowing its origin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = "checkpoints"
+ITEMS = ("model", "train", "config", "meta")
+# Fields that may change between a run and its resumption: they do not alter the
+# parameters' shapes, the data order or the optimisation path already taken.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "num_epochs",
+        "data_dir",
+        "progress_bar",
+        "log_every_steps",
+        "checkpoint_every_epochs",
+        "keep_checkpoints",
+        "eval_batch_size",
+        "distributed",
+        "conv_impl",
+        "async_checkpointing",
+    }
+)
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The workdir holds a checkpoint of a run with a different configuration."""
+
+
+class NoCheckpointError(FileNotFoundError):
+    """No usable checkpoint where one was expected."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+
+
+def create_manager(
+    directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """A manager keeping the latest `keep` checkpoints plus the best by test accuracy.
+
+    Orbax writes each step into a temporary folder and renames it when complete, so a
+    save cut short by a crash never looks like a checkpoint."""
+    policy = checkpoint_managers.AnyPreservationPolicy(
+        [
+            checkpoint_managers.LatestN(n=max(1, keep)),
+            checkpoint_managers.BestN(
+                get_metric_fn=lambda metrics: metrics["test_accuracy"],
+                reverse=False,
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            ),
+        ]
+    )
+    # A reader neither creates, cleans nor prunes anything (orbax's own read_only mode
+    # would also do, but warns on every load).
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=None if read_only else policy,
+        enable_async_checkpointing=async_save and not read_only,
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
+    )
+    return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The resolved config as plain JSON values (tuples become lists)."""
+    return json.loads(config.to_json())
+
+
+def config_from_json(values: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A config rebuilt from its JSON (lists back to tuples), locked like the CLI's."""
+    config = ml_collections.ConfigDict({name: _to_tuple(value) for name, value in values.items()})
+    config.lock()
+    return config
+
+
+def _to_tuple(value: Any) -> Any:
+    return tuple(_to_tuple(v) for v in value) if isinstance(value, list) else value
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    state: Any,
+    config: ml_collections.ConfigDict,
+    meta: dict[str, Any],
+    test_accuracy: float | None = None,
+) -> None:
+    """Saves `state` at its step (asynchronously where the manager is async)."""
+    step = int(state.step)
+    model = {"params": state.params, "batch_stats": state.batch_stats}
+    train = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+    metrics = None if test_accuracy is None else {"test_accuracy": float(test_accuracy)}
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave(model),
+            train=ocp.args.StandardSave(train),
+            config=ocp.args.JsonSave(config_to_json(config)),
+            meta=ocp.args.JsonSave(meta),
+        ),
+        metrics=metrics,
+        force=True,
+    )
+
+
+def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """Shapes and dtypes of `tree` (arrays or ShapeDtypeStructs), placed with `sharding`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def read_json_item(manager: ocp.CheckpointManager, step: int, name: str) -> dict[str, Any]:
+    return manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name]
+
+
+def restore_model(
+    manager: ocp.CheckpointManager, step: int, abstract_variables: Any
+) -> dict[str, Any]:
+    """Params and BN statistics only (what a predictor needs)."""
+    restored = manager.restore(
+        step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract_variables))
+    )
+    return restored["model"]
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, state: Any, sharding) -> Any:
+    """`state` (a template with the right structure) filled from checkpoint `step`."""
+    model = {"params": state.params, "batch_stats": state.batch_stats}
+    train = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(abstract_like(model, sharding)),
+            train=ocp.args.StandardRestore(abstract_like(train, sharding)),
+        ),
+    )
+    return state.replace(
+        params=restored["model"]["params"],
+        batch_stats=restored["model"]["batch_stats"],
+        opt_state=restored["train"]["opt_state"],
+        step=restored["train"]["step"],
+        rng=restored["train"]["rng"],
+    )
+
+
+def usable_steps(manager: ocp.CheckpointManager) -> list[int]:
+    """Finished checkpoint steps, newest first; a step folder missing any item (a copy
+    cut short, a half-deleted folder) is skipped with a warning."""
+    steps = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        folder = os.path.join(str(manager.directory), str(step))
+        missing = [item for item in ITEMS if not os.path.isdir(os.path.join(folder, item))]
+        if missing:
+            logger.warning(
+                "skipping checkpoint %s: incomplete (missing %s)", folder, ", ".join(missing)
+            )
+            continue
+        steps.append(step)
+    return steps
+
+
+def config_differences(saved: dict[str, Any], current: ml_collections.ConfigDict) -> list[str]:
+    """'field: saved -> current' for every field that matters to resuming."""
+    current_values = config_to_json(current)
+    names = sorted((set(saved) | set(current_values)) - RESUMABLE_CHANGES)
+    return [
+        f"{name}: {saved.get(name)!r} -> {current_values.get(name)!r}"
+        for name in names
+        if saved.get(name) != current_values.get(name)
+    ]
+
+
+def check_compatible(saved: dict[str, Any], current: ml_collections.ConfigDict, where: str):
+    differences = config_differences(saved, current)
+    if differences:
+        raise IncompatibleCheckpointError(
+            f"{where} holds a run with a different config ({'; '.join(differences)}): "
+            "rerun with the same settings to resume, or use a new --workdir"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Located:
+    """Where a checkpoint is: its manager folder and the step to read."""
+
+    directory: str
+    step: int
+
+
+def locate(path: str, step: int | str = "latest") -> Located:
+    """Resolves a workdir, a checkpoints folder or one step's folder, and 'latest',
+    'best' or a step number, to a checkpoint that can be read."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise NoCheckpointError(f"{path} does not exist")
+    if os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR)):
+        directory = os.path.join(path, CHECKPOINT_SUBDIR)
+    elif os.path.isdir(os.path.join(path, "model")) and os.path.basename(path).isdigit():
+        directory, step = os.path.dirname(path), int(os.path.basename(path))
+    else:
+        directory = path
+    manager = create_manager(directory, read_only=True)
+    steps = usable_steps(manager)
+    if not steps:
+        raise NoCheckpointError(f"no checkpoint in {directory}")
+    if step == "latest":
+        chosen = steps[0]
+    elif step == "best":
+        chosen = best_step(manager, steps)
+    else:
+        chosen = int(step)
+        if chosen not in steps:
+            raise NoCheckpointError(f"no checkpoint for step {chosen} in {directory}: {steps}")
+    manager.close()
+    return Located(directory, chosen)
+
+
+def best_step(manager: ocp.CheckpointManager, steps: list[int]) -> int:
+    """The step with the highest recorded test accuracy (the latest if none has one)."""
+    scored = []
+    for step in steps:
+        accuracy = read_json_item(manager, step, "meta").get("test_accuracy")
+        if accuracy is not None:
+            scored.append((accuracy, step))
+    return max(scored)[1] if scored else steps[0]

@@ -1,0 +1,76 @@
+"""Re-evaluate a checkpoint on every example of its evaluation split.
+
+  python -m vgg_jax.evaluate --workdir=/tmp/vgg16 [--step=best] [--data_dir=DIR]
+
+Uses the dataset, split and image size stored with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+from absl import app, flags
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from vgg_jax import checkpoint, data_sources, inference, input_pipeline, train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ folder, or a step.")
+flags.DEFINE_string("step", "latest", "'latest', 'best' or a step number.")
+flags.DEFINE_string("data_dir", None, "Override the data_dir stored with the checkpoint.")
+flags.DEFINE_integer("batch_size", 0, "Evaluation batch (0: the training batch size).")
+flags.mark_flag_as_required("workdir")
+
+
+def evaluate_checkpoint(
+    predictor: inference.Predictor, data_dir: str | None = None, batch_size: int = 0
+) -> dict[str, float]:
+    """Test loss and accuracy of a loaded checkpoint, data-parallel over all devices."""
+    config = predictor.config
+    mesh = input_pipeline.create_mesh()
+    split = data_sources.load_split(
+        config.dataset,
+        config.eval_split,
+        data_dir=data_dir or config.data_dir,
+        image_size=predictor.image_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        synthetic_sizes=(config.synthetic_train_size, config.synthetic_eval_size),
+        synthetic_classes=config.synthetic_classes,
+    )
+    batch_size = batch_size or config.batch_size
+    train.check_batch_size(batch_size, jax.device_count())
+    batches = input_pipeline.put_eval_batches(split, batch_size, mesh)
+    state = train.TrainState(
+        step=0,
+        apply_fn=predictor.model.apply,
+        params=jax.device_put(predictor.variables["params"], NamedSharding(mesh, P())),
+        batch_stats=jax.device_put(predictor.variables["batch_stats"], NamedSharding(mesh, P())),
+        tx=None,
+        opt_state=None,
+        rng=None,
+    )
+    _, eval_at = train.make_step_functions(config, mesh)
+    return train.evaluate(state, batches, eval_at)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        predictor = inference.load(FLAGS.workdir, inference.parse_step(FLAGS.step))
+        metrics = evaluate_checkpoint(predictor, FLAGS.data_dir, FLAGS.batch_size)
+    except (checkpoint.NoCheckpointError, data_sources.DatasetUnavailableError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps({"step": predictor.step, **metrics}))
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,47 @@
+"""Classify image files with a trained checkpoint.
+
+  python -m vgg_jax.predict --workdir=/tmp/vgg16 [--step=best] dog.png cat.jpg
+
+Prints each image's top-5 classes with probabilities. Unreadable files get one error
+line each; the others are still predicted; the exit status is 1 if any file failed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from vgg_jax import checkpoint, inference
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ folder, or a step.")
+flags.DEFINE_string("step", "latest", "'latest', 'best' or a step number.")
+flags.DEFINE_integer("top", 5, "How many classes to print per image.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv: list[str]) -> None:
+    paths = argv[1:]
+    if not paths:
+        raise app.UsageError("give one or more image files")
+    try:
+        predictor = inference.load(FLAGS.workdir, inference.parse_step(FLAGS.step))
+    except (checkpoint.NoCheckpointError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    results, errors = inference.predict_files(predictor, paths)
+    for path, probabilities in results:
+        ranked = predictor.top_k(probabilities[None], FLAGS.top)[0]
+        print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in ranked))
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    if errors:
+        sys.exit(1)
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,51 @@
+"""SIGTERM / Ctrl-C: let the current step finish, then save and stop cleanly."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+
+class Preempted(Exception):  # noqa: N818 (it is a state, not a failure)
+    """Training stopped on a signal after saving; `exit_code` is what the CLI returns."""
+
+    def __init__(self, signal_number: int, message: str):
+        super().__init__(message)
+        self.signal_number = signal_number
+        # 0 on SIGTERM so that schedulers treat the job as cleanly stopped and restart
+        # it; 130 on Ctrl-C, the shell's convention for an interrupted command.
+        self.exit_code = 0 if signal_number == signal.SIGTERM else 128 + signal_number
+
+
+class PreemptionGuard:
+    """Within `with PreemptionGuard() as guard:`, SIGTERM and SIGINT only set
+    `guard.signal_number`; the training loop polls it between steps. A second Ctrl-C
+    restores the default behaviour, so an impatient user can still stop at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal_number: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_number is not None
+
+    def _handle(self, signal_number: int, frame: FrameType | None) -> None:
+        if self.signal_number is not None and signal_number == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.signal_number = signal_number
+
+    def __enter__(self) -> PreemptionGuard:
+        # Signal handlers can only be installed from the main thread.
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)

@@ -1,0 +1,176 @@
+"""Checkpoints: exact resume, preemption, restore on another topology, bad folders."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import CONFIGS, REPO
+from vgg_jax import checkpoint, inference, train
+from vgg_jax.metrics_log import read_metrics
+from vgg_jax.preemption import Preempted
+
+
+def assert_trees_equal(a, b):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+
+
+class SignalAfter:
+    """A PreemptionGuard stand-in that 'receives SIGTERM' after a number of polls."""
+
+    def __init__(self, polls: int):
+        self.polls = polls
+        self.signal_number = signal.SIGTERM
+
+    @property
+    def requested(self) -> bool:
+        self.polls -= 1
+        return self.polls < 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return None
+
+
+def test_stopped_mid_epoch_then_resumed_equals_uninterrupted(tiny_config, tmp_path, monkeypatch):
+    tiny_config.num_epochs = 3
+    tiny_config.conv_dropout = "0.2"  # dropout and data order must both be resumed
+    tiny_config.augment = "crop_flip"
+    uninterrupted = train.train_and_evaluate(tiny_config, str(tmp_path / "a"))
+
+    # 8 steps per epoch: stop after 13 steps (epoch 2, step 5), then rerun.
+    monkeypatch.setattr(train, "PreemptionGuard", lambda: SignalAfter(13))
+    with pytest.raises(Preempted) as stopped:
+        train.train_and_evaluate(tiny_config, str(tmp_path / "b"))
+    assert stopped.value.exit_code == 0 and "rerun the same command" in str(stopped.value)
+    assert [r["epoch"] for r in read_metrics(tmp_path / "b")] == [1]
+    monkeypatch.undo()
+    resumed = train.train_and_evaluate(tiny_config, str(tmp_path / "b"))
+
+    assert int(resumed.step) == int(uninterrupted.step) == 24
+    assert_trees_equal(resumed.params, uninterrupted.params)
+    assert_trees_equal(resumed.batch_stats, uninterrupted.batch_stats)
+    assert_trees_equal(resumed.opt_state, uninterrupted.opt_state)
+    records = read_metrics(tmp_path / "b")
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[-1]["test_accuracy"] == read_metrics(tmp_path / "a")[-1]["test_accuracy"]
+
+
+def test_incompatible_config_in_the_workdir_is_refused(tiny_config, tmp_path):
+    tiny_config.num_epochs = 1
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+    tiny_config.width = 0.5
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"width: 1.0 -> 0.5"):
+        train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
+def test_keeps_the_latest_checkpoints_and_the_best(tiny_config, tmp_path):
+    tiny_config.num_epochs = 1
+    state = train.train_and_evaluate(tiny_config, str(tmp_path))
+    manager = checkpoint.create_manager(str(tmp_path / "ckpt"), keep=2, async_save=False)
+    for step, accuracy in zip(range(1, 6), [0.5, 0.9, 0.6, 0.7, 0.65], strict=True):
+        stepped = state.replace(step=step)
+        meta = {"test_accuracy": accuracy}
+        checkpoint.save(manager, stepped, tiny_config, meta, accuracy)
+    manager.wait_until_finished()
+    assert sorted(manager.all_steps()) == [2, 4, 5]
+    assert checkpoint.locate(str(tmp_path / "ckpt"), "best").step == 2
+    assert checkpoint.locate(str(tmp_path / "ckpt"), "latest").step == 5
+    manager.close()
+
+
+def test_half_written_step_is_skipped_with_a_warning(tiny_config, tmp_path, caplog):
+    tiny_config.num_epochs = 1
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+    broken = tmp_path / "checkpoints" / "999"
+    (broken / "model").mkdir(parents=True)
+    (broken / "_CHECKPOINT_METADATA").write_text("{}")
+    with caplog.at_level("WARNING"):
+        predictor = inference.load(tmp_path)
+    assert predictor.step == 8
+    assert any("999" in r.getMessage() and "incomplete" in r.getMessage() for r in caplog.records)
+
+
+def test_no_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(checkpoint.NoCheckpointError, match="no checkpoint"):
+        inference.load(tmp_path)
+    with pytest.raises(checkpoint.NoCheckpointError, match="does not exist"):
+        inference.load(tmp_path / "missing")
+
+
+RESTORE_ON_ONE_DEVICE = """
+import sys, jax, numpy as np, vgg_jax
+assert jax.device_count() == 1, jax.devices()
+model = vgg_jax.load(sys.argv[1])
+images = np.load(sys.argv[2])
+np.save(sys.argv[3], model.predict(images))
+print(model.step, len(model.class_names))
+"""
+
+
+def test_checkpoint_from_8_devices_restores_in_a_1_device_process(tiny_config, tmp_path):
+    tiny_config.num_epochs = 1
+    assert jax.device_count() == 8
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    here = inference.load(tmp_path).predict(images)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RESTORE_ON_ONE_DEVICE,
+            str(tmp_path),
+            str(tmp_path / "images.npy"),
+            str(tmp_path / "probs.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["8", "10"]
+    np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), here, rtol=1e-5, atol=1e-6)
+
+
+def _train_command(workdir):
+    return [
+        sys.executable,
+        "-m",
+        "vgg_jax.main",
+        f"--config={CONFIGS / 'smoke.py'}",
+        f"--workdir={workdir}",
+        "--config.num_epochs=2",
+        "--config.synthetic_train_size=4096",
+        "--config.batch_size=64",
+        "--config.progress_bar=False",
+    ]
+
+
+def test_sigterm_saves_then_the_same_command_resumes(tmp_path):
+    process = subprocess.Popen(
+        _train_command(tmp_path), cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 240
+    while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr
+    assert "stopped by signal 15" in stderr and "checkpoint saved in" in stderr
+    assert (tmp_path / "checkpoints").is_dir()
+
+    result = subprocess.run(
+        _train_command(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stderr
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2]
