@@ -9,8 +9,8 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from conftest import CONFIGS, REPO
+
 from vgg_jax import checkpoint, inference, train
 from vgg_jax.metrics_log import read_metrics
 from vgg_jax.preemption import Preempted

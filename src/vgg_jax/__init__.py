@@ -1,8 +1,8 @@
 """vgg-jax: train VGG networks in JAX + Flax.
 
-    import vgg_jax
-    model = vgg_jax.load("/tmp/vgg16")      # a training workdir
-    model.predict(["dog.png"])              # class probabilities
+import vgg_jax
+model = vgg_jax.load("/tmp/vgg16")      # a training workdir
+model.predict(["dog.png"])              # class probabilities
 """
 
 from vgg_jax.inference import Predictor, load

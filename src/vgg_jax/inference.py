@@ -1,8 +1,8 @@
 """`vgg_jax.load(path)`: a checkpoint -> a jitted predictor for notebooks and the CLIs.
 
-    model = vgg_jax.load("/tmp/vgg16")            # a workdir, its checkpoints/ or a step
-    probs = model.predict(["dog.png", pil_image, uint8_array])
-    model.class_names[probs[0].argmax()]
+model = vgg_jax.load("/tmp/vgg16")            # a workdir, its checkpoints/ or a step
+probs = model.predict(["dog.png", pil_image, uint8_array])
+model.class_names[probs[0].argmax()]
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def open_image(path: str | os.PathLike) -> Image.Image:
             image.load()
         return image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageError(f"{path}: refused, too many pixels (decompression bomb?): {error}")
+        raise ImageError(
+            f"{path}: refused, too many pixels (decompression bomb?): {error}"
+        ) from None
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:

@@ -1,0 +1,33 @@
+"""experiments/colab.ipynb runs top to bottom on CPU (its code cells, without Jupyter)."""
+
+import json
+import os
+
+from conftest import REPO, run_cli
+
+
+def notebook_code(path) -> str:
+    cells = json.loads(path.read_text())["cells"]
+    return "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+
+
+def test_colab_notebook_runs_on_cpu(tmp_path):
+    code = notebook_code(REPO / "experiments" / "colab.ipynb")
+    code += "\nfig.savefig(os.path.join(os.environ['OUT_DIR'], 'predictions.png'))\n"
+    result = run_cli(
+        "-c",
+        code,
+        env={
+            "VGG_JAX_SOURCE": str(REPO),
+            "WORKDIR": "",
+            "MPLBACKEND": "Agg",
+            "OUT_DIR": str(tmp_path),
+            "XLA_FLAGS": "",  # a notebook runtime has one device
+            "HOME": str(tmp_path),  # the demo workdir goes under /tmp; keep HOME clean
+        },
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "accuracy on these 8 images" in result.stdout
+    assert (tmp_path / "predictions.png").stat().st_size > 10_000
+    assert os.path.isdir("/tmp/vgg_jax_notebook_demo/checkpoints")
