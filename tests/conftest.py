@@ -2,8 +2,13 @@
 
 import os
 
+# Eight fake devices share 2 cores here, and collectives wait for all eight: on a busy
+# machine one device's share can lag past XLA:CPU's 40 s rendezvous limit, so raise it.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
+    + " --xla_cpu_collective_call_terminate_timeout_seconds=900"
+    + " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -141,14 +141,14 @@ def test_checkpoint_from_8_devices_restores_in_a_1_device_process(tiny_config, t
     np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), here, rtol=1e-5, atol=1e-6)
 
 
-def _train_command(workdir):
+def _train_command(workdir, num_epochs=2):
     return [
         sys.executable,
         "-m",
         "vgg_jax.main",
         f"--config={CONFIGS / 'smoke.py'}",
         f"--workdir={workdir}",
-        "--config.num_epochs=2",
+        f"--config.num_epochs={num_epochs}",
         "--config.synthetic_train_size=4096",
         "--config.batch_size=64",
         "--config.progress_bar=False",
@@ -156,21 +156,52 @@ def _train_command(workdir):
 
 
 def test_sigterm_saves_then_the_same_command_resumes(tmp_path):
-    process = subprocess.Popen(
-        _train_command(tmp_path), cwd=REPO, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.time() + 240
-    while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=240)
+    command = _train_command(tmp_path, num_epochs=1)
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    # Signal as soon as set-up is logged: the guard is already in place, so the run
+    # takes one step, saves it and exits 0.
+    stderr = []
+    for line in process.stderr:
+        stderr.append(line)
+        if "steps of" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    stderr.append(process.communicate(timeout=240)[1])
+    stderr = "".join(stderr)
     assert process.returncode == 0, stderr
-    assert "stopped by signal 15" in stderr and "checkpoint saved in" in stderr
-    assert (tmp_path / "checkpoints").is_dir()
+    assert "stopped by signal 15 in epoch 1 after step 1 of 64" in stderr
+    assert "checkpoint saved in" in stderr
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == ["1"]
 
-    result = subprocess.run(
-        _train_command(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stderr and "epoch 1, step 1 of 64" in result.stderr
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1]
+
+
+def test_sigkill_in_epoch_2_then_rerun_ends_bitwise_equal(tmp_path):
+    from vgg_jax.config_files import load_config_file
+
+    command = _train_command(tmp_path / "killed")
+    log = open(tmp_path / "killed.log", "w")  # noqa: SIM115
+    process = subprocess.Popen(command, cwd=REPO, stderr=log)
+    first_checkpoint = tmp_path / "killed" / "checkpoints" / "64"  # epoch 1 of 64 steps
+    deadline = time.time() + 240
+    while not first_checkpoint.is_dir() and time.time() < deadline:
+        assert process.poll() is None, (tmp_path / "killed.log").read_text()
+        time.sleep(0.05)
+    process.kill()  # SIGKILL: no handler runs, nothing is flushed
+    process.wait(timeout=60)
+    assert len(read_metrics(tmp_path / "killed")) == 1
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "resuming from" in result.stderr
-    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2]
+
+    config = load_config_file(CONFIGS / "smoke.py")
+    config.num_epochs, config.synthetic_train_size, config.batch_size = 2, 4096, 64
+    config.progress_bar = False
+    uninterrupted = train.train_and_evaluate(config, str(tmp_path / "straight"))
+    resumed = inference.load(tmp_path / "killed")
+    assert resumed.step == int(uninterrupted.step)
+    assert_trees_equal(resumed.variables["params"], uninterrupted.params)
+    assert_trees_equal(resumed.variables["batch_stats"], uninterrupted.batch_stats)

@@ -262,6 +262,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logs to WORKDIR/metrics.jsonl and TensorBoard; checkpoints to WORKDIR/checkpoints and
     resumes from there. Raises `Preempted` after saving if SIGTERM/SIGINT arrives.
     Returns the final state."""
+    # The guard covers set-up too: a signal during data loading or compilation is
+    # answered after the first step, with a checkpoint.
+    with PreemptionGuard() as guard:
+        return _train_and_evaluate(config, workdir, guard)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
+) -> TrainState:
     if config.get("distributed"):
         jax.distributed.initialize()
     device_count = jax.device_count()
@@ -299,7 +308,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     state = create_train_state(config, model, config.image_size, learning_rate_fn, mesh)
     log = MetricsLog(workdir, enabled=jax.process_index() == 0)
     partial_sums = None
-    if resume_step is not None:
+    if resume_step is None:
+        log.truncate_after(0)  # records of a run that died before its first checkpoint
+    else:
         state = checkpoint.restore_state(manager, resume_step, state, NamedSharding(mesh, P()))
         meta = checkpoint.read_json_item(manager, resume_step, "meta")
         if meta["steps_per_epoch"] != steps_per_epoch:
@@ -344,60 +355,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             f"checkpoint saved in {manager.directory}; rerun the same command to resume",
         )
 
-    with PreemptionGuard() as guard:
-        first_step = int(state.step)
-        if first_step >= config.num_epochs * steps_per_epoch:
-            logger.info("already trained for %d epochs: nothing to do", config.num_epochs)
-        for epoch in range(first_step // steps_per_epoch, config.num_epochs):
-            epoch_start = time.perf_counter()
-            batches = input_pipeline.epoch_batches(
-                train_data,
-                jax.random.fold_in(data_key, epoch),
-                steps=steps_per_epoch,
-                batch_size=config.batch_size,
-                augment=config.augment,
-                mesh=mesh,
-            )
-            start_index = int(state.step) - epoch * steps_per_epoch
-            sums = None
-            if partial_sums is not None and start_index > 0:
-                sums = {k: jnp.asarray(v, jnp.float32) for k, v in partial_sums.items()}
-            bar = tqdm(
-                total=steps_per_epoch * config.batch_size,
-                initial=start_index * config.batch_size,
-                desc=f"epoch {epoch + 1}/{config.num_epochs}",
-                unit="img",
-                unit_scale=True,
-                leave=False,
-                disable=not config.progress_bar or jax.process_index() != 0,
-            )
-            running_loss = None
-            for index in range(start_index, steps_per_epoch):
-                state, metrics = train_at(state, batches, index)
-                sums = sum_metrics(sums, metrics)
-                bar.update(config.batch_size)
-                if guard.requested and index + 1 < steps_per_epoch:
-                    bar.close()
-                    save(epoch, index + 1, sums=sums)
-                    stop(f"in epoch {epoch + 1} after step {index + 1} of {steps_per_epoch}")
-                if (index + 1) % config.log_every_steps == 0:
-                    # Show the loss computed one logging interval ago: it is done by now,
-                    # so reading it does not stall the queue of dispatched steps.
-                    if running_loss is not None:
-                        bar.set_postfix(loss=f"{float(running_loss):.4f}")
-                    running_loss = sums["loss_sum"] / sums["count"]
-            bar.close()
-            record = {"epoch": epoch + 1, "step": int(state.step)}
-            record.update(summarise(sums, "train"))
-            record.update(evaluate(state, eval_batches, eval_at))
-            record["learning_rate"] = float(learning_rate_fn(int(state.step) - 1))
-            record["epoch_seconds"] = time.perf_counter() - epoch_start
-            log_epoch(record, config.num_epochs)
-            log.write(record)
-            last_epoch = epoch + 1 == config.num_epochs
-            if (epoch + 1) % config.checkpoint_every_epochs == 0 or last_epoch or guard.requested:
-                save(epoch + 1, 0, record=record)
-            if guard.requested and not last_epoch:
-                stop(f"after epoch {epoch + 1}")
+    first_step = int(state.step)
+    if first_step >= config.num_epochs * steps_per_epoch:
+        logger.info("already trained for %d epochs: nothing to do", config.num_epochs)
+    for epoch in range(first_step // steps_per_epoch, config.num_epochs):
+        epoch_start = time.perf_counter()
+        batches = input_pipeline.epoch_batches(
+            train_data,
+            jax.random.fold_in(data_key, epoch),
+            steps=steps_per_epoch,
+            batch_size=config.batch_size,
+            augment=config.augment,
+            mesh=mesh,
+        )
+        start_index = int(state.step) - epoch * steps_per_epoch
+        sums = None
+        if partial_sums is not None and start_index > 0:
+            sums = {k: jnp.asarray(v, jnp.float32) for k, v in partial_sums.items()}
+        bar = tqdm(
+            total=steps_per_epoch * config.batch_size,
+            initial=start_index * config.batch_size,
+            desc=f"epoch {epoch + 1}/{config.num_epochs}",
+            unit="img",
+            unit_scale=True,
+            leave=False,
+            disable=not config.progress_bar or jax.process_index() != 0,
+        )
+        running_loss = None
+        for index in range(start_index, steps_per_epoch):
+            state, metrics = train_at(state, batches, index)
+            sums = sum_metrics(sums, metrics)
+            bar.update(config.batch_size)
+            if guard.requested and index + 1 < steps_per_epoch:
+                bar.close()
+                save(epoch, index + 1, sums=sums)
+                stop(f"in epoch {epoch + 1} after step {index + 1} of {steps_per_epoch}")
+            if (index + 1) % config.log_every_steps == 0:
+                # Show the loss computed one logging interval ago: it is done by now,
+                # so reading it does not stall the queue of dispatched steps.
+                if running_loss is not None:
+                    bar.set_postfix(loss=f"{float(running_loss):.4f}")
+                running_loss = sums["loss_sum"] / sums["count"]
+        bar.close()
+        record = {"epoch": epoch + 1, "step": int(state.step)}
+        record.update(summarise(sums, "train"))
+        record.update(evaluate(state, eval_batches, eval_at))
+        record["learning_rate"] = float(learning_rate_fn(int(state.step) - 1))
+        record["epoch_seconds"] = time.perf_counter() - epoch_start
+        log_epoch(record, config.num_epochs)
+        log.write(record)
+        last_epoch = epoch + 1 == config.num_epochs
+        if (epoch + 1) % config.checkpoint_every_epochs == 0 or last_epoch or guard.requested:
+            save(epoch + 1, 0, record=record)
+        if guard.requested and not last_epoch:
+            stop(f"after epoch {epoch + 1}")
     finish()
     return state
