@@ -50,6 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr_boundaries_epochs = (100, 150)  # multistep: epochs where lr is multiplied
     config.warmup_epochs = 0.0  # cosine / onecycle: linear warm-up length
     config.label_smoothing = 0.0  # label smoothing of the training loss
+    config.ema_decay = 0.0  # >0: evaluate and predict with an EMA of the weights
+    config.eval_flip_tta = False  # also report accuracy with horizontal-flip TTA
 
     # Run.
     config.seed = 0  # parameter init, dropout and data order all derive from it

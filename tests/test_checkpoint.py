@@ -63,6 +63,27 @@ def test_stopped_mid_epoch_then_resumed_equals_uninterrupted(tiny_config, tmp_pa
     assert records[-1]["test_accuracy"] == read_metrics(tmp_path / "a")[-1]["test_accuracy"]
 
 
+def test_ema_and_flip_tta_survive_a_resume(tiny_config, tmp_path, monkeypatch):
+    tiny_config.num_epochs = 2
+    tiny_config.ema_decay = 0.9
+    tiny_config.eval_flip_tta = True
+    uninterrupted = train.train_and_evaluate(tiny_config, str(tmp_path / "a"))
+    monkeypatch.setattr(train, "PreemptionGuard", lambda: SignalAfter(3))
+    with pytest.raises(Preempted):
+        train.train_and_evaluate(tiny_config, str(tmp_path / "b"))
+    monkeypatch.undo()
+    resumed = train.train_and_evaluate(tiny_config, str(tmp_path / "b"))
+    assert_trees_equal(resumed.ema, uninterrupted.ema)
+    assert_trees_equal(resumed.params, uninterrupted.params)
+    record = read_metrics(tmp_path / "b")[-1]
+    assert 0 <= record["test_accuracy_flip_tta"] <= 1
+    # The predictor uses the EMA weights, which differ from the raw ones.
+    predictor = inference.load(tmp_path / "b")
+    assert_trees_equal(predictor.variables, uninterrupted.ema)
+    kernel = uninterrupted.params["conv1_1"]["kernel"]
+    assert not np.array_equal(kernel, uninterrupted.ema["params"]["conv1_1"]["kernel"])
+
+
 def test_incompatible_config_in_the_workdir_is_refused(tiny_config, tmp_path):
     tiny_config.num_epochs = 1
     train.train_and_evaluate(tiny_config, str(tmp_path))

@@ -1,8 +1,8 @@
 """Orbax checkpoints under WORKDIR/checkpoints: save, resume, restore on any topology.
 
 Each step folder holds four items:
-  model   params and BN statistics (all a predictor needs)
-  train   optimiser state, step and dropout key
+  model   the params and BN statistics to predict with (the EMA when training keeps one)
+  train   optimiser state, step, dropout key (and the raw weights when `model` is the EMA)
   config  the resolved config, as JSON
   meta    JSON: dataset info (class names, normalisation, image size), the epoch and
           position in it, and the epoch's metrics
@@ -111,8 +111,7 @@ def save(
 ) -> None:
     """Saves `state` at its step (asynchronously where the manager is async)."""
     step = int(state.step)
-    model = {"params": state.params, "batch_stats": state.batch_stats}
-    train = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+    model, train = split_state(state)
     metrics = None if test_accuracy is None else {"test_accuracy": float(test_accuracy)}
     manager.save(
         step,
@@ -125,6 +124,15 @@ def save(
         metrics=metrics,
         force=True,
     )
+
+
+def split_state(state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The state as the `model` and `train` items."""
+    raw = {"params": state.params, "batch_stats": state.batch_stats}
+    train = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+    if state.ema:
+        return state.ema, {**train, "raw": raw}
+    return raw, train
 
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
@@ -148,8 +156,7 @@ def restore_model(
 
 def restore_state(manager: ocp.CheckpointManager, step: int, state: Any, sharding) -> Any:
     """`state` (a template with the right structure) filled from checkpoint `step`."""
-    model = {"params": state.params, "batch_stats": state.batch_stats}
-    train = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+    model, train = split_state(state)
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
@@ -157,12 +164,15 @@ def restore_state(manager: ocp.CheckpointManager, step: int, state: Any, shardin
             train=ocp.args.StandardRestore(abstract_like(train, sharding)),
         ),
     )
+    model, train = restored["model"], restored["train"]
+    raw = train.get("raw", model)
     return state.replace(
-        params=restored["model"]["params"],
-        batch_stats=restored["model"]["batch_stats"],
-        opt_state=restored["train"]["opt_state"],
-        step=restored["train"]["step"],
-        rng=restored["train"]["rng"],
+        params=raw["params"],
+        batch_stats=raw["batch_stats"],
+        opt_state=train["opt_state"],
+        step=train["step"],
+        rng=train["rng"],
+        ema=model if state.ema else {},
     )
 
 

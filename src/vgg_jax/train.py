@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -28,11 +29,20 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class TrainState(train_state.TrainState):
-    """Params, optimiser state and step (from flax), plus BN statistics and the dropout
-    key (raw uint32 key data, so that checkpoints hold plain arrays)."""
+    """Params, optimiser state and step (from flax), plus BN statistics, the dropout key
+    (raw uint32 key data, so that checkpoints hold plain arrays) and, when
+    `config.ema_decay` > 0, an exponential moving average of params and BN statistics
+    (`ema`, else an empty dict) that evaluation and prediction use."""
 
     batch_stats: Any
     rng: jax.Array
+    ema: Any = flax.struct.field(default_factory=dict)
+
+    def eval_variables(self) -> dict[str, Any]:
+        """The weights to evaluate: the EMA when there is one."""
+        if self.ema:
+            return self.ema
+        return {"params": self.params, "batch_stats": self.batch_stats}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +90,15 @@ def create_train_state(
     def init() -> TrainState:
         images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
         variables = model.init(params_key, images, train=False)
+        batch_stats = variables.get("batch_stats", {})
+        ema = {"params": variables["params"], "batch_stats": batch_stats}
         return TrainState.create(
             apply_fn=model.apply,
             params=variables["params"],
             tx=tx,
-            batch_stats=variables.get("batch_stats", {}),
+            batch_stats=batch_stats,
             rng=jax.random.key_data(dropout_key),
+            ema=ema if config.get("ema_decay") else {},
         )
 
     out_shardings = NamedSharding(mesh, P()) if mesh is not None else None
@@ -102,8 +115,22 @@ def cross_entropy_loss(
     return optax.softmax_cross_entropy(logits, targets)
 
 
+def update_ema(state: TrainState, decay: float) -> TrainState:
+    """Moves the EMA towards the current weights. The effective decay ramps up as
+    (1 + step) / (10 + step) so that early averages are not dominated by the init."""
+    if not state.ema:
+        return state
+    rate = jnp.minimum(decay, (1.0 + state.step) / (10.0 + state.step))
+    current = {"params": state.params, "batch_stats": state.batch_stats}
+    ema = jax.tree.map(lambda e, c: rate * e + (1.0 - rate) * c, state.ema, current)
+    return state.replace(ema=ema)
+
+
 def train_step(
-    state: TrainState, batch: dict[str, jax.Array], label_smoothing: float = 0.0
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    label_smoothing: float = 0.0,
+    ema_decay: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on a batch of uint8 images; returns summed (not averaged) metrics so
     that an epoch's metrics are plain sums."""
@@ -126,6 +153,7 @@ def train_step(
     state = state.apply_gradients(
         grads=grads, batch_stats=new_model_state.get("batch_stats", state.batch_stats)
     )
+    state = update_ema(state, ema_decay)
     count = batch["label"].shape[0]
     metrics = {
         "loss_sum": loss * count,
@@ -135,18 +163,26 @@ def train_step(
     return state, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Summed loss and correct predictions over the unmasked examples of a batch."""
-    logits = state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
-    )
+def eval_step(
+    state: TrainState, batch: dict[str, jax.Array], flip_tta: bool = False
+) -> dict[str, jax.Array]:
+    """Summed loss and correct predictions over the unmasked examples of a batch (with
+    the EMA weights when there are some). With `flip_tta`, also the accuracy of the
+    mean of the probabilities for the image and its mirror image, as `correct_tta`."""
+    variables = state.eval_variables()
+    logits = state.apply_fn(variables, batch["image"], train=False)
     mask = batch["mask"]
     loss = cross_entropy_loss(logits, batch["label"])
-    return {
+    metrics = {
         "loss_sum": jnp.sum(loss * mask),
         "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
         "count": jnp.sum(mask),
     }
+    if flip_tta:
+        flipped = state.apply_fn(variables, batch["image"][:, :, ::-1], train=False)
+        probabilities = jax.nn.softmax(logits) + jax.nn.softmax(flipped)
+        metrics["correct_tta"] = jnp.sum((jnp.argmax(probabilities, -1) == batch["label"]) * mask)
+    return metrics
 
 
 def make_step_functions(
@@ -159,12 +195,12 @@ def make_step_functions(
     @functools.partial(jax.jit, donate_argnums=0, out_shardings=replicated)
     def train_at(state, epoch_batches, index):
         batch = jax.tree.map(lambda array: array[index], epoch_batches)
-        return train_step(state, batch, config.label_smoothing)
+        return train_step(state, batch, config.label_smoothing, config.get("ema_decay", 0.0))
 
     @functools.partial(jax.jit, out_shardings=replicated)
     def eval_at(state, eval_batches, index):
         batch = jax.tree.map(lambda array: array[index], eval_batches)
-        return eval_step(state, batch)
+        return eval_step(state, batch, config.get("eval_flip_tta", False))
 
     return train_at, eval_at
 
@@ -178,10 +214,13 @@ def summarise(sums: dict[str, jax.Array], prefix: str) -> dict[str, float]:
     """Device sums -> host means (this is the one host sync per epoch and split)."""
     sums = jax.device_get(sums)
     count = max(float(sums["count"]), 1.0)
-    return {
+    summary = {
         f"{prefix}_loss": float(sums["loss_sum"]) / count,
         f"{prefix}_accuracy": float(sums["correct"]) / count,
     }
+    if "correct_tta" in sums:
+        summary[f"{prefix}_accuracy_flip_tta"] = float(sums["correct_tta"]) / count
+    return summary
 
 
 def evaluate(state: TrainState, eval_batches: dict[str, jax.Array], eval_at) -> dict[str, float]:

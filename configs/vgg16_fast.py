@@ -1,0 +1,40 @@
+"""VGG16-BN, fast recipe: same network family as the seed, trained for 30 epochs.
+
+What changes against the seed (configs/vgg16.py): random crop + flip, no per-conv
+dropout and a light head dropout (augmentation regularises instead), label smoothing
+0.1, Nesterov momentum, batch 512 with lr 0.4 (linear scaling from 0.1 @ 128), coupled
+L2 5e-4, a one-cycle schedule (2 warm-up epochs, linear decay to 0), an EMA of the
+weights for evaluation, bfloat16 compute. Flip test-time augmentation is reported as
+`test_accuracy_flip_tta`, separately from the plain `test_accuracy`.
+
+Run (one GPU):
+  python -m vgg_jax.main --config=configs/vgg16_fast.py --workdir=/tmp/vgg16_fast
+Target: >= 94.0% final test accuracy on CIFAR-10 in 30 epochs on one GPU; not yet
+measured on a GPU (see experiments/RESULTS.md for what has been measured).
+CPU study at width 0.25 (float32, fewer epochs): see experiments/RESULTS.md.
+Other stacks: --config.model=vgg11 / vgg13 / vgg19 use the same recipe.
+"""
+
+import ml_collections
+
+from vgg_jax.config_files import sibling_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = sibling_config(__file__)
+    config.model = "vgg16"
+    config.conv_dropout = "none"
+    config.head_dropout = 0.2
+    config.augment = "crop_flip"
+    config.label_smoothing = 0.1
+    config.nesterov = True
+    config.batch_size = 512
+    config.learning_rate = 0.4
+    config.l2 = 5e-4
+    config.schedule = "onecycle"
+    config.warmup_epochs = 2.0
+    config.num_epochs = 30
+    config.ema_decay = 0.99
+    config.eval_flip_tta = True
+    config.dtype = "bfloat16"
+    return config
