@@ -307,6 +307,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         return _train_and_evaluate(config, workdir, guard)
 
 
+def restore_for_resume(manager, step: int, state: TrainState, mesh: Mesh, steps_per_epoch: int):
+    """The state saved at `step` and the partial metric sums of its epoch."""
+    state = checkpoint.restore_state(manager, step, state, NamedSharding(mesh, P()))
+    meta = checkpoint.read_json_item(manager, step, "meta")
+    if meta["steps_per_epoch"] != steps_per_epoch:
+        raise checkpoint.IncompatibleCheckpointError(
+            f"{manager.directory} was written with {meta['steps_per_epoch']} steps per "
+            f"epoch, this run has {steps_per_epoch}: the dataset changed; use a new --workdir"
+        )
+    logger.info(
+        "resuming from %s/%d: epoch %d, step %d of %d",
+        manager.directory,
+        step,
+        meta["epoch"] + 1,
+        meta["step_in_epoch"],
+        steps_per_epoch,
+    )
+    return state, meta
+
+
+def progress_bar(config: ml_collections.ConfigDict, epoch: int, steps: int, done: int) -> tqdm:
+    return tqdm(
+        total=steps * config.batch_size,
+        initial=done * config.batch_size,
+        desc=f"epoch {epoch + 1}/{config.num_epochs}",
+        unit="img",
+        unit_scale=True,
+        leave=False,
+        disable=not config.progress_bar or jax.process_index() != 0,
+    )
+
+
+def train_epoch(
+    state: TrainState,
+    batches: dict[str, jax.Array],
+    train_at,
+    steps: range,
+    sums: dict[str, jax.Array] | None,
+    bar: tqdm,
+    guard: PreemptionGuard,
+    log_every_steps: int,
+) -> tuple[TrainState, dict[str, jax.Array], bool]:
+    """Runs `steps` of one epoch; stops early, after a whole step, on a signal.
+    Returns the state, the summed metrics and whether the epoch was completed."""
+    running_loss = None
+    for index in steps:
+        state, metrics = train_at(state, batches, index)
+        sums = sum_metrics(sums, metrics)
+        bar.update(batches["label"].shape[1])
+        if guard.requested and index + 1 < steps.stop:
+            return state, sums, False
+        if (index + 1) % log_every_steps == 0:
+            # Show the loss computed one logging interval ago: it is done by now, so
+            # reading it does not stall the queue of dispatched steps.
+            if running_loss is not None:
+                bar.set_postfix(loss=f"{float(running_loss):.4f}")
+            running_loss = sums["loss_sum"] / sums["count"]
+    return state, sums, True
+
+
 def _train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
 ) -> TrainState:
@@ -350,23 +410,9 @@ def _train_and_evaluate(
     if resume_step is None:
         log.truncate_after(0)  # records of a run that died before its first checkpoint
     else:
-        state = checkpoint.restore_state(manager, resume_step, state, NamedSharding(mesh, P()))
-        meta = checkpoint.read_json_item(manager, resume_step, "meta")
-        if meta["steps_per_epoch"] != steps_per_epoch:
-            raise checkpoint.IncompatibleCheckpointError(
-                f"{manager.directory} was written with {meta['steps_per_epoch']} steps per "
-                f"epoch, this run has {steps_per_epoch}: the dataset changed; use a new --workdir"
-            )
+        state, meta = restore_for_resume(manager, resume_step, state, mesh, steps_per_epoch)
         partial_sums = meta.get("partial_train_sums")
-        log.truncate_after(meta["epoch"])
-        logger.info(
-            "resuming from %s/%d: epoch %d, step %d of %d",
-            manager.directory,
-            resume_step,
-            meta["epoch"] + 1,
-            meta["step_in_epoch"],
-            steps_per_epoch,
-        )
+        log.truncate_after(meta["epoch"])  # epochs logged but not checkpointed are redone
 
     train_at, eval_at = make_step_functions(config, mesh)
     data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
@@ -411,31 +457,24 @@ def _train_and_evaluate(
         sums = None
         if partial_sums is not None and start_index > 0:
             sums = {k: jnp.asarray(v, jnp.float32) for k, v in partial_sums.items()}
-        bar = tqdm(
-            total=steps_per_epoch * config.batch_size,
-            initial=start_index * config.batch_size,
-            desc=f"epoch {epoch + 1}/{config.num_epochs}",
-            unit="img",
-            unit_scale=True,
-            leave=False,
-            disable=not config.progress_bar or jax.process_index() != 0,
+        bar = progress_bar(config, epoch, steps_per_epoch, start_index)
+        state, sums, completed = train_epoch(
+            state,
+            batches,
+            train_at,
+            range(start_index, steps_per_epoch),
+            sums,
+            bar,
+            guard,
+            config.log_every_steps,
         )
-        running_loss = None
-        for index in range(start_index, steps_per_epoch):
-            state, metrics = train_at(state, batches, index)
-            sums = sum_metrics(sums, metrics)
-            bar.update(config.batch_size)
-            if guard.requested and index + 1 < steps_per_epoch:
-                bar.close()
-                save(epoch, index + 1, sums=sums)
-                stop(f"in epoch {epoch + 1} after step {index + 1} of {steps_per_epoch}")
-            if (index + 1) % config.log_every_steps == 0:
-                # Show the loss computed one logging interval ago: it is done by now,
-                # so reading it does not stall the queue of dispatched steps.
-                if running_loss is not None:
-                    bar.set_postfix(loss=f"{float(running_loss):.4f}")
-                running_loss = sums["loss_sum"] / sums["count"]
         bar.close()
+        if not completed:
+            save(epoch, int(state.step) - epoch * steps_per_epoch, sums=sums)
+            stop(
+                f"in epoch {epoch + 1} after step {int(state.step) - epoch * steps_per_epoch} "
+                f"of {steps_per_epoch}"
+            )
         record = {"epoch": epoch + 1, "step": int(state.step)}
         record.update(summarise(sums, "train"))
         record.update(evaluate(state, eval_batches, eval_at))

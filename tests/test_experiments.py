@@ -1,0 +1,46 @@
+"""The experiment helpers: the curve writer and the plot."""
+
+import csv
+import importlib.util
+import json
+
+from conftest import REPO
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_curve_accumulates_epoch_seconds_and_plot_is_written(tmp_path):
+    records = [
+        {"epoch": 1, "epoch_seconds": 30.0, "test_accuracy": 0.3},
+        {"epoch": 2, "epoch_seconds": 20.0, "test_accuracy": 0.5, "test_accuracy_flip_tta": 0.52},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    path = load_script("run_experiment").write_curve(str(tmp_path))
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["seconds"]) for r in rows] == [30.0, 50.0]
+    assert rows[1]["test_accuracy_flip_tta"] == "0.52"
+    out = tmp_path / "curve.png"
+    load_script("plot_curves").plot({"a": str(tmp_path), "b": str(tmp_path)}, str(out), "t")
+    assert out.stat().st_size > 5000
+
+
+def test_budget_stops_a_run_with_sigterm():
+    runner = load_script("run_experiment")
+    import sys
+
+    status = runner.run_with_budget(
+        [
+            sys.executable,
+            "-c",
+            "import signal,sys,time\n"
+            "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\ntime.sleep(60)",
+        ],
+        budget_seconds=1,
+    )
+    assert status == 0
