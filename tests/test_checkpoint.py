@@ -226,3 +226,11 @@ def test_sigkill_in_epoch_2_then_rerun_ends_bitwise_equal(tmp_path):
     assert resumed.step == int(uninterrupted.step)
     assert_trees_equal(resumed.variables["params"], uninterrupted.params)
     assert_trees_equal(resumed.variables["batch_stats"], uninterrupted.batch_stats)
+
+
+def test_fields_added_in_a_later_version_do_not_block_a_resume(tiny_config):
+    saved = checkpoint.config_to_json(tiny_config)
+    del saved["ema_decay"]  # a checkpoint written before the field existed
+    assert checkpoint.config_differences(saved, tiny_config) == []
+    saved["batch_size"] = 7
+    assert checkpoint.config_differences(saved, tiny_config) == ["batch_size: 7 -> 32"]

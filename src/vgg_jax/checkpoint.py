@@ -193,9 +193,10 @@ def usable_steps(manager: ocp.CheckpointManager) -> list[int]:
 
 
 def config_differences(saved: dict[str, Any], current: ml_collections.ConfigDict) -> list[str]:
-    """'field: saved -> current' for every field that matters to resuming."""
+    """'field: saved -> current' for every field that matters to resuming. Fields that
+    only one side has (added or removed in a later version) are not compared."""
     current_values = config_to_json(current)
-    names = sorted((set(saved) | set(current_values)) - RESUMABLE_CHANGES)
+    names = sorted((set(saved) & set(current_values)) - RESUMABLE_CHANGES)
     return [
         f"{name}: {saved.get(name)!r} -> {current_values.get(name)!r}"
         for name in names
