@@ -112,7 +112,6 @@ class VGG(nn.Module):
     def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = (images.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
         x = x.astype(self.dtype)
-        norm = nn.BatchNorm if self.batch_norm else None
         for block_index, block in enumerate(self.stages):
             for conv_index, channels in enumerate(block):
                 x = self.conv(
@@ -124,14 +123,8 @@ class VGG(nn.Module):
                     kernel_init=TORCH_KERNEL_INIT,
                     name=f"conv{block_index + 1}_{conv_index + 1}",
                 )(x)
-                if norm is not None:
-                    x = norm(
-                        use_running_average=not train,
-                        momentum=0.9,
-                        epsilon=1e-5,
-                        dtype=self.dtype,
-                        name=f"bn{block_index + 1}_{conv_index + 1}",
-                    )(x)
+                if self.batch_norm:
+                    x = self._batch_norm(f"bn{block_index + 1}_{conv_index + 1}", train)(x)
                 x = nn.relu(x)
                 rate = self.conv_dropout[block_index][conv_index] if self.conv_dropout else 0.0
                 if rate > 0:
@@ -149,13 +142,7 @@ class VGG(nn.Module):
                 x = nn.Dropout(rate, deterministic=not train)(x)
             x = self._dense(features, f"fc{index + 1}")(x)
             if use_bn:
-                x = nn.BatchNorm(
-                    use_running_average=not train,
-                    momentum=0.9,
-                    epsilon=1e-5,
-                    dtype=self.dtype,
-                    name=f"fc_bn{index + 1}",
-                )(x)
+                x = self._batch_norm(f"fc_bn{index + 1}", train)(x)
             x = nn.relu(x)
             x = nn.Dropout(rate, deterministic=not train)(x)
         if self.head == "cifar":
@@ -163,6 +150,12 @@ class VGG(nn.Module):
             x = self._dense(512, f"fc{len(spec['hidden']) + 1}")(x)
         x = self._dense(self.num_classes, "classifier")(x)
         return x.astype(jnp.float32)
+
+    def _batch_norm(self, name: str, train: bool) -> nn.BatchNorm:
+        # momentum 0.9 / eps 1e-5: Paddle's and PyTorch's defaults (0.1 there means 0.9 here).
+        return nn.BatchNorm(
+            use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=name
+        )
 
     def _dense(self, features: int, name: str) -> nn.Dense:
         return nn.Dense(features, dtype=self.dtype, kernel_init=TORCH_KERNEL_INIT, name=name)
