@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.head = "cifar"  # cifar (fc512-BN-fc512) | imagenet (4096x2) | tf_seed (2048x2)
     config.head_dropout = 0.5  # dropout rate in the classifier head
     config.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    config.conv_impl = "auto"  # auto (matmul on CPU, XLA conv elsewhere) | xla | matmul
 
     # Data.
     config.dataset = "cifar10"  # a TFDS name, 'image_folder' or 'synthetic'

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from vgg_jax import checkpoint, data_sources, input_pipeline, models, optim
+from vgg_jax.conv import conv_class
 from vgg_jax.metrics_log import MetricsLog
 from vgg_jax.preemption import Preempted, PreemptionGuard
 
@@ -73,6 +74,7 @@ def build_model(config: ml_collections.ConfigDict, info: DatasetInfo) -> models.
         mean=info.mean,
         std=info.std,
         stages=config.get("stages"),
+        conv=conv_class(config.get("conv_impl", "auto")),
     )
 
 

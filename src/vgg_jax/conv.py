@@ -1,0 +1,270 @@
+"""A drop-in replacement for `flax.linen.Conv` whose stride-1 SAME convolution runs as
+matrix products on CPU.
+
+Why: XLA:CPU's convolution is slow where VGG spends much of its time. Measured on
+2 AMD EPYC (Zen 4) cores, batch 128, float32 (see experiments/RESULTS.md):
+
+- on small feature maps it falls off a cliff: a 3x3 conv on 2x2 maps with 512 channels
+  (VGG16-CIFAR block 5) takes ~1.1-2.3 s forward and ~4 s forward+backward per batch,
+  against ~0.03 s / ~0.08 s for the same maths as one im2col matrix product;
+- its kernel gradient (a convolution whose "kernel" is the output gradient) runs at
+  roughly half the speed of its forward pass on 8x8..16x16 maps; nine shifted matrix
+  products (one per tap) are faster there;
+- its forward and input-gradient convolutions on maps >= 4x4 are as fast as Eigen's
+  matrix product (~100 GFLOP/s), so those stay on XLA's convolution.
+
+So `conv_same` has a custom VJP whose three parts (forward, input gradient, kernel
+gradient) each pick XLA's convolution, one im2col matrix product, or per-tap shifted
+matrix products from the static shapes (`plan`). Taps that only ever see padding (the
+outer ring of a 3x3 kernel on a 1-pixel-wide map) are skipped. On GPU/TPU `Conv` with
+impl='auto' is exactly `lax.conv_general_dilated` (cuDNN is fast).
+
+Parameters are those of nn.Conv: `kernel` (kh, kw, Cin, Cout) and `bias` (Cout,), with
+nn.Conv's initialisers, so checkpoints are interchangeable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+from jax import lax
+
+IMPLS = ("auto", "xla", "matmul")
+_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How each part of one convolution is computed: 'xla', 'im2col' or 'shifted'."""
+
+    forward: str
+    input_grad: str
+    kernel_grad: str
+
+
+def plan(height: int, width: int, in_channels: int, out_channels: int) -> Plan:
+    """The CPU plan for a stride-1 SAME convolution, from per-layer timings (module doc).
+
+    - maps smaller than 4x4: XLA's convolution is pathologically slow -> im2col;
+    - few input channels (an RGB stem): one im2col product (K = 9*Cin) beats 9 thin ones;
+    - at most 64 channels in and out: XLA's convolution for all three parts;
+    - otherwise XLA's convolution forward and for the input gradient, shifted matrix
+      products for the kernel gradient (each tap: x_shift^T @ dy, a well-shaped GEMM;
+      e.g. 16x16x128: 0.23 s vs XLA's 0.41 s at batch 128).
+    """
+    if min(height, width) < 4:
+        return Plan("im2col", "im2col", "im2col")
+    if in_channels < 16:
+        return Plan("im2col", "xla", "im2col")
+    if in_channels <= 64 and out_channels <= 64:
+        # Few channels (CIFAR 32x32x64): XLA's kernel gradient wins (~0.42 s vs ~0.54 s).
+        return Plan("xla", "xla", "xla")
+    return Plan("xla", "xla", "shifted")
+
+
+def _taps(size: int, kernel: int) -> list[int]:
+    """Kernel offsets along one axis that touch at least one real (non-padding) pixel."""
+    half = kernel // 2
+    return [k for k in range(kernel) if abs(k - half) < size]
+
+
+def _shifted(x_padded: jax.Array, i: int, j: int, height: int, width: int) -> jax.Array:
+    return lax.slice(
+        x_padded, (0, i, j, 0), (x_padded.shape[0], i + height, j + width, x_padded.shape[3])
+    )
+
+
+def _pad(x: jax.Array, kh: int, kw: int) -> jax.Array:
+    return jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+
+
+def _live_taps(x: jax.Array, kh: int, kw: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in _taps(x.shape[1], kh) for j in _taps(x.shape[2], kw)]
+
+
+def _patches(x: jax.Array, taps: list[tuple[int, int]], kh: int, kw: int) -> jax.Array:
+    """im2col: (N*H*W, len(taps)*Cin), tap-major like the rows of the flattened kernel."""
+    n, h, w, c = x.shape
+    padded = _pad(x, kh, kw)
+    columns = [_shifted(padded, i, j, h, w) for i, j in taps]
+    return jnp.concatenate(columns, axis=-1).reshape(n * h * w, len(taps) * c)
+
+
+def _tap_kernel(kernel: jax.Array, taps: list[tuple[int, int]]) -> jax.Array:
+    """The kernel rows of the live taps, flattened to (len(taps)*Cin, Cout)."""
+    return jnp.concatenate([kernel[i, j] for i, j in taps], axis=0)
+
+
+def _xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMENSIONS)
+
+
+def _im2col_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    kh, kw, _, c_out = kernel.shape
+    taps = _live_taps(x, kh, kw)
+    out = _patches(x, taps, kh, kw) @ _tap_kernel(kernel, taps)
+    return out.reshape(*x.shape[:3], c_out)
+
+
+def _shifted_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    kh, kw = kernel.shape[:2]
+    n, h, w, _ = x.shape
+    padded = _pad(x, kh, kw)
+    out = None
+    for i, j in _live_taps(x, kh, kw):
+        term = jnp.einsum("nhwc,cd->nhwd", _shifted(padded, i, j, h, w), kernel[i, j])
+        out = term if out is None else out + term
+    return out
+
+
+def _flipped(kernel: jax.Array) -> jax.Array:
+    """The kernel of the transposed convolution: spatially flipped, in/out swapped."""
+    return jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+
+
+def _kernel_grad(x: jax.Array, dy: jax.Array, kh: int, kw: int, how: str) -> jax.Array:
+    c_in, c_out = x.shape[-1], dy.shape[-1]
+    if how == "xla":
+        _, vjp = jax.vjp(lambda k: _xla_conv(x, k), jnp.zeros((kh, kw, c_in, c_out), x.dtype))
+        return vjp(dy)[0]
+    taps = _live_taps(x, kh, kw)
+    dy_flat = dy.reshape(-1, c_out)
+    if how == "im2col":
+        rows = (_patches(x, taps, kh, kw).T @ dy_flat).reshape(len(taps), c_in, c_out)
+    else:
+        padded = _pad(x, kh, kw)
+        n, h, w, _ = x.shape
+        rows = jnp.stack(
+            [_shifted(padded, i, j, h, w).reshape(-1, c_in).T @ dy_flat for i, j in taps]
+        )
+    if len(taps) == kh * kw:
+        return rows.reshape(kh, kw, c_in, c_out)
+    # Taps that only see padding get a zero gradient.
+    grad = jnp.zeros((kh, kw, c_in, c_out), rows.dtype)
+    for index, (i, j) in enumerate(taps):
+        grad = grad.at[i, j].set(rows[index])
+    return grad
+
+
+_FORWARD = {"xla": _xla_conv, "im2col": _im2col_conv, "shifted": _shifted_conv}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _planned_conv(x: jax.Array, kernel: jax.Array, how: Plan) -> jax.Array:
+    return _FORWARD[how.forward](lax.optimization_barrier(x), kernel)
+
+
+def _planned_fwd(x, kernel, how):
+    # Materialise the input once: otherwise XLA fuses its producers (BN, ReLU, dropout's
+    # random bits) into each of the nine shifted slices and recomputes them per tap.
+    x = lax.optimization_barrier(x)
+    return _FORWARD[how.forward](x, kernel), (x, kernel)
+
+
+def _planned_bwd(how, residuals, dy):
+    x, kernel = residuals
+    dy = lax.optimization_barrier(dy)
+    kh, kw = kernel.shape[:2]
+    # The input gradient is the convolution of dy with the flipped kernel (SAME, odd k).
+    dx = _FORWARD[how.input_grad](dy, _flipped(kernel)).astype(x.dtype)
+    dk = _kernel_grad(x, dy, kh, kw, how.kernel_grad).astype(kernel.dtype)
+    return dx, dk
+
+
+_planned_conv.defvjp(_planned_fwd, _planned_bwd)
+
+
+def default_impl() -> str:
+    """What impl='auto' resolves to on the default backend."""
+    return "matmul" if jax.default_backend() == "cpu" else "xla"
+
+
+def conv_same(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
+    """Stride-1 SAME convolution of NHWC `x` with an HWIO `kernel` (odd kernel sizes).
+
+    impl: 'xla' (lax.conv_general_dilated), 'matmul' (the per-shape plan above) or
+    'auto' (matmul on CPU, xla elsewhere).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = default_impl()
+    kh, kw = kernel.shape[:2]
+    if impl == "xla" or kh % 2 == 0 or kw % 2 == 0:
+        return _xla_conv(x, kernel)
+    return _planned_conv(x, kernel, plan(x.shape[1], x.shape[2], x.shape[3], kernel.shape[3]))
+
+
+def _as_pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+class Conv(nn.Module):
+    """nn.Conv for 2-D NHWC inputs, with the convolution from `conv_same`.
+
+    Takes nn.Conv's arguments (those VGG uses, plus strides/precision/initialisers) and
+    creates the same parameters with the same initialisers and names. Anything other than
+    stride 1 / SAME / odd kernel falls back to lax.conv_general_dilated.
+    """
+
+    features: int
+    kernel_size: int | Sequence[int] = (3, 3)
+    strides: int | Sequence[int] = 1
+    padding: str = "SAME"
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Any = nn.linear.default_kernel_init
+    bias_init: Any = nn.initializers.zeros_init()
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel_size = _as_pair(self.kernel_size)
+        strides = _as_pair(self.strides)
+        kernel_shape = (*kernel_size, inputs.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        if strides == (1, 1) and self.padding == "SAME" and self.precision is None:
+            y = conv_same(inputs, kernel, self.impl)
+        else:
+            y = lax.conv_general_dilated(
+                inputs,
+                kernel,
+                strides,
+                self.padding,
+                dimension_numbers=_DIMENSIONS,
+                precision=self.precision,
+            )
+        if bias is not None:
+            y = y + bias
+        return y
+
+
+class MatmulConv(Conv):
+    """`Conv` with the matrix-product plan on every backend (for tests and comparisons)."""
+
+    impl: str = "matmul"
+
+
+def conv_class(impl: str) -> type[nn.Module]:
+    """The module class for `config.conv_impl`: nn.Conv for 'xla', ours otherwise.
+
+    'auto' gives `Conv`, which picks matmul on CPU and XLA's convolution elsewhere."""
+    classes = {"auto": Conv, "xla": nn.Conv, "matmul": MatmulConv}
+    if impl not in classes:
+        raise ValueError(f"conv_impl must be one of {sorted(classes)}, got {impl!r}")
+    return classes[impl]

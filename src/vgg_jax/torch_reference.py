@@ -1,0 +1,286 @@
+"""The same VGG in PyTorch, as a speed reference for `vgg_jax.benchmark --compare=torch`.
+
+Built from a `models.VGG`, layer for layer: 3x3 SAME convolutions (bias only without
+BN), BN (eps 1e-5; Flax momentum 0.9 = PyTorch momentum 0.1), ReLU, the same dropout
+rates, 2x2 max-pools, the same head, input normalisation inside the model, NHWC
+flattening order (so the dense weights copy over unchanged), channels_last memory
+format, and the same optimiser: SGD momentum 0.9 with coupled L2 (`weight_decay`) on
+every parameter, as optax add_decayed_weights -> trace -> scale_by_learning_rate.
+
+One known difference: for the BN running variance PyTorch uses the unbiased batch
+variance, Flax the biased one (it changes no timing and no eval logits after a copy).
+
+PyTorch is optional (`pip install -e ".[torch]"`); import this module lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import torch
+from torch import nn
+
+from vgg_jax import benchmark, models, optim, train
+
+logger = logging.getLogger(__name__)
+
+
+class Normalise(nn.Module):
+    """uint8 NHWC images -> normalised float NCHW (a channels_last view, no copy)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        return x.permute(0, 3, 1, 2)
+
+
+class FlattenNHWC(nn.Module):
+    """Flattens in (H, W, C) order, as the Flax model does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).flatten(1)
+
+
+def _features(vgg: models.VGG) -> list[tuple[str, nn.Module]]:
+    layers: list[tuple[str, nn.Module]] = []
+    channels = 3
+    for block_index, block in enumerate(vgg.stages):
+        for conv_index, features in enumerate(block):
+            suffix = f"{block_index + 1}_{conv_index + 1}"
+            conv = nn.Conv2d(channels, features, 3, padding=1, bias=not vgg.batch_norm)
+            layers.append((f"conv{suffix}", conv))
+            if vgg.batch_norm:
+                layers.append((f"bn{suffix}", nn.BatchNorm2d(features, eps=1e-5, momentum=0.1)))
+            layers.append((f"relu{suffix}", nn.ReLU(inplace=True)))
+            rate = vgg.conv_dropout[block_index][conv_index] if vgg.conv_dropout else 0.0
+            if rate > 0:
+                layers.append((f"drop{suffix}", nn.Dropout(rate)))
+            channels = features
+        layers.append((f"pool{block_index + 1}", nn.MaxPool2d(2, 2)))
+    return layers
+
+
+def _head(vgg: models.VGG, in_features: int) -> list[tuple[str, nn.Module]]:
+    spec = models.HEADS[vgg.head]
+    rate = spec["dropout"] if vgg.head_dropout is None else vgg.head_dropout
+    use_bn = spec["batch_norm"] and vgg.batch_norm
+    layers: list[tuple[str, nn.Module]] = [("flatten", FlattenNHWC())]
+    width = in_features
+    for index, features in enumerate(spec["hidden"]):
+        if vgg.head == "cifar":
+            layers.append((f"fc_in_drop{index + 1}", nn.Dropout(rate)))
+        layers.append((f"fc{index + 1}", nn.Linear(width, features)))
+        if use_bn:
+            layers.append((f"fc_bn{index + 1}", nn.BatchNorm1d(features, eps=1e-5, momentum=0.1)))
+        layers.append((f"fc_relu{index + 1}", nn.ReLU(inplace=True)))
+        layers.append((f"fc_drop{index + 1}", nn.Dropout(rate)))
+        width = features
+    if vgg.head == "cifar":
+        layers.append((f"fc{len(spec['hidden']) + 1}", nn.Linear(width, 512)))
+        width = 512
+    layers.append(("classifier", nn.Linear(width, vgg.num_classes)))
+    return layers
+
+
+def build_torch_model(vgg: models.VGG, image_size: int) -> nn.Sequential:
+    """The PyTorch twin of `vgg` (same layer names as the Flax parameter tree)."""
+    layers: list[tuple[str, nn.Module]] = [("normalise", Normalise(vgg.mean, vgg.std))]
+    layers += _features(vgg)
+    size = image_size // 2 ** len(vgg.stages)
+    layers += _head(vgg, size * size * vgg.stages[-1][-1])
+    return nn.Sequential(OrderedDict(layers))
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    return torch.from_numpy(np.array(jax.device_get(value), dtype=np.float32))
+
+
+def load_flax_variables(model: nn.Sequential, variables: Mapping[str, Any]) -> None:
+    """Copies Flax `{'params', 'batch_stats'}` into the twin: conv kernels HWIO -> OIHW,
+    dense kernels (in, out) -> (out, in), BN scale/bias/mean/var."""
+    modules = dict(model.named_children())
+    stats = variables.get("batch_stats", {})
+    with torch.no_grad():
+        for name, params in variables["params"].items():
+            module = modules[name]
+            kernel = _tensor(params["kernel"]) if "kernel" in params else None
+            if isinstance(module, nn.Conv2d):
+                module.weight.copy_(kernel.permute(3, 2, 0, 1))
+            elif isinstance(module, nn.Linear):
+                module.weight.copy_(kernel.T)
+            else:  # BatchNorm
+                module.weight.copy_(_tensor(params["scale"]))
+                module.running_mean.copy_(_tensor(stats[name]["mean"]))
+                module.running_var.copy_(_tensor(stats[name]["var"]))
+            if "bias" in params:
+                module.bias.copy_(_tensor(params["bias"]))
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_steps(step, device: torch.device, steps: int, burn_in: int) -> list[float]:
+    for _ in range(burn_in):
+        step()
+    _synchronize(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+class Runner:
+    """The twin's eval forward and train step (loss, backward, SGD), eager or compiled."""
+
+    def __init__(self, model: nn.Module, config: ml_collections.ConfigDict, device: torch.device):
+        self.model = model
+        self.device = device
+        self.dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
+        schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=1000)
+        self.optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=float(schedule(0)),
+            momentum=config.momentum,
+            weight_decay=config.l2,
+            nesterov=config.nesterov,
+        )
+        self.label_smoothing = config.label_smoothing
+        self.forward_fn = model
+        self.train_fn = self._train_step
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, self.dtype, enabled=self.dtype is not None)
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits = self.model(images)
+        loss = nn.functional.cross_entropy(
+            logits.float(), labels, label_smoothing=self.label_smoothing
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            return self.forward_fn(images)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.model.train()
+        return self.train_fn(images, labels)
+
+    def compile(self) -> None:
+        self.forward_fn = torch.compile(self.model)
+        self.train_fn = torch.compile(self._train_step)
+
+
+def _first_call_seconds(call, device) -> float:
+    start = time.perf_counter()
+    call()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def _try_compiled(runner: Runner, images, labels, device) -> tuple[str, float, float]:
+    """torch.compile both functions; on any failure fall back to eager. Returns the mode
+    and the first-call (compile) seconds of forward and train step."""
+    try:
+        runner.compile()
+        forward_s = _first_call_seconds(lambda: runner.forward(images), device)
+        train_s = _first_call_seconds(lambda: runner.train_step(images, labels), device)
+        return "torch.compile", forward_s, train_s
+    except Exception as error:  # noqa: BLE001 - any compiler failure means: run eager
+        logger.warning("torch.compile failed, timing eager mode: %s", error)
+        runner.forward_fn, runner.train_fn = runner.model, runner._train_step
+        forward_s = _first_call_seconds(lambda: runner.forward(images), device)
+        train_s = _first_call_seconds(lambda: runner.train_step(images, labels), device)
+        return f"eager (torch.compile failed: {type(error).__name__})", forward_s, train_s
+
+
+def _peak_memory(device: torch.device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def benchmark_torch(
+    config: ml_collections.ConfigDict, steps: int, burn_in: int, compile_model: bool = True
+) -> dict[str, Any]:
+    """Times the twin's forward and train step like `benchmark.benchmark_jax` does."""
+    device = _device()
+    info = benchmark.dataset_info(config)
+    vgg = train.build_model(config, info)
+    torch.manual_seed(config.seed)
+    model = build_torch_model(vgg, config.image_size).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(config.seed)
+    shape = (config.batch_size, config.image_size, config.image_size, 3)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).to(device)
+    labels = torch.randint(0, len(info.class_names), shape[:1], generator=generator).to(device)
+    runner = Runner(model, config, device)
+    if compile_model:
+        mode, forward_compile, train_compile = _try_compiled(runner, images, labels, device)
+    else:
+        mode = "eager"
+        forward_compile = _first_call_seconds(lambda: runner.forward(images), device)
+        train_compile = _first_call_seconds(lambda: runner.train_step(images, labels), device)
+    forward_flops = benchmark.analytic_flops(vgg, config.image_size)
+    # The same machine as the JAX run, so the same assumed peak.
+    peak, peak_how = benchmark.device_peak(jax.devices()[0], config.dtype)
+    figures = {}
+    for name, call, flops, compile_s in (
+        ("forward", lambda: runner.forward(images), forward_flops, forward_compile),
+        (
+            "forward_backward",
+            lambda: runner.train_step(images, labels),
+            3 * forward_flops,
+            train_compile,
+        ),
+    ):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = _time_steps(call, device, steps, burn_in)
+        figure = benchmark.summarise_times(times, config.batch_size, flops, peak)
+        figure.update(
+            {
+                "name": name,
+                "compile_s": compile_s,
+                "flops_per_image_analytic": flops,
+                "peak_memory_bytes": _peak_memory(device),
+            }
+        )
+        figures[name] = figure
+    return {
+        "framework": "torch",
+        "torch_version": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "mode": mode,
+        "parameters": parameter_count(model),
+        "peak_assumption": peak_how,
+        **figures,
+    }

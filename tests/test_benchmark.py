@@ -1,0 +1,147 @@
+"""vgg_jax.benchmark: the CLI on a tiny config, its JSON, the FLOP count, and the PyTorch
+twin (same parameters, same logits)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import CONFIGS, run_cli
+
+from vgg_jax import benchmark, models, train
+from vgg_jax.config_files import load_config_file
+
+# vgg_tiny on 16x16 synthetic images: compiles and runs in seconds.
+TINY = (
+    f"--config={CONFIGS / 'smoke.py'}",
+    "--config.batch_size=16",
+    "--steps=2",
+    "--burn_in=1",
+)
+FIGURE_KEYS = {
+    "mean_s",
+    "std_s",
+    "images_per_s",
+    "tflops",
+    "fraction_of_peak",
+    "compile_s",
+    "flops_per_image_analytic",
+    "peak_memory_bytes",
+}
+
+
+def _check_figures(result):
+    for name in ("forward", "forward_backward"):
+        assert set(result[name]) >= FIGURE_KEYS, name
+        assert result[name]["mean_s"] > 0
+        assert result[name]["images_per_s"] > 0
+
+
+def test_cli_writes_every_number(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli("vgg_jax.benchmark", *TINY, f"--json={out}")
+    assert result.returncode == 0, result.stderr
+    assert "forward_backward:" in result.stdout and "images/s" in result.stdout
+    assert "TFLOP/s" in result.stdout and "peak assumed" in result.stdout
+    numbers = json.loads(out.read_text())
+    assert {"config", "num_classes", "steps", "burn_in", "jax"} <= set(numbers)
+    ours = numbers["jax"]
+    assert {"parameters", "peak_flops", "peak_assumption", "devices", "conv_impl"} <= set(ours)
+    assert ours["devices"] == 8  # the training path's mesh over every (fake) device
+    _check_figures(ours)
+    assert ours["forward_backward"]["flops_per_image_xla"] > 0
+
+
+def test_cli_rejects_bad_flags_in_one_line():
+    result = run_cli("vgg_jax.benchmark", *TINY, "--config.batch_sizee=3")
+    assert result.returncode != 0
+    assert result.stderr.strip().startswith("error: unknown config field")
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = run_cli("vgg_jax.benchmark", *TINY, "--config.batch_size=12")
+    assert result.returncode != 0 and "multiple of the device count" in result.stderr
+
+
+def test_benchmark_does_not_import_tensorflow():
+    code = (
+        "import sys, vgg_jax.benchmark;"
+        "bad = [m for m in ('tensorflow', 'tensorflow_datasets', 'tensorboardX', 'torch')"
+        " if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    )
+    result = run_cli("-c", code)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_analytic_flops_vgg16():
+    # VGG16 at 224x224 with the paper's head: the well-known ~15.5 GFLOPs (2 x MACs).
+    model = models.create_model("vgg16", 1000, head="imagenet", batch_norm=False)
+    assert benchmark.analytic_flops(model, 224) == pytest.approx(30.94e9, rel=0.01)
+
+
+def test_imagenet_config_is_the_tf_seed_shape():
+    config = load_config_file(CONFIGS / "vgg16_imagenet.py")
+    assert (config.image_size, config.batch_size, config.head) == (224, 128, "tf_seed")
+    assert not config.batch_norm and config.conv_dropout == "none"
+    assert config.dataset == "synthetic" and benchmark.num_classes(config) == 1000
+
+
+def _random_variables(variables):
+    """He-scaled random weights and non-trivial BN statistics, so logits are O(1)."""
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    new = []
+    for key, leaf in zip(keys, leaves, strict=True):
+        fan_in = np.prod(leaf.shape[:-1]) if leaf.ndim > 1 else 1
+        scale = np.sqrt(2.0 / fan_in) if leaf.ndim > 1 else 0.1
+        value = jax.random.normal(key, leaf.shape) * scale
+        new.append(jnp.abs(value) + 0.5 if leaf.ndim == 1 else value)
+    return jax.tree.unflatten(treedef, new)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # BN, per-conv dropout, the cifar head (dropout, fc-BN, fc512).
+        {"conv_dropout": "0.3", "head": "cifar"},
+        # No BN, the TF seed's head; 32x32 input leaves 4x4 maps: checks the NHWC flatten.
+        {"batch_norm": False, "head": "tf_seed", "image_size": 32},
+    ],
+)
+def test_torch_twin_has_the_same_parameters_and_logits(overrides):
+    torch = pytest.importorskip("torch")
+    from vgg_jax import torch_reference
+
+    config = load_config_file(CONFIGS / "smoke.py")  # vgg_tiny: 3 blocks, 16 to 64 channels
+    for key, value in overrides.items():
+        config[key] = value
+    vgg = train.build_model(config, benchmark.dataset_info(config))
+    shape = (1, config.image_size, config.image_size, 3)
+    initial = jax.jit(vgg.init)(jax.random.key(0), jnp.zeros(shape, jnp.uint8))
+    variables = _random_variables(initial)
+    twin = torch_reference.build_torch_model(vgg, config.image_size)
+    assert torch_reference.parameter_count(twin) == sum(
+        leaf.size for leaf in jax.tree.leaves(initial["params"])
+    )
+    torch_reference.load_flax_variables(twin, variables)
+    images = np.random.default_rng(0).integers(0, 256, (3, config.image_size, config.image_size, 3))
+    images = images.astype(np.uint8)
+    ours = np.asarray(jax.jit(vgg.apply)(variables, jnp.asarray(images)))
+    twin.eval()
+    with torch.no_grad():
+        theirs = twin(torch.from_numpy(images)).numpy()
+    assert np.abs(ours).max() > 0.1  # the comparison means something
+    np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-3 * np.abs(ours).max())
+
+
+def test_cli_compare_torch(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "bench.json"
+    result = run_cli(
+        "vgg_jax.benchmark", *TINY, "--compare=torch", f"--json={out}", "--torch_compile=false"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ratio ours/PyTorch" in result.stdout
+    numbers = json.loads(out.read_text())
+    _check_figures(numbers["torch"])
+    assert numbers["torch"]["parameters"] == numbers["jax"]["parameters"]
+    assert numbers["ratio"]["forward_backward"]["images_per_s"] > 0
