@@ -32,14 +32,7 @@ def evaluate_checkpoint(
     config = predictor.config
     mesh = input_pipeline.create_mesh()
     split = data_sources.load_split(
-        config.dataset,
-        config.eval_split,
-        data_dir=data_dir or config.data_dir,
-        image_size=predictor.image_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        synthetic_sizes=(config.synthetic_train_size, config.synthetic_eval_size),
-        synthetic_classes=config.synthetic_classes,
+        config.dataset, config.eval_split, **train.source_kwargs(config, data_dir)
     )
     batch_size = batch_size or config.batch_size
     train.check_batch_size(batch_size, jax.device_count())

@@ -241,16 +241,22 @@ def check_batch_size(batch_size: int, device_count: int, name: str = "batch_size
         )
 
 
-def load_data(config: ml_collections.ConfigDict):
-    """Both splits of this process, in host memory, and what a predictor needs of them."""
-    kwargs = {
-        "data_dir": config.data_dir,
+def source_kwargs(config: ml_collections.ConfigDict, data_dir: str | None = None) -> dict:
+    """The arguments of `data_sources.load_split` that `config` determines, for this
+    process's share of a split."""
+    return {
+        "data_dir": data_dir or config.data_dir,
         "image_size": config.image_size,
         "process_index": jax.process_index(),
         "process_count": jax.process_count(),
         "synthetic_sizes": (config.synthetic_train_size, config.synthetic_eval_size),
         "synthetic_classes": config.synthetic_classes,
     }
+
+
+def load_data(config: ml_collections.ConfigDict):
+    """Both splits of this process, in host memory, and what a predictor needs of them."""
+    kwargs = source_kwargs(config)
     train_split = data_sources.load_split(config.dataset, config.train_split, **kwargs)
     eval_split = data_sources.load_split(config.dataset, config.eval_split, **kwargs)
     mean, std = input_pipeline.channel_stats(train_split.images)
