@@ -279,14 +279,11 @@ def benchmark_jax(config: ml_collections.ConfigDict, steps: int, burn_in: int) -
 
     @functools.partial(jax.jit, out_shardings=replicated)
     def forward(state, images):
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        return state.apply_fn(variables, images, train=False)
+        return state.apply_fn(state.eval_variables(), images, train=False)
 
     # The same step as training (train.make_step_functions): state donated, replicated.
     train_jit = jax.jit(
-        functools.partial(train.train_step, label_smoothing=config.label_smoothing),
-        donate_argnums=0,
-        out_shardings=replicated,
+        train.configured_train_step(config), donate_argnums=0, out_shardings=replicated
     )
     forward_exe, forward_compile, forward_xla = _compile(forward, state, batch["image"])
     forward_times = time_steps(lambda: forward_exe(state, batch["image"]), steps, burn_in)
