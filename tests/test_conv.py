@@ -10,7 +10,7 @@ import pytest
 from vgg_jax import conv, models, train
 from vgg_jax.conv import Plan
 
-PARTS = ("xla", "im2col", "shifted")
+PARTS = ("xla", "im2col", "shifted", "winograd")
 # (N, H, W, Cin, Cout): 1x1, 2x2, 3x5 maps, an RGB stem, a map big enough for the XLA plan.
 SHAPES = [(2, 1, 1, 5, 4), (2, 2, 2, 8, 6), (2, 3, 5, 3, 7), (3, 6, 7, 20, 9), (2, 8, 8, 16, 8)]
 
@@ -73,7 +73,8 @@ def test_other_kernel_sizes():
 def test_plan_follows_the_measured_crossovers():
     assert conv.plan(2, 2, 512, 512) == Plan("im2col", "im2col", "im2col")
     assert conv.plan(32, 32, 3, 64).forward == "im2col"
-    assert conv.plan(8, 8, 256, 256) == Plan("xla", "xla", "shifted")
+    assert conv.plan(8, 8, 256, 256) == Plan("winograd", "winograd", "winograd")
+    assert conv.plan(8, 8, 256, 256, (5, 5)) == Plan("xla", "xla", "shifted")
 
 
 @pytest.mark.parametrize("impl", ["auto", "matmul"])

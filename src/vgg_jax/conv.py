@@ -33,6 +33,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
@@ -49,22 +50,31 @@ class Plan:
     kernel_grad: str
 
 
-def plan(height: int, width: int, in_channels: int, out_channels: int) -> Plan:
+def plan(
+    height: int,
+    width: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: tuple[int, int] = (3, 3),
+) -> Plan:
     """The CPU plan for a stride-1 SAME convolution, from per-layer timings (module doc).
 
     - maps smaller than 4x4: XLA's convolution is pathologically slow -> im2col;
-    - few input channels (an RGB stem): one im2col product (K = 9*Cin) beats 9 thin ones;
-    - at most 64 channels in and out: XLA's convolution for all three parts;
-    - otherwise XLA's convolution forward and for the input gradient, shifted matrix
-      products for the kernel gradient (each tap: x_shift^T @ dy, a well-shaped GEMM;
-      e.g. 16x16x128: 0.23 s vs XLA's 0.41 s at batch 128).
+    - few input channels (an RGB stem): one im2col product (K = 9*Cin) beats the rest;
+    - 3x3 kernels otherwise: Winograd F(2x2, 3x3) for all three parts (2.25x fewer
+      multiplies; e.g. 32x32x64 at batch 128: forward 0.067 s vs XLA's 0.099 s, kernel
+      gradient 0.12 s vs 0.18 s);
+    - other odd kernels: XLA's convolution forward and for the input gradient, shifted
+      matrix products for the kernel gradient (each tap: x_shift^T @ dy, a well-shaped
+      GEMM) once there are more than 64 channels, XLA's for all three below that.
     """
     if min(height, width) < 4:
         return Plan("im2col", "im2col", "im2col")
     if in_channels < 16:
         return Plan("im2col", "xla", "im2col")
+    if tuple(kernel_size) == (3, 3):
+        return Plan("winograd", "winograd", "winograd")
     if in_channels <= 64 and out_channels <= 64:
-        # Few channels (CIFAR 32x32x64): XLA's kernel gradient wins (~0.42 s vs ~0.54 s).
         return Plan("xla", "xla", "xla")
     return Plan("xla", "xla", "shifted")
 
@@ -124,6 +134,116 @@ def _shifted_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return out
 
 
+# Winograd F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+# Networks", 2015): each 2x2 output tile is A^T [(G k G^T) * (B^T d B)] A for the 4x4
+# input tile d around it, so a 3x3 convolution becomes 16 matrix products (one per
+# position in the 4x4 transformed tile) with 4 instead of 9 multiplies per output and
+# input channel. B, G, A hold only 0, +-1 and +-1/2: the transforms are exact up to
+# float rounding (relative error ~1e-6 in float32, like XLA's own convolution).
+_WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
+_WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
+_WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
+_TILE, _STEP = 4, 2  # input tile size, output tile size (= tile stride)
+
+
+def _tile_grid(x: jax.Array) -> tuple[int, int]:
+    """Number of 2x2 output tiles down and across (the last ones may overhang)."""
+    return -(-x.shape[1] // _STEP), -(-x.shape[2] // _STEP)
+
+
+def _coefficients(matrix: np.ndarray, index: tuple, shape: tuple[int, ...], dtype) -> jax.Array:
+    """One row or column of a transform matrix, shaped to broadcast against the tiles."""
+    return jnp.asarray(matrix[index].reshape(shape), dtype)
+
+
+def _winograd_input(x: jax.Array) -> jax.Array:
+    """B^T d B for every 4x4 input tile: (16, tiles, C), tile position major.
+
+    Separable: rows first, then columns, each a sum of strided slices times a broadcast
+    column of B^T. (Stacking the 16 outputs instead made XLA:CPU's fusion ~3x slower.)
+    """
+    n, h, w, c = x.shape
+    tiles_h, tiles_w = _tile_grid(x)
+    padded = jnp.pad(
+        x, ((0, 0), (1, tiles_h * _STEP - h + 1), (1, tiles_w * _STEP - w + 1), (0, 0))
+    )
+    width = padded.shape[2]
+    rows = sum(
+        _coefficients(_WINOGRAD_BT, (slice(None), a), (_TILE, 1, 1, 1, 1), x.dtype)
+        * lax.slice(
+            padded, (0, a, 0, 0), (n, a + (tiles_h - 1) * _STEP + 1, width, c), (1, _STEP, 1, 1)
+        )[None]
+        for a in range(_TILE)
+    )
+    # Materialise the row transform once rather than recompute it for each column.
+    rows = lax.optimization_barrier(rows)
+    tiles = sum(
+        _coefficients(_WINOGRAD_BT, (slice(None), b), (1, _TILE, 1, 1, 1, 1), x.dtype)
+        * lax.slice(
+            rows,
+            (0, 0, 0, b, 0),
+            (_TILE, n, tiles_h, b + (tiles_w - 1) * _STEP + 1, c),
+            (1, 1, 1, _STEP, 1),
+        )[:, None]
+        for b in range(_TILE)
+    )
+    return tiles.reshape(_TILE * _TILE, n * tiles_h * tiles_w, c)
+
+
+def _winograd_kernel(kernel: jax.Array) -> jax.Array:
+    """G k G^T: (16, Cin, Cout)."""
+    g = jnp.asarray(_WINOGRAD_G, kernel.dtype)
+    transformed = jnp.einsum("ai,ijco,bj->abco", g, kernel, g)
+    return transformed.reshape(_TILE * _TILE, *kernel.shape[2:])
+
+
+def _winograd_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    n, h, w, _ = x.shape
+    tiles_h, tiles_w = _tile_grid(x)
+    # One matrix product per tile position t: (tiles, Cin) @ (Cin, Cout).
+    products = jnp.einsum("tpc,tco->tpo", _winograd_input(x), _winograd_kernel(kernel))
+    products = products.reshape(_TILE, _TILE, n, tiles_h, tiles_w, kernel.shape[-1])
+    # A^T M A, columns first (into the interleaved output layout), then rows.
+    columns = sum(
+        _coefficients(_WINOGRAD_AT, (slice(None), nu), (1, 1, 1, 1, _STEP, 1), x.dtype)
+        * products[:, nu][:, :, :, :, None, :]
+        for nu in range(_TILE)
+    ).reshape(_TILE, n, tiles_h, tiles_w * _STEP, -1)
+    out = sum(
+        _coefficients(_WINOGRAD_AT, (slice(None), xi), (1, 1, _STEP, 1, 1), x.dtype)
+        * columns[xi][:, :, None]
+        for xi in range(_TILE)
+    )
+    return out.reshape(n, tiles_h * _STEP, tiles_w * _STEP, -1)[:, :h, :w]
+
+
+def _winograd_output_grad(dy: jax.Array) -> jax.Array:
+    """The transpose of the output transform applied to dy: (16, tiles, Cout)."""
+    n, h, w, c = dy.shape
+    tiles_h, tiles_w = _tile_grid(dy)
+    padded = jnp.pad(dy, ((0, 0), (0, tiles_h * _STEP - h), (0, tiles_w * _STEP - w), (0, 0)))
+    blocks = padded.reshape(n, tiles_h, _STEP, tiles_w, _STEP, c)
+    columns = sum(
+        _coefficients(_WINOGRAD_AT, (j,), (_TILE, 1, 1, 1, 1, 1), dy.dtype)
+        * blocks[None, :, :, :, :, j]
+        for j in range(_STEP)
+    )
+    grads = sum(
+        _coefficients(_WINOGRAD_AT, (i,), (_TILE, 1, 1, 1, 1, 1), dy.dtype)
+        * columns[None, :, :, :, i]
+        for i in range(_STEP)
+    )
+    return grads.reshape(_TILE * _TILE, n * tiles_h * tiles_w, c)
+
+
+def _winograd_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """The kernel gradient through the Winograd forward: G^T [sum_tiles V^T dM] G."""
+    products = jnp.einsum("tpc,tpo->tco", _winograd_input(x), _winograd_output_grad(dy))
+    products = products.reshape(_TILE, _TILE, x.shape[-1], dy.shape[-1])
+    g = jnp.asarray(_WINOGRAD_G, products.dtype)
+    return jnp.einsum("ai,abco,bj->ijco", g, products, g)
+
+
 def _flipped(kernel: jax.Array) -> jax.Array:
     """The kernel of the transposed convolution: spatially flipped, in/out swapped."""
     return jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
@@ -131,6 +251,8 @@ def _flipped(kernel: jax.Array) -> jax.Array:
 
 def _kernel_grad(x: jax.Array, dy: jax.Array, kh: int, kw: int, how: str) -> jax.Array:
     c_in, c_out = x.shape[-1], dy.shape[-1]
+    if how == "winograd":
+        return _winograd_kernel_grad(x, dy)
     if how == "xla":
         _, vjp = jax.vjp(lambda k: _xla_conv(x, k), jnp.zeros((kh, kw, c_in, c_out), x.dtype))
         return vjp(dy)[0]
@@ -153,7 +275,12 @@ def _kernel_grad(x: jax.Array, dy: jax.Array, kh: int, kw: int, how: str) -> jax
     return grad
 
 
-_FORWARD = {"xla": _xla_conv, "im2col": _im2col_conv, "shifted": _shifted_conv}
+_FORWARD = {
+    "xla": _xla_conv,
+    "im2col": _im2col_conv,
+    "shifted": _shifted_conv,
+    "winograd": _winograd_conv,
+}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -199,7 +326,8 @@ def conv_same(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
     kh, kw = kernel.shape[:2]
     if impl == "xla" or kh % 2 == 0 or kw % 2 == 0:
         return _xla_conv(x, kernel)
-    return _planned_conv(x, kernel, plan(x.shape[1], x.shape[2], x.shape[3], kernel.shape[3]))
+    how = plan(x.shape[1], x.shape[2], x.shape[3], kernel.shape[3], (kh, kw))
+    return _planned_conv(x, kernel, how)
 
 
 def _as_pair(value: int | Sequence[int]) -> tuple[int, int]:
