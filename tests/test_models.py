@@ -1,3 +1,4 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,3 +111,16 @@ def test_no_batch_norm_means_no_batch_stats_and_biases_on_convs():
     variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3), jnp.uint8))
     assert "batch_stats" not in variables
     assert "bias" in variables["params"]["conv1_1"]
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 5, 2)])
+def test_max_pool_2x2_equals_flax_max_pool(shape):
+    """Same values as nn.max_pool (odd sizes drop the last row/column), and the same
+    gradient where the maximum is unique (random floats)."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    flax_pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
+    np.testing.assert_array_equal(models.max_pool_2x2(x), flax_pool(x))
+    weights = jax.random.normal(jax.random.key(1), flax_pool(x).shape)
+    ours = jax.grad(lambda x: jnp.sum(models.max_pool_2x2(x) * weights))(x)
+    theirs = jax.grad(lambda x: jnp.sum(flax_pool(x) * weights))(x)
+    np.testing.assert_array_equal(ours, theirs)

@@ -83,6 +83,20 @@ def conv_dropout_rates(stages: Sequence[Sequence[int]], spec: str) -> tuple[tupl
     )
 
 
+def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
+    """2x2 max-pool with stride 2 (VALID: an odd last row or column is dropped), as
+    nn.max_pool(x, (2, 2), strides=(2, 2)) but written as a reshape and a max.
+
+    Why: XLA:CPU differentiates reduce_window max into select_and_scatter, which took
+    0.41 s per VGG16-CIFAR train step at batch 128 against 0.14 s for this form. Where
+    the maximum is tied, the gradient is shared among the tied inputs instead of going to
+    the first; after a ReLU such ties are zeros, whose gradient the ReLU zeroes anyway.
+    """
+    n, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class VGG(nn.Module):
     """A VGG network: blocks of 3x3 convolutions and 2x2 max-pools, then a dense head.
 
@@ -129,7 +143,7 @@ class VGG(nn.Module):
                 rate = self.conv_dropout[block_index][conv_index] if self.conv_dropout else 0.0
                 if rate > 0:
                     x = nn.Dropout(rate, deterministic=not train)(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = max_pool_2x2(x)
         return self._head(x.reshape((x.shape[0], -1)), train)
 
     def _head(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
