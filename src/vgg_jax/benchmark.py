@@ -38,7 +38,7 @@ from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vgg_jax import input_pipeline, models, optim, train
+from vgg_jax import host_memory, input_pipeline, models, optim, train
 from vgg_jax import main as cli
 
 FLAGS = flags.FLAGS
@@ -463,6 +463,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+    host_memory.restart_with_retained_memory()
     define_flags()
     app.run(main, flags_parser=cli.parse_flags)
 

@@ -15,7 +15,7 @@ from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vgg_jax import checkpoint, data_sources, inference, input_pipeline, train
+from vgg_jax import checkpoint, data_sources, host_memory, inference, input_pipeline, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ folder, or a step.")
@@ -62,6 +62,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+    host_memory.restart_with_retained_memory()
     app.run(main)
 
 

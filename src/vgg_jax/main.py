@@ -14,7 +14,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from vgg_jax import train
+from vgg_jax import host_memory, train
 from vgg_jax.data_sources import DatasetUnavailableError
 from vgg_jax.preemption import Preempted
 
@@ -74,6 +74,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run() -> None:
+    host_memory.restart_with_retained_memory()
     app.run(main, flags_parser=parse_flags)
 
 
