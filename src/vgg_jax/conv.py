@@ -50,6 +50,10 @@ class Plan:
     kernel_grad: str
 
 
+# Winograd is all or nothing: its backward reuses the forward's transforms.
+WINOGRAD = Plan("winograd", "winograd", "winograd")
+
+
 def plan(
     height: int,
     width: int,
@@ -73,7 +77,7 @@ def plan(
     if in_channels < 16:
         return Plan("im2col", "xla", "im2col")
     if tuple(kernel_size) == (3, 3):
-        return Plan("winograd", "winograd", "winograd")
+        return WINOGRAD
     if in_channels <= 64 and out_channels <= 64:
         return Plan("xla", "xla", "xla")
     return Plan("xla", "xla", "shifted")
@@ -146,73 +150,81 @@ _WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 _TILE, _STEP = 4, 2  # input tile size, output tile size (= tile stride)
 
 
-def _tile_grid(x: jax.Array) -> tuple[int, int]:
-    """Number of 2x2 output tiles down and across (the last ones may overhang)."""
-    return -(-x.shape[1] // _STEP), -(-x.shape[2] // _STEP)
+# The dx convolution uses the kernel flipped in space; G's first and last rows are each
+# other's mirror images and its middle rows are symmetric, so the flipped kernel's
+# transform is the kernel's with tile positions 0 and 3 swapped (per axis). The
+# backward pass therefore reuses G k G^T and permutes B^T's rows and A^T's columns.
+_MIRROR = np.array([3, 1, 2, 0])
 
 
-def _coefficients(matrix: np.ndarray, index: tuple, shape: tuple[int, ...], dtype) -> jax.Array:
-    """One row or column of a transform matrix, shaped to broadcast against the tiles."""
-    return jnp.asarray(matrix[index].reshape(shape), dtype)
+def _tile_grid(shape: Sequence[int]) -> tuple[int, int]:
+    """Number of 2x2 output tiles down and across an NHWC `shape` (the last ones may
+    overhang)."""
+    return -(-shape[1] // _STEP), -(-shape[2] // _STEP)
 
 
-def _winograd_input(x: jax.Array) -> jax.Array:
+def _column(values: np.ndarray, axis: int, ndim: int, dtype) -> jax.Array:
+    """A vector of transform coefficients shaped to broadcast along `axis`."""
+    shape = [1] * ndim
+    shape[axis] = len(values)
+    return jnp.asarray(values.reshape(shape), dtype)
+
+
+def _sandwich(matrix: np.ndarray, array: jax.Array) -> jax.Array:
+    """matrix @ array @ matrix^T over the two leading axes (the kernel transforms).
+
+    Written as broadcast multiply-adds: as an einsum, XLA:CPU made it matrix products
+    with K=3 plus transposes, ~25 ms per 512x512 kernel."""
+    ndim = array.ndim
+    rows = sum(
+        _column(matrix[:, i], 0, ndim, array.dtype) * array[i][None] for i in range(matrix.shape[1])
+    )
+    return sum(
+        _column(matrix[:, j], 1, ndim, array.dtype) * rows[:, j][:, None]
+        for j in range(matrix.shape[1])
+    )
+
+
+def _winograd_input(x: jax.Array, bt: np.ndarray = _WINOGRAD_BT) -> jax.Array:
     """B^T d B for every 4x4 input tile: (16, tiles, C), tile position major.
 
     Separable: rows first, then columns, each a sum of strided slices times a broadcast
     column of B^T. (Stacking the 16 outputs instead made XLA:CPU's fusion ~3x slower.)
     """
     n, h, w, c = x.shape
-    tiles_h, tiles_w = _tile_grid(x)
+    tiles_h, tiles_w = _tile_grid(x.shape)
     padded = jnp.pad(
         x, ((0, 0), (1, tiles_h * _STEP - h + 1), (1, tiles_w * _STEP - w + 1), (0, 0))
     )
-    width = padded.shape[2]
     rows = sum(
-        _coefficients(_WINOGRAD_BT, (slice(None), a), (_TILE, 1, 1, 1, 1), x.dtype)
-        * lax.slice(
-            padded, (0, a, 0, 0), (n, a + (tiles_h - 1) * _STEP + 1, width, c), (1, _STEP, 1, 1)
-        )[None]
+        _column(bt[:, a], 0, 5, x.dtype)
+        * lax.slice_in_dim(padded, a, a + (tiles_h - 1) * _STEP + 1, _STEP, axis=1)[None]
         for a in range(_TILE)
     )
     # Materialise the row transform once rather than recompute it for each column.
     rows = lax.optimization_barrier(rows)
     tiles = sum(
-        _coefficients(_WINOGRAD_BT, (slice(None), b), (1, _TILE, 1, 1, 1, 1), x.dtype)
-        * lax.slice(
-            rows,
-            (0, 0, 0, b, 0),
-            (_TILE, n, tiles_h, b + (tiles_w - 1) * _STEP + 1, c),
-            (1, 1, 1, _STEP, 1),
-        )[:, None]
+        _column(bt[:, b], 1, 6, x.dtype)
+        * lax.slice_in_dim(rows, b, b + (tiles_w - 1) * _STEP + 1, _STEP, axis=3)[:, None]
         for b in range(_TILE)
     )
     return tiles.reshape(_TILE * _TILE, n * tiles_h * tiles_w, c)
 
 
-def _winograd_kernel(kernel: jax.Array) -> jax.Array:
-    """G k G^T: (16, Cin, Cout)."""
-    g = jnp.asarray(_WINOGRAD_G, kernel.dtype)
-    transformed = jnp.einsum("ai,ijco,bj->abco", g, kernel, g)
-    return transformed.reshape(_TILE * _TILE, *kernel.shape[2:])
-
-
-def _winograd_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    n, h, w, _ = x.shape
-    tiles_h, tiles_w = _tile_grid(x)
-    # One matrix product per tile position t: (tiles, Cin) @ (Cin, Cout).
-    products = jnp.einsum("tpc,tco->tpo", _winograd_input(x), _winograd_kernel(kernel))
-    products = products.reshape(_TILE, _TILE, n, tiles_h, tiles_w, kernel.shape[-1])
-    # A^T M A, columns first (into the interleaved output layout), then rows.
+def _winograd_output(
+    products: jax.Array, shape: tuple[int, ...], at: np.ndarray = _WINOGRAD_AT
+) -> jax.Array:
+    """A^T M A for every tile, laid out as the (N, H, W, C) image of `shape`."""
+    n, h, w = shape[:3]
+    tiles_h, tiles_w = _tile_grid(shape)
+    products = products.reshape(_TILE, _TILE, n, tiles_h, tiles_w, -1)
+    # Columns first, straight into the interleaved output layout, then rows.
     columns = sum(
-        _coefficients(_WINOGRAD_AT, (slice(None), nu), (1, 1, 1, 1, _STEP, 1), x.dtype)
-        * products[:, nu][:, :, :, :, None, :]
+        _column(at[:, nu], 4, 6, products.dtype) * products[:, nu][:, :, :, :, None, :]
         for nu in range(_TILE)
     ).reshape(_TILE, n, tiles_h, tiles_w * _STEP, -1)
     out = sum(
-        _coefficients(_WINOGRAD_AT, (slice(None), xi), (1, 1, _STEP, 1, 1), x.dtype)
-        * columns[xi][:, :, None]
-        for xi in range(_TILE)
+        _column(at[:, xi], 2, 5, products.dtype) * columns[xi][:, :, None] for xi in range(_TILE)
     )
     return out.reshape(n, tiles_h * _STEP, tiles_w * _STEP, -1)[:, :h, :w]
 
@@ -220,28 +232,48 @@ def _winograd_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 def _winograd_output_grad(dy: jax.Array) -> jax.Array:
     """The transpose of the output transform applied to dy: (16, tiles, Cout)."""
     n, h, w, c = dy.shape
-    tiles_h, tiles_w = _tile_grid(dy)
+    tiles_h, tiles_w = _tile_grid(dy.shape)
     padded = jnp.pad(dy, ((0, 0), (0, tiles_h * _STEP - h), (0, tiles_w * _STEP - w), (0, 0)))
     blocks = padded.reshape(n, tiles_h, _STEP, tiles_w, _STEP, c)
     columns = sum(
-        _coefficients(_WINOGRAD_AT, (j,), (_TILE, 1, 1, 1, 1, 1), dy.dtype)
-        * blocks[None, :, :, :, :, j]
-        for j in range(_STEP)
+        _column(_WINOGRAD_AT[j], 0, 6, dy.dtype) * blocks[None, :, :, :, :, j] for j in range(_STEP)
     )
     grads = sum(
-        _coefficients(_WINOGRAD_AT, (i,), (_TILE, 1, 1, 1, 1, 1), dy.dtype)
-        * columns[None, :, :, :, i]
-        for i in range(_STEP)
+        _column(_WINOGRAD_AT[i], 0, 6, dy.dtype) * columns[None, :, :, :, i] for i in range(_STEP)
     )
     return grads.reshape(_TILE * _TILE, n * tiles_h * tiles_w, c)
 
 
-def _winograd_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
-    """The kernel gradient through the Winograd forward: G^T [sum_tiles V^T dM] G."""
-    products = jnp.einsum("tpc,tpo->tco", _winograd_input(x), _winograd_output_grad(dy))
-    products = products.reshape(_TILE, _TILE, x.shape[-1], dy.shape[-1])
-    g = jnp.asarray(_WINOGRAD_G, products.dtype)
-    return jnp.einsum("ai,abco,bj->ijco", g, products, g)
+def _winograd_forward(x: jax.Array, kernel: jax.Array):
+    x = lax.optimization_barrier(x)  # see _planned_fwd
+    tiles = _winograd_input(x)
+    transformed = _sandwich(_WINOGRAD_G, kernel).reshape(_TILE * _TILE, *kernel.shape[2:])
+    # One matrix product per tile position t: (tiles, Cin) @ (Cin, Cout).
+    products = jnp.einsum("tpc,tco->tpo", tiles, transformed)
+    return _winograd_output(products, x.shape), (tiles, transformed)
+
+
+def _winograd_backward(residuals, dy: jax.Array):
+    tiles, transformed = residuals
+    dy = lax.optimization_barrier(dy)
+    # dx: the flipped, transposed kernel's products, via the mirrored transforms.
+    dy_tiles = _winograd_input(dy, _WINOGRAD_BT[_MIRROR])
+    dx_products = jnp.einsum("tpo,tco->tpc", dy_tiles, transformed)
+    dx = _winograd_output(dx_products, dy.shape, _WINOGRAD_AT[:, _MIRROR])
+    # dk: G^T [sum over tiles of V^T dM] G, with dM the output transform's transpose of dy.
+    dk_products = jnp.einsum("tpc,tpo->tco", tiles, _winograd_output_grad(dy))
+    dk = _sandwich(_WINOGRAD_G.T, dk_products.reshape(_TILE, _TILE, *dk_products.shape[1:]))
+    return dx, dk
+
+
+@jax.custom_vjp
+def _winograd_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Winograd F(2x2, 3x3) SAME convolution; its backward reuses the forward's
+    transformed input tiles and kernel."""
+    return _winograd_forward(x, kernel)[0]
+
+
+_winograd_conv.defvjp(_winograd_forward, _winograd_backward)
 
 
 def _flipped(kernel: jax.Array) -> jax.Array:
@@ -251,8 +283,6 @@ def _flipped(kernel: jax.Array) -> jax.Array:
 
 def _kernel_grad(x: jax.Array, dy: jax.Array, kh: int, kw: int, how: str) -> jax.Array:
     c_in, c_out = x.shape[-1], dy.shape[-1]
-    if how == "winograd":
-        return _winograd_kernel_grad(x, dy)
     if how == "xla":
         _, vjp = jax.vjp(lambda k: _xla_conv(x, k), jnp.zeros((kh, kw, c_in, c_out), x.dtype))
         return vjp(dy)[0]
@@ -279,12 +309,17 @@ _FORWARD = {
     "xla": _xla_conv,
     "im2col": _im2col_conv,
     "shifted": _shifted_conv,
-    "winograd": _winograd_conv,
 }
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _planned_conv(x: jax.Array, kernel: jax.Array, how: Plan) -> jax.Array:
+    if how == WINOGRAD:
+        return _winograd_conv(x, kernel)
+    return _parts_conv(x, kernel, how)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _parts_conv(x: jax.Array, kernel: jax.Array, how: Plan) -> jax.Array:
     return _FORWARD[how.forward](lax.optimization_barrier(x), kernel)
 
 
@@ -305,7 +340,7 @@ def _planned_bwd(how, residuals, dy):
     return dx, dk
 
 
-_planned_conv.defvjp(_planned_fwd, _planned_bwd)
+_parts_conv.defvjp(_planned_fwd, _planned_bwd)
 
 
 def default_impl() -> str:
