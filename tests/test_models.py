@@ -124,3 +124,19 @@ def test_max_pool_2x2_equals_flax_max_pool(shape):
     ours = jax.grad(lambda x: jnp.sum(models.max_pool_2x2(x) * weights))(x)
     theirs = jax.grad(lambda x: jnp.sum(flax_pool(x) * weights))(x)
     np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.5, 0.9])
+def test_byte_dropout_drops_at_the_rounded_rate_and_keeps_the_mean(rate):
+    x = jnp.ones((64, 33, 17), jnp.float32)  # an odd size: not a multiple of 4 bytes
+    layer = models.Dropout(rate)
+    out = layer.apply({}, x, rngs={"dropout": jax.random.key(0)})
+    effective = round(rate * 256) / 256
+    dropped = float(jnp.mean(out == 0))
+    assert abs(dropped - effective) < 0.01  # 36k elements: ~5 standard deviations
+    assert set(np.unique(np.asarray(out))) == {0.0, np.float32(1 / (1 - effective))}
+    assert abs(float(jnp.mean(out)) - 1.0) < 0.03
+    other = layer.apply({}, x, rngs={"dropout": jax.random.key(1)})
+    assert not np.array_equal(out, other)
+    assert models.Dropout(rate, deterministic=True).apply({}, x) is x
+    assert np.all(models.Dropout(1.0).apply({}, x, rngs={"dropout": jax.random.key(0)}) == 0)

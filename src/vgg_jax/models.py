@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import lax
 
 # Channels of each convolution, grouped into the blocks that end in a 2x2 max-pool.
 # A/B/D/E are the paper's Table 1 columns.
@@ -97,6 +99,35 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+class Dropout(nn.Module):
+    """nn.Dropout drawing one random byte per element instead of 32 bits.
+
+    The rate is rounded to a multiple of 1/256 (0.3 -> 77/256 = 0.3008, 0.4 -> 0.3984,
+    0.5 exactly) and the kept values are scaled by 1 / (1 - that rate), so the
+    expectation is exact. Why: threefry costs the same per 32-bit word whatever the
+    requested width, so packing four bytes per word makes the masks 4x cheaper; on the
+    2-core CPU they cost ~60 ms per 8.4M-element mask (VGG16-CIFAR's first block at
+    batch 128), about 10% of a train step across the network.
+    """
+
+    rate: float
+    deterministic: bool = False
+    rng_collection: str = "dropout"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        threshold = round(self.rate * 256)
+        if self.deterministic or threshold == 0:
+            return x
+        if threshold >= 256:
+            return jnp.zeros_like(x)
+        words = jax.random.bits(self.make_rng(self.rng_collection), (-(-x.size // 4),))
+        noise = lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[: x.size]
+        keep = noise.reshape(x.shape) >= threshold
+        scale = jnp.asarray(256 / (256 - threshold), x.dtype)
+        return jnp.where(keep, x * scale, jnp.zeros_like(x))
+
+
 class VGG(nn.Module):
     """A VGG network: blocks of 3x3 convolutions and 2x2 max-pools, then a dense head.
 
@@ -142,7 +173,7 @@ class VGG(nn.Module):
                 x = nn.relu(x)
                 rate = self.conv_dropout[block_index][conv_index] if self.conv_dropout else 0.0
                 if rate > 0:
-                    x = nn.Dropout(rate, deterministic=not train)(x)
+                    x = Dropout(rate, deterministic=not train)(x)
             x = max_pool_2x2(x)
         return self._head(x.reshape((x.shape[0], -1)), train)
 
@@ -153,12 +184,12 @@ class VGG(nn.Module):
         for index, features in enumerate(spec["hidden"]):
             if self.head == "cifar":
                 # The seed drops the pooled features before its first dense layer.
-                x = nn.Dropout(rate, deterministic=not train)(x)
+                x = Dropout(rate, deterministic=not train)(x)
             x = self._dense(features, f"fc{index + 1}")(x)
             if use_bn:
                 x = self._batch_norm(f"fc_bn{index + 1}", train)(x)
             x = nn.relu(x)
-            x = nn.Dropout(rate, deterministic=not train)(x)
+            x = Dropout(rate, deterministic=not train)(x)
         if self.head == "cifar":
             # The seed's second fc512 is linear and feeds the classifier directly.
             x = self._dense(512, f"fc{len(spec['hidden']) + 1}")(x)
