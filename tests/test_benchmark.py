@@ -22,6 +22,8 @@ TINY = (
 FIGURE_KEYS = {
     "mean_s",
     "std_s",
+    "median_s",
+    "times_s",
     "images_per_s",
     "tflops",
     "fraction_of_peak",
@@ -35,6 +37,7 @@ def _check_figures(result):
     for name in ("forward", "forward_backward"):
         assert set(result[name]) >= FIGURE_KEYS, name
         assert result[name]["mean_s"] > 0
+        assert min(result[name]["times_s"]) <= result[name]["median_s"]
         assert result[name]["images_per_s"] > 0
 
 

@@ -194,12 +194,16 @@ def time_steps(step: Callable[[], Any], steps: int, burn_in: int) -> list[float]
 def summarise_times(
     times: list[float], batch_size: int, flops_per_image: float, peak: float | None
 ) -> dict[str, float | None]:
-    """mean/std seconds per batch, images/s, achieved TFLOP/s and fraction of peak."""
+    """mean/std (and median) seconds per batch, images/s, achieved TFLOP/s and fraction of
+    peak, from the mean as the TF seed did. The median and every step's time are kept
+    too: on a shared 2-core machine one slow step can move the mean."""
     mean = statistics.fmean(times)
     achieved = flops_per_image * batch_size / mean
     return {
         "mean_s": mean,
         "std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
+        "median_s": statistics.median(times),
+        "times_s": list(times),
         "images_per_s": batch_size / mean,
         "tflops": achieved / 1e12,
         "fraction_of_peak": achieved / peak if peak else None,
@@ -323,7 +327,8 @@ def format_figure(figure: dict[str, Any]) -> str:
     """One line per figure, as the TF seed printed it, plus throughput and efficiency."""
     fraction = figure["fraction_of_peak"]
     return (
-        f"{figure['name']:>16}: {figure['mean_s']:.4f} +- {figure['std_s']:.4f} s/batch, "
+        f"{figure['name']:>16}: {figure['mean_s']:.4f} +- {figure['std_s']:.4f} s/batch "
+        f"(median {figure['median_s']:.4f}), "
         f"{figure['images_per_s']:.1f} images/s, {figure['tflops']:.3f} TFLOP/s"
         f" ({'n/a' if fraction is None else f'{100 * fraction:.1f}%'} of peak), "
         f"compile {figure['compile_s']:.1f} s, peak memory "
