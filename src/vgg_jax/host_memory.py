@@ -8,7 +8,7 @@ fall back to mmap even when mmap is switched off. So every step touched ~330,000
 4 KiB pages, and the kernel's page-fault and zeroing work took ~0.3 s of a 2.3 s step on
 the 2-core machine of experiments/RESULTS.md. With one arena, no mmap, no trimming and a
 1 GiB top pad, freed blocks stay in the heap and the next step reuses them: 0 page
-faults per step.
+faults per step once the heap has grown to its working size.
 
 glibc reads these settings only at process start (calling mallopt() later, even before
 importing JAX, left ~100,000 faults per step), so the command-line entry points restart
@@ -26,6 +26,10 @@ import sys
 from collections.abc import Mapping
 
 TUNABLES = (
+    # Back the heap with transparent huge pages where the kernel allows it (THP
+    # "madvise" or "always"): 512x fewer page faults while the heap grows, and fewer TLB
+    # misses on 100 MB activations (VGG16-CIFAR train step 1.36 -> 1.28 s).
+    "glibc.malloc.hugetlb=1",
     "glibc.malloc.arena_max=1",
     "glibc.malloc.mmap_max=0",
     "glibc.malloc.trim_threshold=68719476736",
