@@ -1,5 +1,5 @@
 """A drop-in replacement for `flax.linen.Conv` whose stride-1 SAME convolution runs as
-matrix products on CPU.
+Winograd transforms and matrix products on CPU.
 
 Why: XLA:CPU's convolution is slow where VGG spends much of its time. Measured on
 2 AMD EPYC (Zen 4) cores, batch 128, float32 (see experiments/RESULTS.md):
@@ -7,17 +7,19 @@ Why: XLA:CPU's convolution is slow where VGG spends much of its time. Measured o
 - on small feature maps it falls off a cliff: a 3x3 conv on 2x2 maps with 512 channels
   (VGG16-CIFAR block 5) takes ~1.1-2.3 s forward and ~4 s forward+backward per batch,
   against ~0.03 s / ~0.08 s for the same maths as one im2col matrix product;
-- its kernel gradient (a convolution whose "kernel" is the output gradient) runs at
-  roughly half the speed of its forward pass on 8x8..16x16 maps; nine shifted matrix
-  products (one per tap) are faster there;
-- its forward and input-gradient convolutions on maps >= 4x4 are as fast as Eigen's
-  matrix product (~100 GFLOP/s), so those stay on XLA's convolution.
+- elsewhere it runs at ~70-180 GFLOP/s, its kernel gradient at about half its forward
+  speed; the machine's matrix products (XLA's YNNPACK fusions) reach ~150-210.
 
-So `conv_same` has a custom VJP whose three parts (forward, input gradient, kernel
-gradient) each pick XLA's convolution, one im2col matrix product, or per-tap shifted
-matrix products from the static shapes (`plan`). Taps that only ever see padding (the
-outer ring of a 3x3 kernel on a 1-pixel-wide map) are skipped. On GPU/TPU `Conv` with
-impl='auto' is exactly `lax.conv_general_dilated` (cuDNN is fast).
+So 3x3 convolutions on maps of at least 4x4 use Winograd F(2x2, 3x3) (Lavin & Gray
+2015): 16 batched matrix products with 4 instead of 9 multiplies per output, plus
+cheap transforms; its custom VJP reuses the forward's transformed tiles and kernel.
+Maps below 4x4 use one im2col matrix product, and so does an RGB stem (few input
+channels). Other odd kernel sizes keep the earlier per-part plan: XLA's convolution,
+im2col, or per-tap shifted matrix products for each of the forward, input gradient and
+kernel gradient (`plan`). Taps that only ever see padding (the outer ring of a 3x3
+kernel on a 1-pixel-wide map) are skipped. On GPU/TPU `Conv` with impl='auto' is
+exactly `lax.conv_general_dilated` (cuDNN is fast). Every path is tested against
+`lax.conv_general_dilated`, forward and both gradients (tests/test_conv.py).
 
 Parameters are those of nn.Conv: `kernel` (kh, kw, Cin, Cout) and `bias` (Cout,), with
 nn.Conv's initialisers, so checkpoints are interchangeable.
@@ -43,7 +45,8 @@ _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How each part of one convolution is computed: 'xla', 'im2col' or 'shifted'."""
+    """How each part of one convolution is computed: 'xla', 'im2col' or 'shifted' each,
+    or 'winograd' for all three (WINOGRAD)."""
 
     forward: str
     input_grad: str
