@@ -44,3 +44,20 @@ def test_budget_stops_a_run_with_sigterm():
         budget_seconds=1,
     )
     assert status == 0
+
+
+def test_step_faults_times_the_train_step():
+    from conftest import CONFIGS, run_cli
+
+    result = run_cli(
+        "-c",
+        "import runpy, sys; sys.argv[0] = 'step_faults'; "
+        "runpy.run_path('experiments/step_faults.py', run_name='__main__')",
+        f"--config={CONFIGS / 'smoke.py'}",
+        "--config.batch_size=16",
+        "--steps=2",
+        "--warmup=1",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "minor page faults" in result.stdout
+    assert len(result.stdout.split("step seconds:")[1].splitlines()[0].split()) == 2

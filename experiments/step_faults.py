@@ -1,0 +1,65 @@
+"""Time the jitted train step and count the page faults each step takes.
+
+  python experiments/step_faults.py --config=configs/vgg16.py [--steps=10] [--warmup=3] \
+      [--config.batch_size=128 ...]
+
+Prints XLA's temporary buffer size, every step's seconds, and the minor page faults
+and system CPU time per step (getrusage). It does not restart itself with
+vgg_jax.host_memory's settings; compare runs with and without them, e.g.
+GLIBC_TUNABLES=$(python -c "from vgg_jax import host_memory as h; print(':'.join(h.TUNABLES))").
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import jax
+from absl import app, flags
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from vgg_jax import benchmark, input_pipeline, optim, train
+from vgg_jax import main as cli
+
+flags.DEFINE_integer("steps", 10, "Timed steps.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = FLAGS.config
+    mesh = input_pipeline.create_mesh()
+    info = benchmark.dataset_info(config)
+    model = train.build_model(config, info)
+    schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=1000)
+    state = train.create_train_state(config, model, config.image_size, schedule, mesh)
+    batch = benchmark.random_batch(config, len(info.class_names), NamedSharding(mesh, P("data")))
+    step = jax.jit(train.configured_train_step(config), donate_argnums=0)
+    compiled = step.lower(state, batch).compile()
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        print(f"XLA temporary buffers: {memory.temp_size_in_bytes / 1e6:.0f} MB")
+    for _ in range(FLAGS.warmup):
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+    times = []
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(FLAGS.steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    print("step seconds:", " ".join(f"{t:.3f}" for t in times))
+    print(
+        f"min {min(times):.3f} s, mean {sum(times) / len(times):.3f} s; per step: "
+        f"{(after.ru_minflt - before.ru_minflt) / len(times):.0f} minor page faults, "
+        f"{(after.ru_stime - before.ru_stime) / len(times):.3f} s system CPU"
+    )
+
+
+if __name__ == "__main__":
+    FLAGS.set_default("workdir", "unused")
+    app.run(main, flags_parser=cli.parse_flags)
