@@ -58,3 +58,15 @@ def test_restart_keeps_pid_and_arguments_and_stops_page_faults():
     assert opted_out.returncode == 0, opted_out.stderr
     assert opted_out.stdout.count("start") == 1
     assert int(opted_out.stdout.splitlines()[-1].split()[3]) > 10_000
+
+
+def test_never_restarts_an_interactive_session(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("execve called")
+
+    monkeypatch.setattr(host_memory.os, "execve", refuse)
+    monkeypatch.setattr(host_memory.sys, "ps1", ">>> ", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("VGG_JAX_KEEP_MEMORY", raising=False)
+    assert host_memory.interactive()
+    host_memory.restart_with_retained_memory()  # returns instead of replacing the process

@@ -52,9 +52,18 @@ def restart_environment(environ: Mapping[str, str]) -> dict[str, str] | None:
     return env
 
 
+def interactive() -> bool:
+    """Whether this is an interactive Python session or an IPython/Jupyter kernel."""
+    return hasattr(sys, "ps1") or bool(sys.flags.interactive) or "IPython" in sys.modules
+
+
 def restart_with_retained_memory() -> None:
     """Re-executes this Python command with the tunables above, unless not wanted.
-    Returns only when no restart is wanted; call it first thing in a CLI's entry point."""
+    Returns only when no restart is wanted; call it first thing in a CLI's entry point.
+    Never replaces an interactive interpreter or a notebook kernel (a CLI's `run()`
+    called from Jupyter or Colab just runs without the settings)."""
+    if interactive():
+        return
     env = restart_environment(os.environ)
     if env is None:
         return
