@@ -36,7 +36,7 @@ def plot(runs: dict[str, str], out: str, title: str) -> None:
         by_time.plot(curve["minutes"], curve["accuracy"], marker="o", label=label)
     by_epoch.set_xlabel("epoch")
     by_time.set_xlabel("training time (minutes)")
-    by_epoch.set_ylabel("final-weights test accuracy (%)")
+    by_epoch.set_ylabel("test accuracy (%, no flip TTA)")
     for axis in (by_epoch, by_time):
         axis.grid(alpha=0.3)
         axis.legend()
