@@ -11,8 +11,11 @@ Run (one GPU):
   python -m vgg_jax.main --config=configs/vgg16_fast.py --workdir=/tmp/vgg16_fast
 Target: >= 94.0% final test accuracy on CIFAR-10 in 30 epochs on one GPU; not yet
 measured on a GPU (see experiments/RESULTS.md for what has been measured).
-CPU study at width 0.25 (float32, fewer epochs): see experiments/RESULTS.md.
-Other stacks: --config.model=vgg11 / vgg13 / vgg19 use the same recipe.
+CPU study at width 0.25 (float32, 6 epochs, batch 256, lr 0.2, 1 warm-up epoch):
+78.8% final test accuracy on CIFAR-10 (JPEG q75) in 7.4 min on 2 CPU cores, against
+58.6% for the seed recipe after 44 min; see experiments/RESULTS.md.
+Other stacks: --config.model=vgg11 / vgg13 / vgg19 use the same recipe (78.4 / 79.5 /
+77.6% in the same CPU study).
 """
 
 import ml_collections
