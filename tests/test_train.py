@@ -36,8 +36,11 @@ def test_sharded_step_on_8_devices_matches_1_device(tiny_config):
         results.append((losses, jax.device_get(state.params), jax.device_get(state.batch_stats)))
     (losses_1, params_1, stats_1), (losses_8, params_8, stats_8) = results
     np.testing.assert_allclose(losses_1, losses_8, rtol=1e-5)
+    # Float32 reassociation only: on 8 devices the Winograd kernel gradients are summed
+    # per shard and then across devices (measured: <= 2.5e-6 apart on weights ~1e-2,
+    # after two steps). A wrong mask or per-shard BN statistic is off by far more.
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_1, params_8
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params_1, params_8
     )
     # BN statistics are those of the global batch, not of each device's shard.
     jax.tree.map(
