@@ -12,14 +12,10 @@ GLIBC_TUNABLES=$(python -c "from vgg_jax import host_memory as h; print(':'.join
 from __future__ import annotations
 
 import resource
-import time
 
-import jax
 from absl import app, flags
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from vgg_jax import benchmark, input_pipeline, optim, train
+from vgg_jax import benchmark
 from vgg_jax import main as cli
 
 flags.DEFINE_integer("steps", 10, "Timed steps.")
@@ -30,27 +26,15 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     del argv
     config = FLAGS.config
-    mesh = input_pipeline.create_mesh()
-    info = benchmark.dataset_info(config)
-    model = train.build_model(config, info)
-    schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=1000)
-    state = train.create_train_state(config, model, config.image_size, schedule, mesh)
-    batch = benchmark.random_batch(config, len(info.class_names), NamedSharding(mesh, P("data")))
-    step = jax.jit(train.configured_train_step(config), donate_argnums=0)
-    compiled = step.lower(state, batch).compile()
+    mesh, _, state, batch = benchmark.setup(config)
+    compiled = benchmark.jitted_train_step(config, mesh).lower(state, batch).compile()
     memory = compiled.memory_analysis()
     if memory is not None:
         print(f"XLA temporary buffers: {memory.temp_size_in_bytes / 1e6:.0f} MB")
-    for _ in range(FLAGS.warmup):
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-    times = []
+    one_step = benchmark.repeated_step(compiled, state, batch)
+    benchmark.time_steps(one_step, steps=0, burn_in=FLAGS.warmup)
     before = resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(FLAGS.steps):
-        start = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
+    times = benchmark.time_steps(one_step, steps=FLAGS.steps, burn_in=0)
     after = resource.getrusage(resource.RUSAGE_SELF)
     print("step seconds:", " ".join(f"{t:.3f}" for t in times))
     print(

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vgg_jax import host_memory, input_pipeline, models, optim, train
@@ -263,16 +263,40 @@ def _figure(
     return figure
 
 
-def benchmark_jax(config: ml_collections.ConfigDict, steps: int, burn_in: int) -> dict[str, Any]:
-    """Times our forward pass and full train step; returns every number."""
+def setup(config: ml_collections.ConfigDict) -> tuple[Mesh, models.VGG, train.TrainState, dict]:
+    """The mesh, model, initial train state and one random batch a benchmark times."""
     mesh = input_pipeline.create_mesh()
     train.check_batch_size(config.batch_size, jax.device_count())
     info = dataset_info(config)
     model = train.build_model(config, info)
     schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=1000)
     state = train.create_train_state(config, model, config.image_size, schedule, mesh)
-    replicated = NamedSharding(mesh, P())
     batch = random_batch(config, len(info.class_names), NamedSharding(mesh, P("data")))
+    return mesh, model, state, batch
+
+
+def jitted_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable[..., Any]:
+    """The same step as training (train.make_step_functions): state donated, replicated."""
+    step = train.configured_train_step(config)
+    return jax.jit(step, donate_argnums=0, out_shardings=NamedSharding(mesh, P()))
+
+
+def repeated_step(step: Callable[..., Any], state: Any, batch: dict) -> Callable[[], Any]:
+    """A call without arguments that runs `step` on the state the previous call returned
+    (the state is donated) and returns the step's metrics."""
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = step(holder["state"], batch)
+        return metrics
+
+    return one_step
+
+
+def benchmark_jax(config: ml_collections.ConfigDict, steps: int, burn_in: int) -> dict[str, Any]:
+    """Times our forward pass and full train step; returns every number."""
+    mesh, model, state, batch = setup(config)
+    replicated = NamedSharding(mesh, P())
     forward_flops = analytic_flops(model, config.image_size)
     device = jax.devices()[0]
     peak, peak_how = device_peak(device, config.dtype)
@@ -285,20 +309,11 @@ def benchmark_jax(config: ml_collections.ConfigDict, steps: int, burn_in: int) -
     def forward(state, images):
         return state.apply_fn(state.eval_variables(), images, train=False)
 
-    # The same step as training (train.make_step_functions): state donated, replicated.
-    train_jit = jax.jit(
-        train.configured_train_step(config), donate_argnums=0, out_shardings=replicated
-    )
+    train_jit = jitted_train_step(config, mesh)
     forward_exe, forward_compile, forward_xla = _compile(forward, state, batch["image"])
     forward_times = time_steps(lambda: forward_exe(state, batch["image"]), steps, burn_in)
     train_exe, train_compile, train_xla = _compile(train_jit, state, batch)
-    holder = {"state": state}
-
-    def one_step():
-        holder["state"], metrics = train_exe(holder["state"], batch)
-        return metrics
-
-    train_times = time_steps(one_step, steps, burn_in)
+    train_times = time_steps(repeated_step(train_exe, state, batch), steps, burn_in)
     params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
     return {
         "framework": "jax",
