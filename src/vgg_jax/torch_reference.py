@@ -207,20 +207,24 @@ def _first_call_seconds(call, device) -> float:
     return time.perf_counter() - start
 
 
+def _first_calls(runner: Runner, images, labels, device) -> tuple[float, float]:
+    """Seconds of the first forward and the first train step (compilation included)."""
+    forward_s = _first_call_seconds(lambda: runner.forward(images), device)
+    train_s = _first_call_seconds(lambda: runner.train_step(images, labels), device)
+    return forward_s, train_s
+
+
 def _try_compiled(runner: Runner, images, labels, device) -> tuple[str, float, float]:
     """torch.compile both functions; on any failure fall back to eager. Returns the mode
     and the first-call (compile) seconds of forward and train step."""
     try:
         runner.compile()
-        forward_s = _first_call_seconds(lambda: runner.forward(images), device)
-        train_s = _first_call_seconds(lambda: runner.train_step(images, labels), device)
-        return "torch.compile", forward_s, train_s
+        return "torch.compile", *_first_calls(runner, images, labels, device)
     except Exception as error:  # noqa: BLE001 - any compiler failure means: run eager
         logger.warning("torch.compile failed, timing eager mode: %s", error)
         runner.forward_fn, runner.train_fn = runner.model, runner._train_step
-        forward_s = _first_call_seconds(lambda: runner.forward(images), device)
-        train_s = _first_call_seconds(lambda: runner.train_step(images, labels), device)
-        return f"eager (torch.compile failed: {type(error).__name__})", forward_s, train_s
+        mode = f"eager (torch.compile failed: {type(error).__name__})"
+        return mode, *_first_calls(runner, images, labels, device)
 
 
 def _peak_memory(device: torch.device) -> int | None:
@@ -246,8 +250,7 @@ def benchmark_torch(
         mode, forward_compile, train_compile = _try_compiled(runner, images, labels, device)
     else:
         mode = "eager"
-        forward_compile = _first_call_seconds(lambda: runner.forward(images), device)
-        train_compile = _first_call_seconds(lambda: runner.train_step(images, labels), device)
+        forward_compile, train_compile = _first_calls(runner, images, labels, device)
     forward_flops = benchmark.analytic_flops(vgg, config.image_size)
     # The same machine as the JAX run, so the same assumed peak.
     peak, peak_how = benchmark.device_peak(jax.devices()[0], config.dtype)
