@@ -16,6 +16,7 @@ REQUIRED_KEYS = {
     "test_accuracy",
     "learning_rate",
     "epoch_seconds",
+    "wall_time",
 }
 
 

@@ -509,6 +509,7 @@ def _train_and_evaluate(
         record.update(evaluate(state, eval_batches, eval_at))
         record["learning_rate"] = float(learning_rate_fn(int(state.step) - 1))
         record["epoch_seconds"] = time.perf_counter() - epoch_start
+        record["wall_time"] = time.time()  # when the epoch ended: curves against the clock
         log_epoch(record, config.num_epochs)
         log.write(record)
         last_epoch = epoch + 1 == config.num_epochs
