@@ -7,11 +7,11 @@ in well under a minute on 2 CPU cores, with no download.
 
 import ml_collections
 
-from vgg_jax.config_files import sibling_config
+from vgg_jax.configuration import default_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = sibling_config(__file__)
+    config = default_config()
     config.model = "vgg_tiny"
     config.conv_dropout = "none"
     config.head_dropout = 0.2

@@ -1,8 +1,8 @@
-"""VGG19-BN trained with the seed's recipe (see configs/vgg16.py) on CIFAR-10.
+"""VGG19-BN trained with the PaddlePaddle reference recipe (see configs/vgg16.py) on CIFAR-10.
 
 Run:  python -m vgg_jax.main --config=configs/vgg19.py --workdir=/tmp/vgg19
-Should reach: roughly the seed's VGG16 figure (about 88-90%) after 200 epochs;
-not yet measured at full width (no GPU so far), see experiments/RESULTS.md.
+Should reach: roughly the reference's VGG16 figure (about 88-90%) after 200 epochs;
+not yet measured at full width, see experiments/RESULTS.md.
 
 The fast recipe on this stack:
   python -m vgg_jax.main --config=configs/vgg16_fast.py --config.model=vgg19 --workdir=/tmp/f
@@ -12,10 +12,10 @@ epoch): 77.6% final test accuracy on CIFAR-10 (JPEG q75), see experiments/RESULT
 
 import ml_collections
 
-from vgg_jax.config_files import sibling_config
+from vgg_jax.configuration import default_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = sibling_config(__file__)
+    config = default_config()
     config.model = "vgg19"
     return config

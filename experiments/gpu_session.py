@@ -78,6 +78,7 @@ SMALL_SPEED_SETTINGS = [
 SMALL_TRAIN = [
     "--config.model=vgg_tiny",
     "--config.num_epochs=2",
+    "--config.warmup_epochs=0.5",
     "--config.max_steps_per_epoch=3",
     "--config.batch_size=16",
     "--config.dtype=float32",

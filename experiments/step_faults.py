@@ -5,8 +5,8 @@
 
 Prints XLA's temporary buffer size, every step's seconds, and the minor page faults
 and system CPU time per step (getrusage). It does not restart itself with
-vgg_jax.host_memory's settings; compare runs with and without them, e.g.
-GLIBC_TUNABLES=$(python -c "from vgg_jax import host_memory as h; print(':'.join(h.TUNABLES))").
+vgg_jax.cpu.host_memory's settings; compare runs with and without them, e.g.
+GLIBC_TUNABLES=$(python -c "from vgg_jax.cpu import host_memory as h; print(':'.join(h.TUNABLES))").
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from __future__ import annotations
 import resource
 
 from absl import app, flags
+from ml_collections import config_flags
 
-from vgg_jax import benchmark
-from vgg_jax import main as cli
+from vgg_jax import benchmark, cli, profiling
 
+config_flags.DEFINE_config_file("config", None, "Path to a configuration file.", lock_config=True)
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
 FLAGS = flags.FLAGS
@@ -32,9 +33,9 @@ def main(argv: list[str]) -> None:
     if memory is not None:
         print(f"XLA temporary buffers: {memory.temp_size_in_bytes / 1e6:.0f} MB")
     one_step = benchmark.repeated_step(compiled, state, batch)
-    benchmark.time_steps(one_step, steps=0, burn_in=FLAGS.warmup)
+    profiling.time_steps(one_step, steps=0, burn_in=FLAGS.warmup)
     before = resource.getrusage(resource.RUSAGE_SELF)
-    times = benchmark.time_steps(one_step, steps=FLAGS.steps, burn_in=0)
+    times = profiling.time_steps(one_step, steps=FLAGS.steps, burn_in=0)
     after = resource.getrusage(resource.RUSAGE_SELF)
     print("step seconds:", " ".join(f"{t:.3f}" for t in times))
     print(
@@ -45,5 +46,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    FLAGS.set_default("workdir", "unused")
     app.run(main, flags_parser=cli.parse_flags)

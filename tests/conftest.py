@@ -42,7 +42,7 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None):
 @pytest.fixture
 def tiny_config():
     """A vgg_tiny on the synthetic dataset, small enough for a step in milliseconds."""
-    from vgg_jax.config_files import load_config_file
+    from vgg_jax.configuration import load_config_file
 
     config = load_config_file(CONFIGS / "smoke.py")
     config.synthetic_train_size = 256

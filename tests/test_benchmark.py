@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import CONFIGS, run_cli
 
-from vgg_jax import benchmark, models, train
-from vgg_jax.config_files import load_config_file
+from vgg_jax import data_sources, models, profiling
+from vgg_jax.configuration import load_config_file
 
 # vgg_tiny on 16x16 synthetic images: compiles and runs in seconds.
 TINY = (
@@ -41,6 +41,7 @@ def _check_figures(result):
         assert result[name]["images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_cli_writes_every_number(tmp_path):
     out = tmp_path / "bench.json"
     result = run_cli("vgg_jax.benchmark", *TINY, f"--json={out}")
@@ -56,13 +57,14 @@ def test_cli_writes_every_number(tmp_path):
     assert ours["forward_backward"]["flops_per_image_xla"] > 0
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_flags_in_one_line():
     result = run_cli("vgg_jax.benchmark", *TINY, "--config.batch_sizee=3")
     assert result.returncode != 0
     assert result.stderr.strip().startswith("error: unknown config field")
     assert len(result.stderr.strip().splitlines()) == 1
     result = run_cli("vgg_jax.benchmark", *TINY, "--config.batch_size=12")
-    assert result.returncode != 0 and "multiple of the device count" in result.stderr
+    assert result.returncode != 0 and "does not divide over 8 devices" in result.stderr
 
 
 def test_benchmark_does_not_import_tensorflow():
@@ -78,14 +80,15 @@ def test_benchmark_does_not_import_tensorflow():
 def test_analytic_flops_vgg16():
     # VGG16 at 224x224 with the paper's head: the well-known ~15.5 GFLOPs (2 x MACs).
     model = models.create_model("vgg16", 1000, head="imagenet", batch_norm=False)
-    assert benchmark.analytic_flops(model, 224) == pytest.approx(30.94e9, rel=0.01)
+    assert profiling.analytic_flops(model, 224) == pytest.approx(30.94e9, rel=0.01)
 
 
-def test_imagenet_config_is_the_tf_seed_shape():
+def test_imagenet_config_is_the_tf_benchmark_shape():
     config = load_config_file(CONFIGS / "vgg16_imagenet.py")
-    assert (config.image_size, config.batch_size, config.head) == (224, 128, "tf_seed")
+    assert (config.image_size, config.batch_size, config.head) == (224, 128, "tf_benchmark")
     assert not config.batch_norm and config.conv_dropout == "none"
-    assert config.dataset == "synthetic" and benchmark.num_classes(config) == 1000
+    info = data_sources.DatasetInfo.without_data(config)
+    assert config.dataset == "synthetic" and len(info.class_names) == 1000
 
 
 def _random_variables(variables):
@@ -101,13 +104,14 @@ def _random_variables(variables):
     return jax.tree.unflatten(treedef, new)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
     [
         # BN, per-conv dropout, the cifar head (dropout, fc-BN, fc512).
         {"conv_dropout": "0.3", "head": "cifar"},
-        # No BN, the TF seed's head; 32x32 input leaves 4x4 maps: checks the NHWC flatten.
-        {"batch_norm": False, "head": "tf_seed", "image_size": 32},
+        # No BN, the TF reference's head; 32x32 input leaves 4x4 maps: the NHWC flatten.
+        {"batch_norm": False, "head": "tf_benchmark", "image_size": 32},
     ],
 )
 def test_torch_twin_has_the_same_parameters_and_logits(overrides):
@@ -117,7 +121,7 @@ def test_torch_twin_has_the_same_parameters_and_logits(overrides):
     config = load_config_file(CONFIGS / "smoke.py")  # vgg_tiny: 3 blocks, 16 to 64 channels
     for key, value in overrides.items():
         config[key] = value
-    vgg = train.build_model(config, benchmark.dataset_info(config))
+    vgg = models.build_model(config, data_sources.DatasetInfo.without_data(config))
     shape = (1, config.image_size, config.image_size, 3)
     initial = jax.jit(vgg.init)(jax.random.key(0), jnp.zeros(shape, jnp.uint8))
     variables = _random_variables(initial)
@@ -136,6 +140,7 @@ def test_torch_twin_has_the_same_parameters_and_logits(overrides):
     np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-3 * np.abs(ours).max())
 
 
+@pytest.mark.slow
 def test_cli_compare_torch(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "bench.json"

@@ -39,6 +39,7 @@ class SignalAfter:
         return None
 
 
+@pytest.mark.slow
 def test_stopped_mid_epoch_then_resumed_equals_uninterrupted(tiny_config, tmp_path, monkeypatch):
     tiny_config.num_epochs = 3
     tiny_config.conv_dropout = "0.2"  # dropout and data order must both be resumed
@@ -63,6 +64,7 @@ def test_stopped_mid_epoch_then_resumed_equals_uninterrupted(tiny_config, tmp_pa
     assert records[-1]["test_accuracy"] == read_metrics(tmp_path / "a")[-1]["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_ema_and_flip_tta_survive_a_resume(tiny_config, tmp_path, monkeypatch):
     tiny_config.num_epochs = 2
     tiny_config.ema_decay = 0.9
@@ -84,6 +86,7 @@ def test_ema_and_flip_tta_survive_a_resume(tiny_config, tmp_path, monkeypatch):
     assert not np.array_equal(kernel, uninterrupted.ema["params"]["conv1_1"]["kernel"])
 
 
+@pytest.mark.slow
 def test_incompatible_config_in_the_workdir_is_refused(tiny_config, tmp_path):
     tiny_config.num_epochs = 1
     train.train_and_evaluate(tiny_config, str(tmp_path))
@@ -92,6 +95,7 @@ def test_incompatible_config_in_the_workdir_is_refused(tiny_config, tmp_path):
         train.train_and_evaluate(tiny_config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_keeps_the_latest_checkpoints_and_the_best(tiny_config, tmp_path):
     tiny_config.num_epochs = 1
     state = train.train_and_evaluate(tiny_config, str(tmp_path))
@@ -107,6 +111,7 @@ def test_keeps_the_latest_checkpoints_and_the_best(tiny_config, tmp_path):
     manager.close()
 
 
+@pytest.mark.slow
 def test_half_written_step_is_skipped_with_a_warning(tiny_config, tmp_path, caplog):
     tiny_config.num_epochs = 1
     train.train_and_evaluate(tiny_config, str(tmp_path))
@@ -136,6 +141,7 @@ print(model.step, len(model.class_names))
 """
 
 
+@pytest.mark.slow
 def test_checkpoint_from_8_devices_restores_in_a_1_device_process(tiny_config, tmp_path):
     tiny_config.num_epochs = 1
     assert jax.device_count() == 8
@@ -176,6 +182,7 @@ def _train_command(workdir, num_epochs=2):
     ]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_then_the_same_command_resumes(tmp_path):
     command = _train_command(tmp_path, num_epochs=1)
     process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
@@ -200,8 +207,9 @@ def test_sigterm_saves_then_the_same_command_resumes(tmp_path):
     assert [r["epoch"] for r in read_metrics(tmp_path)] == [1]
 
 
+@pytest.mark.slow
 def test_sigkill_in_epoch_2_then_rerun_ends_bitwise_equal(tmp_path):
-    from vgg_jax.config_files import load_config_file
+    from vgg_jax.configuration import load_config_file
 
     command = _train_command(tmp_path / "killed")
     log = open(tmp_path / "killed.log", "w")  # noqa: SIM115
@@ -234,3 +242,43 @@ def test_fields_added_in_a_later_version_do_not_block_a_resume(tiny_config):
     assert checkpoint.config_differences(saved, tiny_config) == []
     saved["batch_size"] = 7
     assert checkpoint.config_differences(saved, tiny_config) == ["batch_size: 7 -> 32"]
+
+
+def _rewrite_json_items(step_dir, rewrite_meta, rewrite_config):
+    """Rewrites a step's meta and config items in place (orbax stores each as JSON)."""
+    import json
+
+    for name, rewrite in (("meta", rewrite_meta), ("config", rewrite_config)):
+        path = step_dir / name / "metadata"
+        path.write_text(json.dumps(rewrite(json.loads(path.read_text()))))
+
+
+@pytest.mark.slow
+def test_checkpoints_of_the_previous_schema_still_load_and_resume(tiny_config, tmp_path):
+    """Meta schema 1 (no version, the dataset under 'dataset_info') and a config with
+    the names of that time ('seed', 'tf_seed'): predict from it, and resume it."""
+    import vgg_jax
+
+    tiny_config.num_epochs = 1
+    tiny_config.conv_dropout = "paddle"
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+    expected = vgg_jax.load(tmp_path).predict(np.full((2, 16, 16, 3), 100, np.uint8))
+
+    def old_meta(meta):
+        assert meta.pop("schema") == checkpoint.META_SCHEMA
+        return {**meta, "dataset_info": meta.pop("dataset")}
+
+    def old_config(config):
+        del config["eval_flip_tta"]  # a field added since
+        return {**config, "conv_dropout": "seed"}
+
+    for step_dir in (tmp_path / "checkpoints").iterdir():
+        _rewrite_json_items(step_dir, old_meta, old_config)
+    model = vgg_jax.load(tmp_path)
+    assert model.config.conv_dropout == "paddle" and not model.config.eval_flip_tta
+    np.testing.assert_array_equal(model.predict(np.full((2, 16, 16, 3), 100, np.uint8)), expected)
+
+    tiny_config.num_epochs = 2
+    state = train.train_and_evaluate(tiny_config, str(tmp_path))
+    assert int(state.step) == 16
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2]

@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 
+import pytest
 from conftest import REPO
 
 
@@ -46,6 +47,7 @@ def test_budget_stops_a_run_with_sigterm():
     assert status == 0
 
 
+@pytest.mark.slow
 def test_step_faults_times_the_train_step():
     from conftest import CONFIGS, run_cli
 

@@ -31,6 +31,7 @@ with tfds.testing.mock_data(num_examples=64):
 """
 
 
+@pytest.mark.slow
 def test_smoke_config_learns_from_the_command_line(tmp_path):
     result = run_cli("vgg_jax.main", f"--config={CONFIGS / 'smoke.py'}", f"--workdir={tmp_path}")
     assert result.returncode == 0, result.stderr
@@ -44,6 +45,7 @@ def test_smoke_config_learns_from_the_command_line(tmp_path):
     assert list(tmp_path.glob("events.out.tfevents*"))
 
 
+@pytest.mark.slow
 def test_image_folder_end_to_end(tmp_path, image_folder):
     workdir = tmp_path / "work"
     result = run_cli(
@@ -62,6 +64,7 @@ def test_image_folder_end_to_end(tmp_path, image_folder):
     assert 0.0 <= records[-1]["test_accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_tfds_mock_data_end_to_end(tmp_path):
     result = run_cli(
         "-c",
@@ -94,7 +97,7 @@ def test_unknown_override_is_one_line_naming_the_field(tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "expected"),
-    [("--config.batch_size=many", "batch_size"), ("--config.batch_size=12", "device count")],
+    [("--config.batch_size=many", "batch_size"), ("--config.batch_size=12", "over 8 devices")],
 )
 def test_bad_values_are_one_line_errors(tmp_path, override, expected):
     result = run_cli(

@@ -3,6 +3,7 @@
 import json
 import os
 
+import pytest
 from conftest import REPO, run_cli
 
 
@@ -11,6 +12,7 @@ def notebook_code(path) -> str:
     return "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
 
 
+@pytest.mark.slow
 def test_colab_notebook_runs_on_cpu(tmp_path):
     code = notebook_code(REPO / "experiments" / "colab.ipynb")
     code += "\nfig.savefig(os.path.join(os.environ['OUT_DIR'], 'predictions.png'))\n"

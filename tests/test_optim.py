@@ -5,7 +5,7 @@ import pytest
 from conftest import CONFIGS
 
 from vgg_jax import optim
-from vgg_jax.config_files import load_config_file
+from vgg_jax.configuration import load_config_file
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from vgg_jax import inference, train
 def workdir(tmp_path_factory):
     from conftest import CONFIGS
 
-    from vgg_jax.config_files import load_config_file
+    from vgg_jax.configuration import load_config_file
 
     config = load_config_file(CONFIGS / "smoke.py")
     config.synthetic_train_size, config.synthetic_eval_size = 512, 64
@@ -61,6 +61,7 @@ def images(tmp_path_factory):
     return folder, sorted(good)
 
 
+@pytest.mark.slow
 def test_load_predict_accepts_paths_pil_images_and_arrays(workdir, images):
     folder, names = images
     model = inference.load(workdir)
@@ -94,6 +95,7 @@ def test_bad_files_raise_a_clear_image_error(images, name, reason):
     assert name in str(error.value)
 
 
+@pytest.mark.slow
 def test_predict_cli_reports_bad_files_and_still_predicts_the_rest(workdir, images):
     folder, names = images
     bad = ["notes.txt", "truncated.jpg", "bomb.png"]
@@ -116,6 +118,7 @@ def test_predict_cli_without_a_checkpoint_says_so(tmp_path):
     assert "no checkpoint" in result.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_cli_matches_the_training_log(workdir):
     result = run_cli("vgg_jax.evaluate", f"--workdir={workdir}", "--step=best")
     assert result.returncode == 0, result.stderr

@@ -4,13 +4,13 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vgg_jax import data_sources, input_pipeline, optim, train
+from vgg_jax import configuration, data_sources, input_pipeline, models, optim, train
 
 
 def _state_and_batches(config, mesh):
     split = data_sources.load_split("synthetic", "train", data_dir=None, image_size=16)
-    info = train.DatasetInfo(split.class_names, (120.0,) * 3, (60.0,) * 3, 16, 2048, 0)
-    model = train.build_model(config, info)
+    info = data_sources.DatasetInfo(split.class_names, (120.0,) * 3, (60.0,) * 3, 16, 2048, 0)
+    model = models.build_model(config, info)
     schedule = optim.create_learning_rate_schedule(config, 8)
     state = train.create_train_state(config, model, 16, schedule, mesh)
     data = input_pipeline.put_train_split(split, mesh)
@@ -20,6 +20,7 @@ def _state_and_batches(config, mesh):
     return state, batches
 
 
+@pytest.mark.slow
 def test_sharded_step_on_8_devices_matches_1_device(tiny_config):
     tiny_config.conv_dropout = "0.3"  # dropout masks must not depend on the device count
     assert jax.device_count() == 8
@@ -48,6 +49,7 @@ def test_sharded_step_on_8_devices_matches_1_device(tiny_config):
     )
 
 
+@pytest.mark.slow
 def test_train_step_batch_is_sharded_and_state_replicated(tiny_config):
     mesh = input_pipeline.create_mesh()
     state, batches = _state_and_batches(tiny_config, mesh)
@@ -74,9 +76,10 @@ def test_eval_counts_every_example_once(tiny_config):
     assert float(sums["count"]) == 100
 
 
-def test_indivisible_batch_size_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"batch_size=12 .* device count \(8\); try 8"):
-        train.check_batch_size(12, 8)
+def test_indivisible_batch_size_is_a_clear_error(tiny_config):
+    tiny_config.batch_size = 12
+    with pytest.raises(configuration.ConfigError, match=r"batch_size: 12 .* 8 devices; try 8"):
+        configuration.validate(tiny_config, 8)
 
 
 def test_label_smoothing_raises_the_loss_of_a_confident_prediction():

@@ -5,8 +5,24 @@ model = vgg_jax.load("/tmp/vgg16")      # a training workdir
 model.predict(["dog.png"])              # class probabilities
 """
 
-from vgg_jax.inference import Predictor, load
-from vgg_jax.models import VGG, create_model
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 __all__ = ["VGG", "Predictor", "create_model", "load", "__version__"]
+
+# Imported on first use, so that `python -m vgg_jax.main` can check its config before
+# JAX is loaded.
+_LAZY = {
+    "load": "vgg_jax.inference",
+    "Predictor": "vgg_jax.inference",
+    "VGG": "vgg_jax.models",
+    "create_model": "vgg_jax.models",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vgg_jax' has no attribute {name!r}")

@@ -3,7 +3,7 @@
   python -m vgg_jax.benchmark --config=configs/vgg16.py [--config.batch_size=256] \
       [--steps=20] [--burn_in=10] [--compare=torch] [--json=FILE]
 
-Like the TF seed's benchmark: random uint8 images at the config's size and class count,
+Like the TensorFlow reference's benchmark: random uint8 images at the config's size and class count,
 `burn_in` untimed steps, then mean +- std seconds per batch over `steps` steps, each
 step waited for. Forward is the eval-mode apply; forward-backward is the full jitted
 `train.train_step` (loss, gradients, BN statistics, momentum SGD update), both on the
@@ -23,9 +23,6 @@ import json
 import logging
 import os
 import platform
-import re
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -37,177 +34,35 @@ import ml_collections
 from absl import app, flags
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from ml_collections import config_flags
 
-from vgg_jax import host_memory, input_pipeline, models, optim, train
-from vgg_jax import main as cli
+from vgg_jax import (
+    cli,
+    configuration,
+    data_sources,
+    input_pipeline,
+    models,
+    optim,
+    profiling,
+    train,
+)
+from vgg_jax.cpu import host_memory
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """The CLI's flags; defined on demand so that importing this module (as
-    torch_reference does, also when this file runs as __main__) defines none twice."""
+    """The CLI's flags; defined when the CLI runs, so that importing this module defines
+    none (tests and notebooks import it)."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Path to a configuration file (configs/*.py).", lock_config=True
+    )
+    flags.mark_flag_as_required("config")
     flags.DEFINE_integer("steps", 20, "Timed steps per figure (after the burn-in).")
-    flags.DEFINE_integer("burn_in", 10, "Untimed steps before timing (the TF seed used 10).")
+    flags.DEFINE_integer("burn_in", 10, "Untimed steps before timing (as the TF reference).")
     flags.DEFINE_enum("compare", "none", ["none", "torch"], "Also time the same net in PyTorch.")
     flags.DEFINE_string("json", None, "Write every number to this JSON file.")
     flags.DEFINE_bool("torch_compile", True, "With --compare=torch: try torch.compile first.")
-    # vgg_jax.main (whose flag parser we reuse) requires --workdir; we write none.
-    FLAGS.set_default("workdir", "unused")
-
-
-# Class counts of the datasets whose configs we ship; 'synthetic' uses its own field.
-DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet2012": 1000}
-
-# Dense bf16 / fp32 (non-tensor-core) peaks, FLOP/s, by device-kind substring (SXM
-# spec sheets; the H200 has the H100's compute).
-GPU_PEAKS = {
-    "H100": {"bfloat16": 989e12, "float32": 67e12},
-    "H200": {"bfloat16": 989e12, "float32": 67e12},
-}
-
-
-def num_classes(config: ml_collections.ConfigDict) -> int:
-    """The class count the config's dataset implies."""
-    if config.dataset == "synthetic":
-        return config.synthetic_classes
-    if config.dataset in DATASET_CLASSES:
-        return DATASET_CLASSES[config.dataset]
-    raise ValueError(
-        f"unknown class count for dataset {config.dataset!r}; use "
-        "--config.dataset=synthetic --config.synthetic_classes=N"
-    )
-
-
-def dataset_info(config: ml_collections.ConfigDict) -> train.DatasetInfo:
-    """What build_model needs, without loading any data (ImageNet statistics)."""
-    classes = num_classes(config)
-    return train.DatasetInfo(
-        class_names=tuple(str(index) for index in range(classes)),
-        mean=models.DEFAULT_MEAN,
-        std=models.DEFAULT_STD,
-        image_size=config.image_size,
-        num_train_examples=0,
-        num_eval_examples=0,
-    )
-
-
-def analytic_flops(model: models.VGG, image_size: int) -> int:
-    """Forward FLOPs per image: 2 x multiply-adds of the conv (3x3, SAME) and dense layers,
-    padding taps included (as the usual VGG counts do)."""
-    flops, size, channels = 0, image_size, 3
-    for block in model.stages:
-        for features in block:
-            flops += 2 * size * size * 9 * channels * features
-            channels = features
-        size //= 2
-    width = size * size * channels
-    head = models.HEADS[model.head]["hidden"]
-    if model.head == "cifar":
-        head = (*head, 512)
-    for features in (*head, model.num_classes):
-        flops += 2 * width * features
-        width = features
-    return flops
-
-
-def _lscpu() -> dict[str, str]:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return {}
-    pairs = (line.split(":", 1) for line in text.splitlines() if ":" in line)
-    return {key.strip(): value.strip() for key, value in pairs}
-
-
-def _cpu_mhz(info: dict[str, str]) -> float | None:
-    if info.get("CPU max MHz"):
-        return float(info["CPU max MHz"])
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            match = re.search(r"cpu MHz\s*:\s*([\d.]+)", cpuinfo.read())
-    except OSError:
-        return None
-    return float(match.group(1)) if match else None
-
-
-def cpu_peak(dtype: str) -> tuple[float | None, str]:
-    """Estimated peak FLOP/s of this CPU (all cores) and how it was estimated.
-
-    FLOPs/cycle/core for float32: AVX-512 on AMD Zen 4 runs on two 256-bit FMA pipes
-    (2 x 8 lanes x 2 = 32), on Intel server cores on two 512-bit FMA units (64); AVX2+FMA
-    gives 32. bfloat16 doubles it where the CPU has AVX512_BF16 (dot-product instructions).
-    """
-    info = _lscpu()
-    cpu_flags = set(info.get("Flags", "").split())
-    cores = int(info.get("Core(s) per socket", "0") or 0) * int(info.get("Socket(s)", "1") or 1)
-    cores = cores or os.cpu_count() or 1
-    mhz = _cpu_mhz(info)
-    if mhz is None:
-        return None, "unknown (no CPU frequency)"
-    amd = info.get("Vendor ID") == "AuthenticAMD"
-    if "avx512f" in cpu_flags:
-        per_cycle, isa = (32, "AVX-512 (Zen 4: 2x256-bit FMA)") if amd else (64, "AVX-512")
-    elif "avx2" in cpu_flags and "fma" in cpu_flags:
-        per_cycle, isa = 32, "AVX2+FMA"
-    else:
-        per_cycle, isa = 8, "SSE"
-    if dtype == "bfloat16" and "avx512_bf16" in cpu_flags:
-        per_cycle, isa = per_cycle * 2, isa + " + AVX512_BF16"
-    peak = cores * mhz * 1e6 * per_cycle
-    model_name = info.get("Model name", platform.processor())
-    how = (
-        f"{model_name}: {cores} cores x {mhz / 1000:.2f} GHz x {per_cycle} {dtype} "
-        f"FLOPs/cycle ({isa})"
-    )
-    return peak, how
-
-
-def device_peak(device: jax.Device, dtype: str) -> tuple[float | None, str]:
-    """Assumed peak FLOP/s of one device and where the figure comes from."""
-    if device.platform == "cpu":
-        return cpu_peak(dtype)
-    for kind, peaks in GPU_PEAKS.items():
-        if kind in device.device_kind:
-            return peaks[dtype], f"{device.device_kind}: {kind} SXM dense {dtype} spec sheet"
-    return None, f"{device.device_kind}: unknown peak"
-
-
-def peak_memory_bytes(device: jax.Device) -> int | None:
-    """Peak bytes in use on the device, where the backend reports it (not on CPU)."""
-    stats = device.memory_stats()
-    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
-
-
-def time_steps(step: Callable[[], Any], steps: int, burn_in: int) -> list[float]:
-    """Seconds of each of `steps` calls after `burn_in` untimed ones; each call waited for."""
-    for _ in range(burn_in):
-        jax.block_until_ready(step())
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(step())
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def summarise_times(
-    times: list[float], batch_size: int, flops_per_image: float, peak: float | None
-) -> dict[str, float | None]:
-    """mean/std (and median) seconds per batch, images/s, achieved TFLOP/s and fraction of
-    peak, from the mean as the TF seed did. The median and every step's time are kept
-    too: on a shared 2-core machine one slow step can move the mean."""
-    mean = statistics.fmean(times)
-    achieved = flops_per_image * batch_size / mean
-    return {
-        "mean_s": mean,
-        "std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
-        "median_s": statistics.median(times),
-        "times_s": list(times),
-        "images_per_s": batch_size / mean,
-        "tflops": achieved / 1e12,
-        "fraction_of_peak": achieved / peak if peak else None,
-    }
 
 
 def random_batch(
@@ -248,7 +103,7 @@ def _figure(
     context: dict[str, Any],
 ) -> dict[str, Any]:
     batch_size, peak = context["batch_size"], context["peak_flops"]
-    figure = summarise_times(times, batch_size, analytic_per_image, peak)
+    figure = profiling.summarise_times(times, batch_size, analytic_per_image, peak)
     # XLA counts the whole (global) batch; shards on several devices are each counted.
     xla_per_image = xla_flops * context["devices"] / batch_size if xla_flops else None
     figure.update(
@@ -257,7 +112,7 @@ def _figure(
             "compile_s": compile_s,
             "flops_per_image_analytic": analytic_per_image,
             "flops_per_image_xla": xla_per_image,
-            "peak_memory_bytes": peak_memory_bytes(jax.devices()[0]),
+            "peak_memory_bytes": profiling.peak_memory_bytes(jax.devices()[0]),
         }
     )
     return figure
@@ -266,9 +121,9 @@ def _figure(
 def setup(config: ml_collections.ConfigDict) -> tuple[Mesh, models.VGG, train.TrainState, dict]:
     """The mesh, model, initial train state and one random batch a benchmark times."""
     mesh = input_pipeline.create_mesh()
-    train.check_batch_size(config.batch_size, jax.device_count())
-    info = dataset_info(config)
-    model = train.build_model(config, info)
+    configuration.validate(config, jax.device_count())
+    info = data_sources.DatasetInfo.without_data(config)
+    model = models.build_model(config, info)
     schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=1000)
     state = train.create_train_state(config, model, config.image_size, schedule, mesh)
     batch = random_batch(config, len(info.class_names), NamedSharding(mesh, P("data")))
@@ -297,9 +152,9 @@ def benchmark_jax(config: ml_collections.ConfigDict, steps: int, burn_in: int) -
     """Times our forward pass and full train step; returns every number."""
     mesh, model, state, batch = setup(config)
     replicated = NamedSharding(mesh, P())
-    forward_flops = analytic_flops(model, config.image_size)
+    forward_flops = profiling.analytic_flops(model, config.image_size)
     device = jax.devices()[0]
-    peak, peak_how = device_peak(device, config.dtype)
+    peak, peak_how = profiling.device_peak(device, config.dtype)
     if peak is not None and device.platform != "cpu":
         # CPU 'devices' (fake or not) share one CPU, whose peak is already the total.
         peak, peak_how = peak * mesh.devices.size, f"{mesh.devices.size} x {peak_how}"
@@ -311,9 +166,9 @@ def benchmark_jax(config: ml_collections.ConfigDict, steps: int, burn_in: int) -
 
     train_jit = jitted_train_step(config, mesh)
     forward_exe, forward_compile, forward_xla = _compile(forward, state, batch["image"])
-    forward_times = time_steps(lambda: forward_exe(state, batch["image"]), steps, burn_in)
+    forward_times = profiling.time_steps(lambda: forward_exe(state, batch["image"]), steps, burn_in)
     train_exe, train_compile, train_xla = _compile(train_jit, state, batch)
-    train_times = time_steps(repeated_step(train_exe, state, batch), steps, burn_in)
+    train_times = profiling.time_steps(repeated_step(train_exe, state, batch), steps, burn_in)
     params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
     return {
         "framework": "jax",
@@ -321,7 +176,7 @@ def benchmark_jax(config: ml_collections.ConfigDict, steps: int, burn_in: int) -
         "device": device.device_kind,
         "platform": device.platform,
         "devices": mesh.devices.size,
-        "conv_impl": config.get("conv_impl", "auto"),
+        "conv_impl": config.conv_impl,
         "parameters": params,
         "peak_flops": peak,
         "peak_assumption": peak_how,
@@ -339,7 +194,7 @@ def _format_bytes(value: int | None) -> str:
 
 
 def format_figure(figure: dict[str, Any]) -> str:
-    """One line per figure, as the TF seed printed it, plus throughput and efficiency."""
+    """One line per figure, as the TF reference printed it, plus throughput and efficiency."""
     fraction = figure["fraction_of_peak"]
     return (
         f"{figure['name']:>16}: {figure['mean_s']:.4f} +- {figure['std_s']:.4f} s/batch "
@@ -433,7 +288,7 @@ def run_benchmark(
             key: config[key]
             for key in ("model", "width", "dtype", "batch_size", "image_size", "head")
         },
-        "num_classes": num_classes(config),
+        "num_classes": len(data_sources.DatasetInfo.without_data(config).class_names),
         "steps": steps,
         "burn_in": burn_in,
         "host": platform.node(),
@@ -475,7 +330,7 @@ def main(argv: list[str]) -> None:
         results = run_benchmark(
             config, FLAGS.steps, FLAGS.burn_in, FLAGS.compare, FLAGS.torch_compile, jax_done
         )
-    except (ValueError, ImportError) as error:
+    except (ValueError, ImportError, data_sources.DatasetUnavailableError) as error:
         sys.exit(f"error: {cli.one_line(error)}")
     # With --compare our figures are printed already.
     print(report_torch(results) if "torch" in results else report(results, config), flush=True)

@@ -3,9 +3,9 @@
 Each step folder holds four items:
   model   the params and BN statistics to predict with (the EMA when training keeps one)
   train   optimiser state, step, dropout key (and the raw weights when `model` is the EMA)
-  config  the resolved config, as JSON
-  meta    JSON: dataset info (class names, normalisation, image size), the epoch and
-          position in it, and the epoch's metrics
+  config  the resolved config, as JSON (read back through configuration.from_stored)
+  meta    JSON, schema META_SCHEMA: the dataset's info (class names, normalisation,
+          image size), the epoch and position in it, and the epoch's metrics
 Nothing is pickled. Arrays are restored against shapes and shardings built here from the
 config, so a checkpoint written on 8 GPUs restores on 1 CPU without knowing its origin.
 """
@@ -23,10 +23,15 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from vgg_jax import configuration
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
 ITEMS = ("model", "train", "config", "meta")
+# Version of the meta item's layout. 1 (unversioned): the dataset's info under
+# "dataset_info"; 2: under "dataset", with "schema": 2.
+META_SCHEMA = 2
 # Fields that may change between a run and its resumption: they do not alter the
 # parameters' shapes, the data order or the optimisation path already taken.
 RESUMABLE_CHANGES = frozenset(
@@ -91,17 +96,6 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json())
 
 
-def config_from_json(values: dict[str, Any]) -> ml_collections.ConfigDict:
-    """A config rebuilt from its JSON (lists back to tuples), locked like the CLI's."""
-    config = ml_collections.ConfigDict({name: _to_tuple(value) for name, value in values.items()})
-    config.lock()
-    return config
-
-
-def _to_tuple(value: Any) -> Any:
-    return tuple(_to_tuple(v) for v in value) if isinstance(value, list) else value
-
-
 def save(
     manager: ocp.CheckpointManager,
     state: Any,
@@ -142,6 +136,27 @@ def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
 
 def read_json_item(manager: ocp.CheckpointManager, step: int, name: str) -> dict[str, Any]:
     return manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name]
+
+
+def read_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
+    """The config stored with `step`, completed for this version of the package."""
+    return configuration.from_stored(read_json_item(manager, step, "config"))
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The meta item of `step` in the current schema, whatever schema it was written in."""
+    meta = read_json_item(manager, step, "meta")
+    schema = meta.get("schema", 1)
+    if schema == 1:
+        meta = {**meta, "schema": META_SCHEMA}
+        if "dataset_info" in meta:
+            meta["dataset"] = meta.pop("dataset_info")
+    elif schema != META_SCHEMA:
+        raise IncompatibleCheckpointError(
+            f"{manager.directory}/{step} has meta schema {schema}; this version of vgg-jax "
+            f"reads schemas 1 to {META_SCHEMA}: upgrade vgg-jax"
+        )
+    return meta
 
 
 def restore_model(
@@ -194,13 +209,15 @@ def usable_steps(manager: ocp.CheckpointManager) -> list[int]:
 
 def config_differences(saved: dict[str, Any], current: ml_collections.ConfigDict) -> list[str]:
     """'field: saved -> current' for every field that matters to resuming. Fields that
-    only one side has (added or removed in a later version) are not compared."""
+    only one side has (added or removed in a later version) are not compared; values
+    renamed since are compared under their new names."""
+    saved_values = config_to_json(configuration.from_stored(saved))
     current_values = config_to_json(current)
     names = sorted((set(saved) & set(current_values)) - RESUMABLE_CHANGES)
     return [
-        f"{name}: {saved.get(name)!r} -> {current_values.get(name)!r}"
+        f"{name}: {saved_values.get(name)!r} -> {current_values.get(name)!r}"
         for name in names
-        if saved.get(name) != current_values.get(name)
+        if saved_values.get(name) != current_values.get(name)
     ]
 
 
@@ -253,7 +270,7 @@ def best_step(manager: ocp.CheckpointManager, steps: list[int]) -> int:
     """The step with the highest recorded test accuracy (the latest if none has one)."""
     scored = []
     for step in steps:
-        accuracy = read_json_item(manager, step, "meta").get("test_accuracy")
+        accuracy = read_meta(manager, step).get("test_accuracy")
         if accuracy is not None:
             scored.append((accuracy, step))
     return max(scored)[1] if scored else steps[0]

@@ -16,12 +16,65 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vgg_jax import spec
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 CIFAR10_TARBALL = "cifar-10-binary.tar.gz"
 
 
 class DatasetUnavailableError(RuntimeError):
     """The dataset is neither prepared nor obtainable; the message says what to do."""
+
+
+# Class counts of well-known TFDS datasets: what the benchmark needs without any data.
+KNOWN_CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "imagenet2012": 1000}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and a predictor need to know about the training data."""
+
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]  # per-channel, 0..255 units
+    std: tuple[float, ...]
+    image_size: int
+    num_train_examples: int
+    num_eval_examples: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict) -> DatasetInfo:
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(
+            **{
+                name: tuple(value) if isinstance(value, list) else value
+                for name, value in values.items()
+                if name in names
+            }
+        )
+
+    @classmethod
+    def without_data(cls, config) -> DatasetInfo:
+        """ImageNet statistics and numbered classes: for timing a model, not training."""
+        if config.dataset == "synthetic":
+            classes = config.synthetic_classes
+        elif config.dataset in KNOWN_CLASS_COUNTS:
+            classes = KNOWN_CLASS_COUNTS[config.dataset]
+        else:
+            raise DatasetUnavailableError(
+                f"the class count of dataset {config.dataset!r} is not known without its "
+                "data; use --config.dataset=synthetic --config.synthetic_classes=N"
+            )
+        return cls(
+            tuple(str(i) for i in range(classes)),
+            spec.IMAGENET_MEAN,
+            spec.IMAGENET_STD,
+            config.image_size,
+            0,
+            0,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

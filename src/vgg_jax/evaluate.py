@@ -15,7 +15,8 @@ from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vgg_jax import checkpoint, data_sources, host_memory, inference, input_pipeline, train
+from vgg_jax import checkpoint, configuration, data_sources, inference, input_pipeline, train
+from vgg_jax.cpu import host_memory
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ folder, or a step.")
@@ -35,7 +36,10 @@ def evaluate_checkpoint(
         config.dataset, config.eval_split, **train.source_kwargs(config, data_dir)
     )
     batch_size = batch_size or config.batch_size
-    train.check_batch_size(batch_size, jax.device_count())
+    if batch_size % jax.device_count():
+        raise configuration.ConfigError(
+            f"--batch_size={batch_size} does not divide over {jax.device_count()} devices"
+        )
     batches = input_pipeline.put_eval_batches(split, batch_size, mesh)
     state = train.TrainState(
         step=0,

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from vgg_jax import checkpoint, data_sources, train
+from vgg_jax import checkpoint, data_sources, models
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
@@ -75,7 +75,7 @@ class Predictor:
         self,
         config: ml_collections.ConfigDict,
         variables: dict[str, Any],
-        info: train.DatasetInfo,
+        info: data_sources.DatasetInfo,
         step: int,
         batch_size: int = 256,
     ):
@@ -84,7 +84,7 @@ class Predictor:
         self.info = info
         self.step = step
         self.batch_size = batch_size
-        self.model = train.build_model(config, info)
+        self.model = models.build_model(config, info)
         model = self.model
         self._probabilities = jax.jit(
             lambda variables, images: jax.nn.softmax(model.apply(variables, images), -1)
@@ -138,17 +138,11 @@ def load(path: str | os.PathLike, step: int | str = "latest") -> Predictor:
     located = checkpoint.locate(os.fspath(path), step)
     manager = checkpoint.create_manager(located.directory, read_only=True)
     try:
-        config = checkpoint.config_from_json(
-            checkpoint.read_json_item(manager, located.step, "config")
+        config = checkpoint.read_config(manager, located.step)
+        info = data_sources.DatasetInfo.from_json(
+            checkpoint.read_meta(manager, located.step)["dataset"]
         )
-        meta = checkpoint.read_json_item(manager, located.step, "meta")
-        info = train.DatasetInfo(
-            **{
-                name: tuple(value) if isinstance(value, list) else value
-                for name, value in meta["dataset_info"].items()
-            }
-        )
-        model = train.build_model(config, info)
+        model = models.build_model(config, info)
         images = jax.ShapeDtypeStruct((1, info.image_size, info.image_size, 3), jnp.uint8)
         shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
         target = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}

@@ -18,10 +18,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vgg_jax.configuration import AUGMENTATIONS
 from vgg_jax.data_sources import Split
 
 DATA_AXIS = "data"
-AUGMENTATIONS = ("none", "crop_flip")
 
 
 def create_mesh() -> Mesh:

@@ -8,13 +8,15 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from vgg_jax.configuration import SCHEDULES
+
 
 def create_learning_rate_schedule(
     config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.Schedule:
     """The schedule named by `config.schedule`, as a function of the step.
 
-    discexp:  lr * lr_decay_rate ** floor(samples_seen / lr_decay_samples)  (the seed's)
+    discexp:  lr * lr_decay_rate ** floor(samples_seen / lr_decay_samples)  (PaddlePaddle's)
     multistep: lr * lr_decay_rate ** (number of `lr_boundaries_epochs` passed)
     cosine:   linear warm-up, then cosine decay to 0 at the last step
     onecycle: linear warm-up to lr, then linear decay to 0 at the last step
@@ -54,22 +56,18 @@ def create_learning_rate_schedule(
             ],
             [max(1, warmup_steps)],
         )
-    raise ValueError(
-        f"unknown schedule {name!r}; choose discexp, multistep, cosine, onecycle or constant"
-    )
+    raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
 
 
 def create_optimizer(
     config: ml_collections.ConfigDict, schedule: optax.Schedule
 ) -> optax.GradientTransformation:
-    """Momentum SGD with the seed's coupled L2 term and optional decoupled weight decay.
+    """Momentum SGD with the reference recipe's coupled L2 term and optional decoupled weight decay.
 
     Coupled L2 (`config.l2`) is added to the gradient *before* momentum, as Paddle's
     L2Regularization and PyTorch's SGD(weight_decay=...) do. Decoupled weight decay
     (`config.weight_decay`) is added after momentum and scaled by the learning rate.
     """
-    if config.optimizer != "sgd":
-        raise ValueError(f"unknown optimizer {config.optimizer!r}; only 'sgd' is supported")
     parts = []
     if config.l2:
         parts.append(optax.add_decayed_weights(config.l2))
@@ -77,7 +75,7 @@ def create_optimizer(
     if config.weight_decay:
         parts.append(optax.add_decayed_weights(config.weight_decay))
     parts.append(optax.scale_by_learning_rate(schedule))
-    if config.get("grad_clip_norm"):
+    if config.grad_clip_norm:
         parts.insert(0, optax.clip_by_global_norm(config.grad_clip_norm))
     return optax.chain(*parts)
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vgg_jax import benchmark, models, optim, train
+from vgg_jax import data_sources, models, optim, profiling, spec
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +72,13 @@ def _features(vgg: models.VGG) -> list[tuple[str, nn.Module]]:
 
 
 def _head(vgg: models.VGG, in_features: int) -> list[tuple[str, nn.Module]]:
-    spec = models.HEADS[vgg.head]
-    rate = spec["dropout"] if vgg.head_dropout is None else vgg.head_dropout
-    use_bn = spec["batch_norm"] and vgg.batch_norm
+    head = spec.HEADS[vgg.head]
+    rate = head["dropout"] if vgg.head_dropout is None else vgg.head_dropout
+    use_bn = head["batch_norm"] and vgg.batch_norm
     layers: list[tuple[str, nn.Module]] = [("flatten", FlattenNHWC())]
     width = in_features
-    for index, features in enumerate(spec["hidden"]):
-        if vgg.head == "cifar":
+    for index, features in enumerate(head["hidden"]):
+        if head["dropout_first"]:
             layers.append((f"fc_in_drop{index + 1}", nn.Dropout(rate)))
         layers.append((f"fc{index + 1}", nn.Linear(width, features)))
         if use_bn:
@@ -86,9 +86,9 @@ def _head(vgg: models.VGG, in_features: int) -> list[tuple[str, nn.Module]]:
         layers.append((f"fc_relu{index + 1}", nn.ReLU(inplace=True)))
         layers.append((f"fc_drop{index + 1}", nn.Dropout(rate)))
         width = features
-    if vgg.head == "cifar":
-        layers.append((f"fc{len(spec['hidden']) + 1}", nn.Linear(width, 512)))
-        width = 512
+    for index, features in enumerate(head["linear"], start=len(head["hidden"]) + 1):
+        layers.append((f"fc{index}", nn.Linear(width, features)))
+        width = features
     layers.append(("classifier", nn.Linear(width, vgg.num_classes)))
     return layers
 
@@ -236,8 +236,8 @@ def benchmark_torch(
 ) -> dict[str, Any]:
     """Times the twin's forward and train step like `benchmark.benchmark_jax` does."""
     device = _device()
-    info = benchmark.dataset_info(config)
-    vgg = train.build_model(config, info)
+    info = data_sources.DatasetInfo.without_data(config)
+    vgg = models.build_model(config, info)
     torch.manual_seed(config.seed)
     model = build_torch_model(vgg, config.image_size).to(device)
     model = model.to(memory_format=torch.channels_last)
@@ -251,9 +251,9 @@ def benchmark_torch(
     else:
         mode = "eager"
         forward_compile, train_compile = _first_calls(runner, images, labels, device)
-    forward_flops = benchmark.analytic_flops(vgg, config.image_size)
+    forward_flops = profiling.analytic_flops(vgg, config.image_size)
     # The same machine as the JAX run, so the same assumed peak.
-    peak, peak_how = benchmark.device_peak(jax.devices()[0], config.dtype)
+    peak, peak_how = profiling.device_peak(jax.devices()[0], config.dtype)
     figures = {}
     for name, call, flops, compile_s in (
         ("forward", lambda: runner.forward(images), forward_flops, forward_compile),
@@ -267,7 +267,7 @@ def benchmark_torch(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = _time_steps(call, device, steps, burn_in)
-        figure = benchmark.summarise_times(times, config.batch_size, flops, peak)
+        figure = profiling.summarise_times(times, config.batch_size, flops, peak)
         figure.update(
             {
                 "name": name,

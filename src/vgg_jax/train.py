@@ -1,4 +1,5 @@
-"""Training and evaluation: the train state, the jitted steps, and the epoch loop."""
+"""Training and evaluation: the train state, the jitted steps, the set-up of a run and
+its epoch loop."""
 
 from __future__ import annotations
 
@@ -19,14 +20,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from vgg_jax import checkpoint, data_sources, input_pipeline, models, optim
-from vgg_jax.conv import conv_class
+from vgg_jax import checkpoint, configuration, cpu, data_sources, input_pipeline, models, optim
 from vgg_jax.metrics_log import MetricsLog
 from vgg_jax.preemption import Preempted, PreemptionGuard
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class TrainState(train_state.TrainState):
@@ -44,38 +42,6 @@ class TrainState(train_state.TrainState):
         if self.ema:
             return self.ema
         return {"params": self.params, "batch_stats": self.batch_stats}
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """What a predictor needs to know about the training data."""
-
-    class_names: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    image_size: int
-    num_train_examples: int
-    num_eval_examples: int
-
-
-def build_model(config: ml_collections.ConfigDict, info: DatasetInfo) -> models.VGG:
-    """The VGG that `config` describes, normalising inputs with the dataset's statistics."""
-    if config.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
-    return models.create_model(
-        config.model,
-        len(info.class_names),
-        width=config.width,
-        batch_norm=config.batch_norm,
-        conv_dropout=config.conv_dropout,
-        head=config.head,
-        head_dropout=config.head_dropout,
-        dtype=DTYPES[config.dtype],
-        mean=info.mean,
-        std=info.std,
-        stages=config.get("stages"),
-        conv=conv_class(config.get("conv_impl", "auto")),
-    )
 
 
 def create_train_state(
@@ -100,7 +66,7 @@ def create_train_state(
             tx=tx,
             batch_stats=batch_stats,
             rng=jax.random.key_data(dropout_key),
-            ema=ema if config.get("ema_decay") else {},
+            ema=ema if config.ema_decay else {},
         )
 
     out_shardings = NamedSharding(mesh, P()) if mesh is not None else None
@@ -191,9 +157,7 @@ def configured_train_step(config: ml_collections.ConfigDict) -> Callable[..., An
     """`train_step` with the config's loss and EMA settings: what training runs, and
     what the benchmark times."""
     return functools.partial(
-        train_step,
-        label_smoothing=config.label_smoothing,
-        ema_decay=config.get("ema_decay", 0.0),
+        train_step, label_smoothing=config.label_smoothing, ema_decay=config.ema_decay
     )
 
 
@@ -213,7 +177,7 @@ def make_step_functions(
     @functools.partial(jax.jit, out_shardings=replicated)
     def eval_at(state, eval_batches, index):
         batch = jax.tree.map(lambda array: array[index], eval_batches)
-        return eval_step(state, batch, config.get("eval_flip_tta", False))
+        return eval_step(state, batch, config.eval_flip_tta)
 
     return train_at, eval_at
 
@@ -221,18 +185,9 @@ def make_step_functions(
 def sum_metrics(total: dict[str, jax.Array] | None, new: dict[str, jax.Array]) -> dict:
     """Adds step metrics on the device (no host sync, except on fake CPU devices)."""
     total = new if total is None else jax.tree.map(jnp.add, total, new)
-    if serialise_steps():
+    if cpu.serialise_steps():
         jax.block_until_ready(total)
     return total
-
-
-@functools.cache
-def serialise_steps() -> bool:
-    """Whether to wait for each step before dispatching the next. Only for several CPU
-    devices (xla_force_host_platform_device_count): XLA:CPU can deadlock in a collective
-    when many multi-device programs are queued at once (seen on 2 cores with 8 fake
-    devices). Real accelerators and a single CPU device keep fully asynchronous steps."""
-    return jax.default_backend() == "cpu" and jax.device_count() > 1
 
 
 def summarise(sums: dict[str, jax.Array], prefix: str) -> dict[str, float]:
@@ -254,14 +209,6 @@ def evaluate(state: TrainState, eval_batches: dict[str, jax.Array], eval_at) -> 
     for index in range(eval_batches["label"].shape[0]):
         sums = sum_metrics(sums, eval_at(state, eval_batches, index))
     return summarise(sums, "test")
-
-
-def check_batch_size(batch_size: int, device_count: int, name: str = "batch_size") -> None:
-    if batch_size <= 0 or batch_size % device_count:
-        raise ValueError(
-            f"{name}={batch_size} must be a positive multiple of the device count "
-            f"({device_count}); try {max(1, batch_size // device_count) * device_count}"
-        )
 
 
 def source_kwargs(config: ml_collections.ConfigDict, data_dir: str | None = None) -> dict:
@@ -291,7 +238,7 @@ def load_data(config: ml_collections.ConfigDict):
             tuple(float(v) for v in multihost_utils.broadcast_one_to_all(jnp.asarray(s)))
             for s in (mean, std)
         )
-    info = DatasetInfo(
+    info = data_sources.DatasetInfo(
         class_names=train_split.class_names,
         mean=mean,
         std=std,
@@ -302,7 +249,29 @@ def load_data(config: ml_collections.ConfigDict):
     return train_split, eval_split, info
 
 
-def check_resumable(manager, config: ml_collections.ConfigDict) -> int | None:
+# ------------------------------------------------------------------- a run: set-up, loop
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the epoch loop needs, made once by `setup`."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    manager: Any  # orbax CheckpointManager
+    log: MetricsLog
+    info: data_sources.DatasetInfo
+    train_data: input_pipeline.DeviceSplit
+    eval_batches: dict[str, jax.Array]
+    steps_per_epoch: int
+    learning_rate_fn: optax.Schedule
+    train_at: Callable[..., Any]
+    eval_at: Callable[..., Any]
+    data_key: jax.Array
+    partial_sums: dict[str, float] | None  # metric sums of a resumed, unfinished epoch
+
+
+def find_resume_step(manager, config: ml_collections.ConfigDict) -> int | None:
     """The newest usable checkpoint step, after checking its config matches; None if the
     workdir holds none."""
     steps = checkpoint.usable_steps(manager)
@@ -311,6 +280,165 @@ def check_resumable(manager, config: ml_collections.ConfigDict) -> int | None:
     saved_config = checkpoint.read_json_item(manager, steps[0], "config")
     checkpoint.check_compatible(saved_config, config, str(manager.directory))
     return steps[0]
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainState]:
+    """Devices, checkpoint manager, data on the devices, model and state (restored when
+    the workdir holds a checkpoint), metrics log and step functions, in that order."""
+    if config.distributed:
+        jax.distributed.initialize()
+    configuration.validate(config, jax.device_count())
+    mesh = input_pipeline.create_mesh()
+    manager = checkpoint.create_manager(
+        checkpoint.checkpoint_dir(workdir),
+        keep=config.keep_checkpoints,
+        async_save=config.async_checkpointing,
+    )
+    try:
+        return _prepare(config, workdir, mesh, manager)
+    except BaseException:
+        manager.close()  # an early error ends in its own message, not in orbax's
+        raise
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manager):
+    resume_step = find_resume_step(manager, config)
+    train_split, eval_split, info = load_data(config)
+    train_data = input_pipeline.put_train_split(train_split, mesh)
+    eval_batch_size = config.eval_batch_size or config.batch_size
+    eval_batches = input_pipeline.put_eval_batches(eval_split, eval_batch_size, mesh)
+    steps_per_epoch = optim.steps_per_epoch(train_data.num_examples, config.batch_size)
+    steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch or steps_per_epoch)
+    logger.info(
+        "%s: %d train / %d eval examples, %d classes; %d devices, %d steps of %d per epoch",
+        config.dataset,
+        info.num_train_examples,
+        info.num_eval_examples,
+        len(info.class_names),
+        jax.device_count(),
+        steps_per_epoch,
+        config.batch_size,
+    )
+    learning_rate_fn = optim.create_learning_rate_schedule(config, steps_per_epoch)
+    model = models.build_model(config, info)
+    state = create_train_state(config, model, config.image_size, learning_rate_fn, mesh)
+    log = MetricsLog(workdir, enabled=jax.process_index() == 0)
+    meta = {}
+    if resume_step is None:
+        log.truncate_after(0)  # records of a run that died before its first checkpoint
+    else:
+        state, meta = restore_for_resume(manager, resume_step, state, mesh, steps_per_epoch)
+        log.truncate_after(meta["epoch"])  # epochs logged but not checkpointed are redone
+    train_at, eval_at = make_step_functions(config, mesh)
+    run = Run(
+        config=config,
+        mesh=mesh,
+        manager=manager,
+        log=log,
+        info=info,
+        train_data=train_data,
+        eval_batches=eval_batches,
+        steps_per_epoch=steps_per_epoch,
+        learning_rate_fn=learning_rate_fn,
+        train_at=train_at,
+        eval_at=eval_at,
+        data_key=jax.random.fold_in(jax.random.key(config.seed), 1),
+        partial_sums=meta.get("partial_train_sums"),
+    )
+    return run, state
+
+
+def restore_for_resume(manager, step: int, state: TrainState, mesh: Mesh, steps_per_epoch: int):
+    """The state saved at `step` and that checkpoint's meta."""
+    state = checkpoint.restore_state(manager, step, state, NamedSharding(mesh, P()))
+    meta = checkpoint.read_meta(manager, step)
+    if meta["steps_per_epoch"] != steps_per_epoch:
+        raise checkpoint.IncompatibleCheckpointError(
+            f"{manager.directory} was written with {meta['steps_per_epoch']} steps per "
+            f"epoch, this run has {steps_per_epoch}: the dataset changed; use a new --workdir"
+        )
+    logger.info(
+        "resuming from %s/%d: epoch %d, step %d of %d",
+        manager.directory,
+        step,
+        meta["epoch"] + 1,
+        meta["step_in_epoch"],
+        steps_per_epoch,
+    )
+    return state, meta
+
+
+def save_checkpoint(
+    run: Run, state: TrainState, epoch: int, step_in_epoch: int, record=None, sums=None
+) -> None:
+    """Saves `state` with where it is in the data (`epoch` finished epochs plus
+    `step_in_epoch` steps) and, mid-epoch, the epoch's partial metric sums."""
+    meta = {
+        "schema": checkpoint.META_SCHEMA,
+        "dataset": run.info.to_json(),
+        "steps_per_epoch": run.steps_per_epoch,
+        "epoch": epoch,
+        "step_in_epoch": step_in_epoch,
+    }
+    if record is not None:
+        meta.update(test_accuracy=record["test_accuracy"], record=record)
+    if sums is not None:
+        meta["partial_train_sums"] = {k: float(v) for k, v in jax.device_get(sums).items()}
+    checkpoint.save(run.manager, state, run.config, meta, meta.get("test_accuracy"))
+
+
+def close(run: Run) -> None:
+    """Waits for the last save, then closes the manager and the log."""
+    run.manager.wait_until_finished()
+    run.manager.close()
+    run.log.close()
+
+
+def progress_bar(config: ml_collections.ConfigDict, epoch: int, steps: int, done: int) -> tqdm:
+    return tqdm(
+        total=steps * config.batch_size,
+        initial=done * config.batch_size,
+        desc=f"epoch {epoch + 1}/{config.num_epochs}",
+        unit="img",
+        unit_scale=True,
+        leave=False,
+        disable=not config.progress_bar or jax.process_index() != 0,
+    )
+
+
+def train_epoch(
+    run: Run, state: TrainState, epoch: int, guard: PreemptionGuard
+) -> tuple[TrainState, dict[str, jax.Array], bool]:
+    """Runs the rest of one epoch from the state's step; stops early, after a whole step,
+    on a signal. Returns the state, the summed metrics and whether the epoch finished."""
+    config, steps = run.config, run.steps_per_epoch
+    batches = input_pipeline.epoch_batches(
+        run.train_data,
+        jax.random.fold_in(run.data_key, epoch),
+        steps=steps,
+        batch_size=config.batch_size,
+        augment=config.augment,
+        mesh=run.mesh,
+    )
+    start = int(state.step) - epoch * steps
+    sums = None
+    if run.partial_sums is not None and start > 0:
+        sums = {k: jnp.asarray(v, jnp.float32) for k, v in run.partial_sums.items()}
+    running_loss = None
+    with progress_bar(config, epoch, steps, start) as bar:
+        for index in range(start, steps):
+            state, metrics = run.train_at(state, batches, index)
+            sums = sum_metrics(sums, metrics)
+            bar.update(config.batch_size)
+            if guard.requested and index + 1 < steps:
+                return state, sums, False
+            if (index + 1) % config.log_every_steps == 0:
+                # Show the loss of one logging interval ago: it is done by now, so
+                # reading it does not stall the queue of dispatched steps.
+                if running_loss is not None:
+                    bar.set_postfix(loss=f"{float(running_loss):.4f}")
+                running_loss = sums["loss_sum"] / sums["count"]
+    return state, sums, True
 
 
 def log_epoch(record: dict[str, Any], num_epochs: int) -> None:
@@ -335,187 +463,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # The guard covers set-up too: a signal during data loading or compilation is
     # answered after the first step, with a checkpoint.
     with PreemptionGuard() as guard:
-        return _train_and_evaluate(config, workdir, guard)
+        run, state = setup(config, workdir)
+        try:
+            state = train_loop(run, state, guard)
+        except Preempted:
+            raise  # saved and closed already
+        except BaseException:
+            run.manager.close()
+            raise
+        close(run)
+        return state
 
 
-def restore_for_resume(manager, step: int, state: TrainState, mesh: Mesh, steps_per_epoch: int):
-    """The state saved at `step` and the partial metric sums of its epoch."""
-    state = checkpoint.restore_state(manager, step, state, NamedSharding(mesh, P()))
-    meta = checkpoint.read_json_item(manager, step, "meta")
-    if meta["steps_per_epoch"] != steps_per_epoch:
-        raise checkpoint.IncompatibleCheckpointError(
-            f"{manager.directory} was written with {meta['steps_per_epoch']} steps per "
-            f"epoch, this run has {steps_per_epoch}: the dataset changed; use a new --workdir"
-        )
-    logger.info(
-        "resuming from %s/%d: epoch %d, step %d of %d",
-        manager.directory,
-        step,
-        meta["epoch"] + 1,
-        meta["step_in_epoch"],
-        steps_per_epoch,
-    )
-    return state, meta
-
-
-def progress_bar(config: ml_collections.ConfigDict, epoch: int, steps: int, done: int) -> tqdm:
-    return tqdm(
-        total=steps * config.batch_size,
-        initial=done * config.batch_size,
-        desc=f"epoch {epoch + 1}/{config.num_epochs}",
-        unit="img",
-        unit_scale=True,
-        leave=False,
-        disable=not config.progress_bar or jax.process_index() != 0,
-    )
-
-
-def train_epoch(
-    state: TrainState,
-    batches: dict[str, jax.Array],
-    train_at,
-    steps: range,
-    sums: dict[str, jax.Array] | None,
-    bar: tqdm,
-    guard: PreemptionGuard,
-    log_every_steps: int,
-) -> tuple[TrainState, dict[str, jax.Array], bool]:
-    """Runs `steps` of one epoch; stops early, after a whole step, on a signal.
-    Returns the state, the summed metrics and whether the epoch was completed."""
-    running_loss = None
-    for index in steps:
-        state, metrics = train_at(state, batches, index)
-        sums = sum_metrics(sums, metrics)
-        bar.update(batches["label"].shape[1])
-        if guard.requested and index + 1 < steps.stop:
-            return state, sums, False
-        if (index + 1) % log_every_steps == 0:
-            # Show the loss computed one logging interval ago: it is done by now, so
-            # reading it does not stall the queue of dispatched steps.
-            if running_loss is not None:
-                bar.set_postfix(loss=f"{float(running_loss):.4f}")
-            running_loss = sums["loss_sum"] / sums["count"]
-    return state, sums, True
-
-
-def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
-) -> TrainState:
-    if config.get("distributed"):
-        jax.distributed.initialize()
-    device_count = jax.device_count()
-    check_batch_size(config.batch_size, device_count)
-    eval_batch_size = config.eval_batch_size or config.batch_size
-    check_batch_size(eval_batch_size, device_count, "eval_batch_size")
-    mesh = input_pipeline.create_mesh()
-    manager = checkpoint.create_manager(
-        checkpoint.checkpoint_dir(workdir),
-        keep=config.keep_checkpoints,
-        async_save=config.async_checkpointing,
-    )
-    resume_step = check_resumable(manager, config)
-
-    train_split, eval_split, info = load_data(config)
-    train_data = input_pipeline.put_train_split(train_split, mesh)
-    eval_batches = input_pipeline.put_eval_batches(eval_split, eval_batch_size, mesh)
-    del train_split, eval_split
-    steps_per_epoch = optim.steps_per_epoch(train_data.num_examples, config.batch_size)
-    if config.get("max_steps_per_epoch"):
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    logger.info(
-        "%s: %d train / %d eval examples, %d classes; %d devices, %d steps of %d per epoch",
-        config.dataset,
-        info.num_train_examples,
-        info.num_eval_examples,
-        len(info.class_names),
-        device_count,
-        steps_per_epoch,
-        config.batch_size,
-    )
-
-    model = build_model(config, info)
-    learning_rate_fn = optim.create_learning_rate_schedule(config, steps_per_epoch)
-    state = create_train_state(config, model, config.image_size, learning_rate_fn, mesh)
-    log = MetricsLog(workdir, enabled=jax.process_index() == 0)
-    partial_sums = None
-    if resume_step is None:
-        log.truncate_after(0)  # records of a run that died before its first checkpoint
-    else:
-        state, meta = restore_for_resume(manager, resume_step, state, mesh, steps_per_epoch)
-        partial_sums = meta.get("partial_train_sums")
-        log.truncate_after(meta["epoch"])  # epochs logged but not checkpointed are redone
-
-    train_at, eval_at = make_step_functions(config, mesh)
-    data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    base_meta = {"dataset_info": dataclasses.asdict(info), "steps_per_epoch": steps_per_epoch}
-
-    def save(epoch: int, step_in_epoch: int, record=None, sums=None) -> None:
-        meta = {**base_meta, "epoch": epoch, "step_in_epoch": step_in_epoch}
-        if record is not None:
-            meta["test_accuracy"] = record["test_accuracy"]
-            meta["record"] = record
-        if sums is not None:
-            meta["partial_train_sums"] = {k: float(v) for k, v in jax.device_get(sums).items()}
-        checkpoint.save(manager, state, config, meta, meta.get("test_accuracy"))
-
-    def finish() -> None:
-        manager.wait_until_finished()  # the last save is complete before we return
-        manager.close()
-        log.close()
-
-    def stop(where: str) -> None:
-        finish()
-        raise Preempted(
-            guard.signal_number,
-            f"stopped by signal {guard.signal_number} {where} (step {int(state.step)}); "
-            f"checkpoint saved in {manager.directory}; rerun the same command to resume",
-        )
-
-    first_step = int(state.step)
-    if first_step >= config.num_epochs * steps_per_epoch:
+def train_loop(run: Run, state: TrainState, guard: PreemptionGuard) -> TrainState:
+    """The epochs from the state's step to `config.num_epochs`: train, evaluate, log,
+    checkpoint; on a signal, save and raise `Preempted`."""
+    config = run.config
+    first_epoch = int(state.step) // run.steps_per_epoch
+    if first_epoch >= config.num_epochs:
         logger.info("already trained for %d epochs: nothing to do", config.num_epochs)
-    for epoch in range(first_step // steps_per_epoch, config.num_epochs):
+    for epoch in range(first_epoch, config.num_epochs):
         epoch_start = time.perf_counter()
-        batches = input_pipeline.epoch_batches(
-            train_data,
-            jax.random.fold_in(data_key, epoch),
-            steps=steps_per_epoch,
-            batch_size=config.batch_size,
-            augment=config.augment,
-            mesh=mesh,
-        )
-        start_index = int(state.step) - epoch * steps_per_epoch
-        sums = None
-        if partial_sums is not None and start_index > 0:
-            sums = {k: jnp.asarray(v, jnp.float32) for k, v in partial_sums.items()}
-        bar = progress_bar(config, epoch, steps_per_epoch, start_index)
-        state, sums, completed = train_epoch(
-            state,
-            batches,
-            train_at,
-            range(start_index, steps_per_epoch),
-            sums,
-            bar,
-            guard,
-            config.log_every_steps,
-        )
-        bar.close()
-        if not completed:
-            done = int(state.step) - epoch * steps_per_epoch
-            save(epoch, done, sums=sums)
-            stop(f"in epoch {epoch + 1} after step {done} of {steps_per_epoch}")
+        state, sums, finished = train_epoch(run, state, epoch, guard)
+        if not finished:
+            done = int(state.step) - epoch * run.steps_per_epoch
+            save_checkpoint(run, state, epoch, done, sums=sums)
+            where = f"in epoch {epoch + 1} after step {done} of {run.steps_per_epoch}"
+            stop(run, state, guard, where)
         record = {"epoch": epoch + 1, "step": int(state.step)}
         record.update(summarise(sums, "train"))
-        record.update(evaluate(state, eval_batches, eval_at))
-        record["learning_rate"] = float(learning_rate_fn(int(state.step) - 1))
+        record.update(evaluate(state, run.eval_batches, run.eval_at))
+        record["learning_rate"] = float(run.learning_rate_fn(int(state.step) - 1))
         record["epoch_seconds"] = time.perf_counter() - epoch_start
         record["wall_time"] = time.time()  # when the epoch ended: curves against the clock
         log_epoch(record, config.num_epochs)
-        log.write(record)
-        last_epoch = epoch + 1 == config.num_epochs
-        if (epoch + 1) % config.checkpoint_every_epochs == 0 or last_epoch or guard.requested:
-            save(epoch + 1, 0, record=record)
-        if guard.requested and not last_epoch:
-            stop(f"after epoch {epoch + 1}")
-    finish()
+        run.log.write(record)
+        last = epoch + 1 == config.num_epochs
+        if (epoch + 1) % config.checkpoint_every_epochs == 0 or last or guard.requested:
+            save_checkpoint(run, state, epoch + 1, 0, record=record)
+        if guard.requested and not last:
+            stop(run, state, guard, f"after epoch {epoch + 1}")
     return state
+
+
+def stop(run: Run, state: TrainState, guard: PreemptionGuard, where: str) -> None:
+    close(run)
+    raise Preempted(
+        guard.signal_number,
+        f"stopped by signal {guard.signal_number} {where} (step {int(state.step)}); "
+        f"checkpoint saved in {run.manager.directory}; rerun the same command to resume",
+    )

@@ -1,25 +1,18 @@
-"""A drop-in replacement for `flax.linen.Conv` whose stride-1 SAME convolution runs as
-Winograd transforms and matrix products on CPU.
+"""A drop-in replacement for `flax.linen.Conv` whose 3x3 stride-1 SAME convolutions run
+as Winograd transforms and matrix products: faster than XLA:CPU's own convolution for
+VGG's layers (measurements in experiments/RESULTS.md, "Speed", CPU).
 
-Why: XLA:CPU's convolution is slow where VGG spends much of its time. Measured on
-2 AMD EPYC (Zen 4) cores, batch 128, float32 (see experiments/RESULTS.md):
-
-- on small feature maps it falls off a cliff: a 3x3 conv on 2x2 maps with 512 channels
-  (VGG16-CIFAR block 5) takes ~1.1-2.3 s forward and ~4 s forward+backward per batch,
-  against ~0.03 s / ~0.08 s for the same maths as one im2col matrix product;
-- elsewhere it runs at ~70-180 GFLOP/s, its kernel gradient at about half its forward
-  speed; the machine's matrix products (XLA's YNNPACK fusions) reach ~150-210.
+Why: XLA:CPU's convolution falls off a cliff on small feature maps (VGG-CIFAR's last
+blocks are 2x2) and elsewhere runs well below the machine's matrix-product rate, its
+kernel gradient at about half its forward speed.
 
 So 3x3 convolutions on maps of at least 4x4 use Winograd F(2x2, 3x3) (Lavin & Gray
-2015): 16 batched matrix products with 4 instead of 9 multiplies per output, plus
-cheap transforms; its custom VJP reuses the forward's transformed tiles and kernel.
-Maps below 4x4 use one im2col matrix product, and so does an RGB stem (few input
-channels). Other odd kernel sizes keep the earlier per-part plan: XLA's convolution,
-im2col, or per-tap shifted matrix products for each of the forward, input gradient and
-kernel gradient (`plan`). Taps that only ever see padding (the outer ring of a 3x3
-kernel on a 1-pixel-wide map) are skipped. On GPU/TPU `Conv` with impl='auto' is
-exactly `lax.conv_general_dilated` (cuDNN is fast). Every path is tested against
-`lax.conv_general_dilated`, forward and both gradients (tests/test_conv.py).
+2015): 16 batched matrix products with 4 instead of 9 multiplies per output, plus cheap
+transforms; its custom VJP reuses the forward's transformed tiles and kernel. Maps below
+4x4 use one im2col matrix product, and so does an RGB stem (few input channels); taps
+that only ever see padding (the outer ring of a 3x3 kernel on a 1-pixel-wide map) are
+skipped. Any other convolution is `lax.conv_general_dilated`. Every path is tested
+against `lax.conv_general_dilated`, forward and both gradients (tests/test_cpu.py).
 
 Parameters are those of nn.Conv: `kernel` (kh, kw, Cin, Cout) and `bias` (Cout,), with
 nn.Conv's initialisers, so checkpoints are interchangeable.
@@ -39,14 +32,13 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
-IMPLS = ("auto", "xla", "matmul")
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How each part of one convolution is computed: 'xla', 'im2col' or 'shifted' each,
-    or 'winograd' for all three (WINOGRAD)."""
+    """How each part of one convolution is computed: 'xla' or 'im2col' each, or
+    'winograd' for all three (WINOGRAD)."""
 
     forward: str
     input_grad: str
@@ -57,33 +49,15 @@ class Plan:
 WINOGRAD = Plan("winograd", "winograd", "winograd")
 
 
-def plan(
-    height: int,
-    width: int,
-    in_channels: int,
-    out_channels: int,
-    kernel_size: tuple[int, int] = (3, 3),
-) -> Plan:
-    """The CPU plan for a stride-1 SAME convolution, from per-layer timings (module doc).
-
-    - maps smaller than 4x4: XLA's convolution is pathologically slow -> im2col;
-    - few input channels (an RGB stem): one im2col product (K = 9*Cin) beats the rest;
-    - 3x3 kernels otherwise: Winograd F(2x2, 3x3) for all three parts (2.25x fewer
-      multiplies; e.g. 32x32x64 at batch 128: forward 0.067 s vs XLA's 0.099 s, kernel
-      gradient 0.12 s vs 0.18 s);
-    - other odd kernels: XLA's convolution forward and for the input gradient, shifted
-      matrix products for the kernel gradient (each tap: x_shift^T @ dy, a well-shaped
-      GEMM) once there are more than 64 channels, XLA's for all three below that.
-    """
+def plan(height: int, width: int, in_channels: int) -> Plan:
+    """The plan for a 3x3 stride-1 SAME convolution on (height, width, in_channels) maps:
+    im2col below 4x4 maps (where XLA:CPU is pathologically slow), im2col forward and
+    kernel gradient for an RGB stem (one product with K = 9 * Cin), Winograd otherwise."""
     if min(height, width) < 4:
         return Plan("im2col", "im2col", "im2col")
     if in_channels < 16:
         return Plan("im2col", "xla", "im2col")
-    if tuple(kernel_size) == (3, 3):
-        return WINOGRAD
-    if in_channels <= 64 and out_channels <= 64:
-        return Plan("xla", "xla", "xla")
-    return Plan("xla", "xla", "shifted")
+    return WINOGRAD
 
 
 def _taps(size: int, kernel: int) -> list[int]:
@@ -128,17 +102,6 @@ def _im2col_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     taps = _live_taps(x, kh, kw)
     out = _patches(x, taps, kh, kw) @ _tap_kernel(kernel, taps)
     return out.reshape(*x.shape[:3], c_out)
-
-
-def _shifted_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    kh, kw = kernel.shape[:2]
-    n, h, w, _ = x.shape
-    padded = _pad(x, kh, kw)
-    out = None
-    for i, j in _live_taps(x, kh, kw):
-        term = jnp.einsum("nhwc,cd->nhwd", _shifted(padded, i, j, h, w), kernel[i, j])
-        out = term if out is None else out + term
-    return out
 
 
 # Winograd F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
@@ -290,15 +253,8 @@ def _kernel_grad(x: jax.Array, dy: jax.Array, kh: int, kw: int, how: str) -> jax
         _, vjp = jax.vjp(lambda k: _xla_conv(x, k), jnp.zeros((kh, kw, c_in, c_out), x.dtype))
         return vjp(dy)[0]
     taps = _live_taps(x, kh, kw)
-    dy_flat = dy.reshape(-1, c_out)
-    if how == "im2col":
-        rows = (_patches(x, taps, kh, kw).T @ dy_flat).reshape(len(taps), c_in, c_out)
-    else:
-        padded = _pad(x, kh, kw)
-        n, h, w, _ = x.shape
-        rows = jnp.stack(
-            [_shifted(padded, i, j, h, w).reshape(-1, c_in).T @ dy_flat for i, j in taps]
-        )
+    rows = _patches(x, taps, kh, kw).T @ dy.reshape(-1, c_out)
+    rows = rows.reshape(len(taps), c_in, c_out)
     if len(taps) == kh * kw:
         return rows.reshape(kh, kw, c_in, c_out)
     # Taps that only see padding get a zero gradient.
@@ -308,11 +264,7 @@ def _kernel_grad(x: jax.Array, dy: jax.Array, kh: int, kw: int, how: str) -> jax
     return grad
 
 
-_FORWARD = {
-    "xla": _xla_conv,
-    "im2col": _im2col_conv,
-    "shifted": _shifted_conv,
-}
+_FORWARD = {"xla": _xla_conv, "im2col": _im2col_conv}
 
 
 def _planned_conv(x: jax.Array, kernel: jax.Array, how: Plan) -> jax.Array:
@@ -346,26 +298,11 @@ def _planned_bwd(how, residuals, dy):
 _parts_conv.defvjp(_planned_fwd, _planned_bwd)
 
 
-def default_impl() -> str:
-    """What impl='auto' resolves to on the default backend."""
-    return "matmul" if jax.default_backend() == "cpu" else "xla"
-
-
-def conv_same(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
-    """Stride-1 SAME convolution of NHWC `x` with an HWIO `kernel` (odd kernel sizes).
-
-    impl: 'xla' (lax.conv_general_dilated), 'matmul' (the per-shape plan above) or
-    'auto' (matmul on CPU, xla elsewhere).
-    """
-    if impl not in IMPLS:
-        raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = default_impl()
-    kh, kw = kernel.shape[:2]
-    if impl == "xla" or kh % 2 == 0 or kw % 2 == 0:
+def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-1 SAME convolution of NHWC `x` with an HWIO `kernel`, planned for 3x3."""
+    if kernel.shape[:2] != (3, 3):
         return _xla_conv(x, kernel)
-    how = plan(x.shape[1], x.shape[2], x.shape[3], kernel.shape[3], (kh, kw))
-    return _planned_conv(x, kernel, how)
+    return _planned_conv(x, kernel, plan(x.shape[1], x.shape[2], x.shape[3]))
 
 
 def _as_pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -377,7 +314,7 @@ class Conv(nn.Module):
 
     Takes nn.Conv's arguments (those VGG uses, plus strides/precision/initialisers) and
     creates the same parameters with the same initialisers and names. Anything other than
-    stride 1 / SAME / odd kernel falls back to lax.conv_general_dilated.
+    stride 1 / SAME falls back to lax.conv_general_dilated.
     """
 
     features: int
@@ -390,7 +327,6 @@ class Conv(nn.Module):
     precision: Any = None
     kernel_init: Any = nn.linear.default_kernel_init
     bias_init: Any = nn.initializers.zeros_init()
-    impl: str = "auto"
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -405,7 +341,7 @@ class Conv(nn.Module):
         )
         inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         if strides == (1, 1) and self.padding == "SAME" and self.precision is None:
-            y = conv_same(inputs, kernel, self.impl)
+            y = conv_same(inputs, kernel)
         else:
             y = lax.conv_general_dilated(
                 inputs,
@@ -418,19 +354,3 @@ class Conv(nn.Module):
         if bias is not None:
             y = y + bias
         return y
-
-
-class MatmulConv(Conv):
-    """`Conv` with the matrix-product plan on every backend (for tests and comparisons)."""
-
-    impl: str = "matmul"
-
-
-def conv_class(impl: str) -> type[nn.Module]:
-    """The module class for `config.conv_impl`: nn.Conv for 'xla', ours otherwise.
-
-    'auto' gives `Conv`, which picks matmul on CPU and XLA's convolution elsewhere."""
-    classes = {"auto": Conv, "xla": nn.Conv, "matmul": MatmulConv}
-    if impl not in classes:
-        raise ValueError(f"conv_impl must be one of {sorted(classes)}, got {impl!r}")
-    return classes[impl]

@@ -1,0 +1,54 @@
+"""What the command-line programs share: flag parsing that reports a bad flag or config
+in one line, and the log format. Defines no flags itself."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+from absl import flags
+from absl import logging as absl_logging
+
+from vgg_jax import configuration
+
+FLAGS = flags.FLAGS
+
+
+def configure_logging() -> None:
+    """Our INFO lines with a short timestamp; other libraries only from WARNING up."""
+    absl_logging.get_absl_handler().setFormatter(
+        logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    )
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("vgg_jax").setLevel(logging.INFO)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line, without the quoting and escaped newlines
+    that ml_collections wraps around it."""
+    text = re.sub(r"\\n|\s+", " ", str(error))
+    return re.sub(r"[\\'\"]", "", text).strip()
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing; then, where the program has a --config flag, the config is
+    checked (`configuration.validate`). Any problem ends the program in one line."""
+    try:
+        argv = FLAGS(argv)
+        if "config" in FLAGS:
+            FLAGS.config.keys()  # a config file that failed to load raises here
+            configuration.validate(FLAGS.config)
+        return argv
+    except configuration.ConfigError as error:
+        sys.exit(f"error: {error}")
+    except OSError as error:
+        reason = str(error).strip().splitlines()[-1].strip()
+        sys.exit(f"error: cannot load the config file: {reason}")
+    except flags.Error as error:
+        sys.exit(f"error: {one_line(error)}")
+    except (AttributeError, KeyError) as error:
+        # ml_collections raises these for a field the config does not have.
+        sys.exit(f"error: unknown config field: {one_line(error)}")
+    except (TypeError, ValueError) as error:
+        sys.exit(f"error: bad config value: {one_line(error)}")

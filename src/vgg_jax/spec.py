@@ -1,0 +1,107 @@
+"""The facts that define a VGG network, in plain Python: read by the Flax model, the
+PyTorch twin, the FLOP count, the config check and the checkpoint loader alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# Channels of each convolution, grouped into the blocks that end in a 2x2 max-pool.
+# A/B/D/E are the paper's Table 1 columns.
+STAGES: dict[str, tuple[tuple[int, ...], ...]] = {
+    "vgg11": ((64,), (128,), (256, 256), (512, 512), (512, 512)),
+    "vgg13": ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
+    "vgg16": ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
+    "vgg19": (
+        (64, 64),
+        (128, 128),
+        (256, 256, 256, 256),
+        (512, 512, 512, 512),
+        (512, 512, 512, 512),
+    ),
+    # A three-block toy for smoke runs and tests.
+    "vgg_tiny": ((16,), (32,), (64,)),
+}
+
+# The classifier heads. hidden: widths of the dense-BN/ReLU-dropout layers; batch_norm:
+# whether those use BN; dropout: the default rate; dropout_first: dropout on the flattened
+# features before the first dense layer; linear: widths of plain dense layers (no
+# activation) between the hidden layers and the classifier.
+HEADS: dict[str, dict] = {
+    # The PaddlePaddle reference: dropout -> fc512 -> BN+ReLU+dropout -> fc512 -> fc(classes).
+    "cifar": {
+        "hidden": (512,),
+        "batch_norm": True,
+        "dropout": 0.5,
+        "dropout_first": True,
+        "linear": (512,),
+    },
+    # The paper's ImageNet head: fc4096-ReLU-dropout x2 -> fc(classes).
+    "imagenet": {
+        "hidden": (4096, 4096),
+        "batch_norm": False,
+        "dropout": 0.5,
+        "dropout_first": False,
+        "linear": (),
+    },
+    # The TensorFlow reference benchmark: fc2048-ReLU-dropout x2 -> fc(classes), no BN.
+    "tf_benchmark": {
+        "hidden": (2048, 2048),
+        "batch_norm": False,
+        "dropout": 0.5,
+        "dropout_first": False,
+        "linear": (),
+    },
+}
+
+# Per-convolution dropout patterns by name. 'paddle': the PaddlePaddle reference's 0.3
+# after the first block's convolutions and 0.4 after the others', none after a block's
+# last convolution (the pool follows it).
+CONV_DROPOUT_PATTERNS = ("paddle", "none")
+
+# Spellings that earlier versions used, and what they are called now.
+RENAMED = {"conv_dropout": {"seed": "paddle"}, "head": {"tf_seed": "tf_benchmark"}}
+
+# ImageNet statistics in 0..255 units: the normalisation when a dataset gives none.
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def scaled_stages(stages: Sequence[Sequence[int]], width: float) -> tuple[tuple[int, ...], ...]:
+    """Multiplies every block's channel count by `width` (at least one channel)."""
+    return tuple(tuple(max(1, round(c * width)) for c in block) for block in stages)
+
+
+def conv_dropout_rates(stages: Sequence[Sequence[int]], spec: str) -> tuple[tuple[float, ...], ...]:
+    """Per-convolution dropout rates: 'paddle', 'none', or one rate such as '0.2' after
+    every convolution but a block's last."""
+    if spec == "none":
+        return tuple(tuple(0.0 for _ in block) for block in stages)
+    if spec == "paddle":
+        first_rates = [0.3] + [0.4] * (len(stages) - 1)
+    else:
+        rate = parse_rate(spec)
+        if rate is None:
+            raise ValueError(
+                f"conv_dropout must be 'paddle', 'none' or a rate in [0, 1), got {spec!r}"
+            )
+        first_rates = [rate] * len(stages)
+    return tuple(
+        tuple(rate if i < len(block) - 1 else 0.0 for i in range(len(block)))
+        for rate, block in zip(first_rates, stages, strict=True)
+    )
+
+
+def parse_rate(text: str) -> float | None:
+    """A dropout rate written as text, or None if it is not a number in [0, 1)."""
+    try:
+        rate = float(text)
+    except ValueError:
+        return None
+    return rate if 0.0 <= rate < 1.0 else None
+
+
+def dense_widths(head: str, num_classes: int) -> tuple[int, ...]:
+    """Output widths of the head's dense layers in order, the classifier last."""
+    spec = HEADS[head]
+    return (*spec["hidden"], *spec["linear"], num_classes)
