@@ -5,21 +5,28 @@ Each step folder holds four items:
   train   optimiser state, step, dropout key (and the raw weights when `model` is the EMA)
   config  the resolved config, as JSON (read back through configuration.from_stored)
   meta    JSON, schema META_SCHEMA: the dataset's info (class names, normalisation,
-          image size), the epoch and position in it, and the epoch's metrics
+          image size), the epoch and position in it, the epoch's metrics, and a SHA-256
+          digest of every array of `model` and `train`, checked on every restore
 Nothing is pickled. Arrays are restored against shapes and shardings built here from the
 config, so a checkpoint written on 8 GPUs restores on 1 CPU without knowing its origin.
+A step that cannot be read back exactly (an item missing, a chunk or manifest deleted or
+truncated, a digest that does not match) is damaged: a trainer moves it aside as
+`<step>.damaged` and resumes from the newest intact one; readers refuse it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import shutil
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -58,6 +65,19 @@ class NoCheckpointError(FileNotFoundError):
     """No usable checkpoint where one was expected."""
 
 
+class DamagedCheckpointError(RuntimeError):
+    """A checkpoint step cannot be read back as it was written."""
+
+    def __init__(self, directory: str, step: int, reason: str):
+        super().__init__(f"checkpoint {directory}/{step} is damaged: {reason}")
+        self.step = step
+        self.reason = reason
+
+
+class NonFiniteStateError(FloatingPointError):
+    """The state to save holds NaN or infinite values; it is not saved."""
+
+
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
 
@@ -82,10 +102,16 @@ def create_manager(
     )
     # A reader neither creates, cleans nor prunes anything (orbax's own read_only mode
     # would also do, but warns on every load).
+    # Unfinished saves are removed here, synchronously: orbax's own clean-up runs in a
+    # background thread that an early exit interrupts with a 40-line traceback.
+    if not read_only and jax.process_index() == 0:
+        for name in os.listdir(directory) if os.path.isdir(directory) else ():
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=None if read_only else policy,
         enable_async_checkpointing=async_save and not read_only,
-        cleanup_tmp_directories=not read_only,
+        cleanup_tmp_directories=False,
         create=not read_only,
     )
     return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
@@ -96,6 +122,33 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json())
 
 
+def _host_leaves(tree: Any) -> list[tuple[str, np.ndarray]]:
+    """(path, host array) of every leaf; a replicated array is read from this process."""
+    leaves = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            leaf = leaf.addressable_data(0)
+        leaves.append((jax.tree_util.keystr(path), np.asarray(jax.device_get(leaf))))
+    return leaves
+
+
+def digest(tree: Any) -> str:
+    """SHA-256 over every leaf's path, dtype, shape and bytes, in tree order."""
+    hasher = hashlib.sha256()
+    for path, array in _host_leaves(tree):
+        hasher.update(f"{path}|{array.dtype}|{array.shape}|".encode())
+        hasher.update(np.ascontiguousarray(array).tobytes())
+    return hasher.hexdigest()
+
+
+def non_finite_leaves(tree: Any) -> list[str]:
+    return [
+        path
+        for path, array in _host_leaves(tree)
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all()
+    ]
+
+
 def save(
     manager: ocp.CheckpointManager,
     state: Any,
@@ -103,9 +156,16 @@ def save(
     meta: dict[str, Any],
     test_accuracy: float | None = None,
 ) -> None:
-    """Saves `state` at its step (asynchronously where the manager is async)."""
+    """Saves `state` at its step (asynchronously where the manager is async), with the
+    digests of its arrays in `meta`. Refuses a state with NaN or infinite values."""
     step = int(state.step)
     model, train = split_state(state)
+    bad = non_finite_leaves({"model": model, "train": train})
+    if bad:
+        raise NonFiniteStateError(
+            f"not saving step {step}: non-finite values in {', '.join(bad[:3])}"
+        )
+    meta = {**meta, "digests": {"model": digest(model), "train": digest(train)}}
     metrics = None if test_accuracy is None else {"test_accuracy": float(test_accuracy)}
     manager.save(
         step,
@@ -159,25 +219,46 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     return meta
 
 
+def _restore_verified(manager: ocp.CheckpointManager, step: int, items: dict[str, Any]):
+    """Restores the named items against their abstract trees and checks each one's
+    digest; any failure to read them back exactly raises DamagedCheckpointError."""
+    directory = str(manager.directory)
+    try:
+        digests = read_meta(manager, step).get("digests", {})
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{name: ocp.args.StandardRestore(tree) for name, tree in items.items()}
+            ),
+        )
+    except (IncompatibleCheckpointError, KeyboardInterrupt):
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever orbax/tensorstore raise
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise DamagedCheckpointError(
+            directory, step, f"unreadable ({type(error).__name__}: {reason})"
+        ) from None
+    for name in items:
+        if name in digests and digest(restored[name]) != digests[name]:
+            raise DamagedCheckpointError(directory, step, f"the {name!r} item fails its checksum")
+    return restored
+
+
 def restore_model(
     manager: ocp.CheckpointManager, step: int, abstract_variables: Any
 ) -> dict[str, Any]:
-    """Params and BN statistics only (what a predictor needs)."""
-    restored = manager.restore(
-        step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract_variables))
-    )
-    return restored["model"]
+    """Params and BN statistics only (what a predictor needs), checked."""
+    return _restore_verified(manager, step, {"model": abstract_variables})["model"]
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, state: Any, sharding) -> Any:
-    """`state` (a template with the right structure) filled from checkpoint `step`."""
+    """`state` (a template with the right structure) filled from checkpoint `step`,
+    checked."""
     model, train = split_state(state)
-    restored = manager.restore(
+    restored = _restore_verified(
+        manager,
         step,
-        args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(abstract_like(model, sharding)),
-            train=ocp.args.StandardRestore(abstract_like(train, sharding)),
-        ),
+        {"model": abstract_like(model, sharding), "train": abstract_like(train, sharding)},
     )
     model, train = restored["model"], restored["train"]
     raw = train.get("raw", model)
@@ -191,19 +272,38 @@ def restore_state(manager: ocp.CheckpointManager, step: int, state: Any, shardin
     )
 
 
-def usable_steps(manager: ocp.CheckpointManager) -> list[int]:
-    """Finished checkpoint steps, newest first; a step folder missing any item (a copy
-    cut short, a half-deleted folder) is skipped with a warning."""
+def quarantine(manager: ocp.CheckpointManager, step: int, reason: str) -> None:
+    """Moves a damaged step aside as `<step>.damaged` (kept for inspection, never read
+    again) so that the run can save that step anew; one warning says so."""
+    directory = str(manager.directory)
+    target = os.path.join(directory, f"{step}.damaged")
+    suffix = 1
+    while os.path.exists(target):
+        suffix += 1
+        target = os.path.join(directory, f"{step}.damaged-{suffix}")
+    os.rename(os.path.join(directory, str(step)), target)
+    logger.warning(
+        "checkpoint %s/%d is damaged (%s): moved aside to %s", directory, step, reason, target
+    )
+    manager.reload()
+
+
+def usable_steps(manager: ocp.CheckpointManager, move_damaged: bool = False) -> list[int]:
+    """Finished checkpoint steps, newest first. A step folder missing an item (a copy
+    cut short, a half-deleted folder) is skipped with a warning or, with
+    `move_damaged` (a trainer), moved aside."""
     steps = []
     for step in sorted(manager.all_steps(), reverse=True):
         folder = os.path.join(str(manager.directory), str(step))
         missing = [item for item in ITEMS if not os.path.isdir(os.path.join(folder, item))]
-        if missing:
+        if not missing:
+            steps.append(step)
+        elif move_damaged:
+            quarantine(manager, step, f"missing {', '.join(missing)}")
+        else:
             logger.warning(
                 "skipping checkpoint %s: incomplete (missing %s)", folder, ", ".join(missing)
             )
-            continue
-        steps.append(step)
     return steps
 
 
@@ -236,6 +336,7 @@ class Located:
 
     directory: str
     step: int
+    steps: tuple[int, ...] = ()  # every usable step there, newest first
 
 
 def locate(path: str, step: int | str = "latest") -> Located:
@@ -263,14 +364,18 @@ def locate(path: str, step: int | str = "latest") -> Located:
         if chosen not in steps:
             raise NoCheckpointError(f"no checkpoint for step {chosen} in {directory}: {steps}")
     manager.close()
-    return Located(directory, chosen)
+    return Located(directory, chosen, tuple(steps))
 
 
 def best_step(manager: ocp.CheckpointManager, steps: list[int]) -> int:
     """The step with the highest recorded test accuracy (the latest if none has one)."""
     scored = []
     for step in steps:
-        accuracy = read_meta(manager, step).get("test_accuracy")
+        try:
+            accuracy = read_meta(manager, step).get("test_accuracy")
+        except (OSError, ValueError) as error:  # an unreadable meta item: not a candidate
+            logger.warning("skipping checkpoint step %d: unreadable meta (%s)", step, error)
+            continue
         if accuracy is not None:
             scored.append((accuracy, step))
     return max(scored)[1] if scored else steps[0]

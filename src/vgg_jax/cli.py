@@ -15,13 +15,16 @@ from vgg_jax import configuration
 FLAGS = flags.FLAGS
 
 
-def configure_logging() -> None:
-    """Our INFO lines with a short timestamp; other libraries only from WARNING up."""
+def configure_logging(level: int = logging.INFO) -> None:
+    """Our lines from `level` up with a short timestamp; other libraries (orbax, JAX)
+    only from WARNING up, unless --verbosity asks for more."""
     absl_logging.get_absl_handler().setFormatter(
         logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     )
+    if "verbosity" in FLAGS and FLAGS["verbosity"].present:
+        return
     logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("vgg_jax").setLevel(logging.INFO)
+    logging.getLogger("vgg_jax").setLevel(level)
 
 
 def one_line(error: BaseException) -> str:

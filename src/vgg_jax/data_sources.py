@@ -8,6 +8,7 @@ only on the TFDS path, so the image-folder and synthetic paths run without it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
 from collections.abc import Sequence
@@ -17,6 +18,8 @@ import numpy as np
 from PIL import Image
 
 from vgg_jax import spec
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 CIFAR10_TARBALL = "cifar-10-binary.tar.gz"
@@ -85,6 +88,7 @@ class Split:
     labels: np.ndarray  # int32 (N,)
     class_names: tuple[str, ...]
     num_examples_global: int  # rows in the whole split, over all processes
+    skipped: tuple[str, ...] = ()  # this process's unreadable files, left out
 
 
 def process_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -104,46 +108,89 @@ def load_split(
     process_count: int = 1,
     synthetic_sizes: Sequence[int] = (2048, 512),
     synthetic_classes: int = 10,
+    class_names: Sequence[str] | None = None,
 ) -> Split:
     """Loads this process's part of `split` of `dataset` (a TFDS name, 'image_folder',
-    or 'synthetic')."""
+    or 'synthetic'). `class_names`: the training split's classes, which an evaluation
+    split's labels must index (an image folder's test classes are mapped through them)."""
     if dataset == "synthetic":
-        return load_synthetic(
+        loaded = load_synthetic(
             split, image_size, synthetic_sizes, synthetic_classes, process_index, process_count
         )
-    if dataset == "image_folder":
+    elif dataset == "image_folder":
         if not data_dir:
             raise DatasetUnavailableError(
                 "dataset='image_folder' needs --config.data_dir=DIR holding "
                 "DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg"
             )
-        return load_image_folder(data_dir, split, image_size, process_index, process_count)
-    return load_tfds(dataset, split, data_dir, image_size, process_index, process_count)
+        root = os.path.expanduser(data_dir)
+        return load_image_folder(root, split, image_size, process_index, process_count, class_names)
+    else:
+        loaded = load_tfds(dataset, split, data_dir, image_size, process_index, process_count)
+    if class_names is not None and tuple(class_names) != loaded.class_names:
+        raise DatasetUnavailableError(
+            f"{dataset} split {split!r} has classes {loaded.class_names}, expected "
+            f"{tuple(class_names)}"
+        )
+    return loaded
 
 
 # ---------------------------------------------------------------------------- image folder
 
 
-def list_image_folder(root: str, split: str) -> tuple[list[tuple[Path, int]], tuple[str, ...]]:
-    """(path, label) for every image under root/split/<class>/, classes sorted by name."""
+def _visible(path: Path) -> bool:
+    """Not a dot-file (macOS '._x.jpg' sidecars, '.DS_Store')."""
+    return not path.name.startswith(".")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if _visible(path) and path.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def list_image_folder(
+    root: str, split: str, class_names: Sequence[str] | None = None
+) -> tuple[list[tuple[Path, int]], tuple[str, ...]]:
+    """(path, label) for every image under root/split/<class>/ and the class names,
+    sorted by name. With `class_names` (the training split's), the split must have
+    exactly those classes and labels index them. A class folder without images stops
+    here, naming it."""
     split_dir = Path(root) / split
     if not split_dir.is_dir():
         raise DatasetUnavailableError(
             f"image folder {split_dir} does not exist; expected "
             f"{root}/{{train,test}}/<class name>/<image files>"
         )
-    class_names = tuple(sorted(p.name for p in split_dir.iterdir() if p.is_dir()))
-    if not class_names:
+    folders = {p.name: p for p in split_dir.iterdir() if _visible(p) and p.is_dir()}
+    if not folders:
         raise DatasetUnavailableError(f"image folder {split_dir} has no class sub-folders")
-    files = [
-        (path, label)
-        for label, name in enumerate(class_names)
-        for path in sorted((split_dir / name).iterdir())
-        if path.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not files:
-        raise DatasetUnavailableError(f"image folder {split_dir} holds no images")
-    return files, class_names
+    images = {name: _images_in(folder) for name, folder in sorted(folders.items())}
+    empty = [name for name, paths in images.items() if not paths]
+    if empty:
+        raise DatasetUnavailableError(
+            f"image folder {split_dir}: class folder(s) without images: {', '.join(empty)}; "
+            "add images or remove the folder(s)"
+        )
+    names = tuple(images) if class_names is None else tuple(class_names)
+    unknown = sorted(set(images) - set(names))
+    missing = sorted(set(names) - set(images))
+    if unknown or missing:
+        raise DatasetUnavailableError(
+            f"image folder {split_dir} does not have the training classes: "
+            + "; ".join(
+                part
+                for part in (
+                    unknown and f"classes not in training: {', '.join(unknown)}",
+                    missing and f"training classes with no {split} images: {', '.join(missing)}",
+                )
+                if part
+            )
+        )
+    files = [(path, names.index(name)) for name, paths in images.items() for path in paths]
+    return files, names
 
 
 def read_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
@@ -171,14 +218,38 @@ def to_rgb_array(image: Image.Image, image_size: int) -> np.ndarray:
 
 
 def load_image_folder(
-    root: str, split: str, image_size: int, process_index: int, process_count: int
+    root: str,
+    split: str,
+    image_size: int,
+    process_index: int,
+    process_count: int,
+    class_names: Sequence[str] | None = None,
 ) -> Split:
-    files, class_names = list_image_folder(root, split)
+    """This process's share of an image folder split, decoded. An unreadable file
+    (truncated, corrupt, empty, not an image) is left out with one warning naming it;
+    a class left with no readable image at all stops the run."""
+    files, names = list_image_folder(root, split, class_names)
     start, end = process_range(len(files), process_index, process_count)
-    local = files[start:end]
-    images = np.stack([read_image(path, image_size) for path, _ in local])
-    labels = np.asarray([label for _, label in local], np.int32)
-    return Split(images, labels, class_names, len(files))
+    images, labels, skipped = [], [], []
+    for path, label in files[start:end]:
+        try:
+            images.append(read_image(path, image_size))
+            labels.append(label)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            logger.warning("skipping %s: unreadable image (%s)", path, error)
+            skipped.append(str(path))
+    if skipped:
+        logger.warning("%s split: skipped %d unreadable file(s)", split, len(skipped))
+    if process_count == 1:
+        empty = sorted(set(range(len(names))) - set(labels))
+        if empty:
+            raise DatasetUnavailableError(
+                f"image folder {Path(root) / split}: no readable image in class(es) "
+                + ", ".join(names[i] for i in empty)
+            )
+    if not images:
+        raise DatasetUnavailableError(f"no readable image in this process's share of {split}")
+    return Split(np.stack(images), np.asarray(labels, np.int32), names, len(files), tuple(skipped))
 
 
 # ------------------------------------------------------------------------------- synthetic
@@ -217,10 +288,20 @@ def load_synthetic(
 # ------------------------------------------------------------------------------------ TFDS
 
 
+TFDS_EXTRA_HINT = "pip install 'vgg-jax[tfds]' (TensorFlow and tensorflow-datasets)"
+
+
 def import_tensorflow():
     """Imports TensorFlow for TFDS, hidden from GPUs so that JAX keeps them."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    try:
+        import tensorflow as tf
+        import tensorflow_datasets  # noqa: F401
+    except ImportError as error:
+        raise DatasetUnavailableError(
+            f"TFDS datasets need TensorFlow ({error.name} is not installed): "
+            f"{TFDS_EXTRA_HINT}; or use --config.dataset=image_folder"
+        ) from None
 
     tf.config.set_visible_devices([], "GPU")
     return tf
@@ -242,6 +323,7 @@ def resolved_data_dir(data_dir: str | None) -> str:
 def prepare_tfds(builder, name: str, data_dir: str) -> None:
     """Prepares a TFDS dataset from the manual folder or the network, or says how."""
     import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
     manual_dir = os.path.join(data_dir, "downloads", "manual")
     has_manual_files = os.path.isdir(manual_dir) and bool(os.listdir(manual_dir))
@@ -256,9 +338,20 @@ def prepare_tfds(builder, name: str, data_dir: str) -> None:
             f"TFDS dataset {name!r} is not prepared in {data_dir} and cannot be downloaded "
             f"(no network): {hint}; or use --config.dataset=image_folder, or configs/smoke.py"
         )
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
-    )
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+        )
+    except NonMatchingChecksumError:
+        raise DatasetUnavailableError(
+            f"a file TFDS read for {name!r} (in {manual_dir}/ or downloaded) does not have "
+            "the official size and checksum: delete it and download it again"
+            + (
+                f" from https://www.cs.toronto.edu/~kriz/{CIFAR10_TARBALL}"
+                if name.startswith("cifar10")
+                else ""
+            )
+        ) from None
 
 
 def load_tfds(

@@ -7,7 +7,6 @@ Uses the dataset, split and image size stored with the checkpoint.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import jax
@@ -15,8 +14,9 @@ from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vgg_jax import checkpoint, configuration, data_sources, inference, input_pipeline, train
+from vgg_jax import checkpoint, cli, configuration, data_sources, inference, input_pipeline, train
 from vgg_jax.cpu import host_memory
+from vgg_jax.metrics_log import to_json
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ folder, or a step.")
@@ -24,6 +24,8 @@ flags.DEFINE_string("step", "latest", "'latest', 'best' or a step number.")
 flags.DEFINE_string("data_dir", None, "Override the data_dir stored with the checkpoint.")
 flags.DEFINE_integer("batch_size", 0, "Evaluation batch (0: the training batch size).")
 flags.mark_flag_as_required("workdir")
+flags.register_validator("step", inference.valid_step, "--step must be latest, best or a number")
+flags.register_validator("batch_size", lambda value: value >= 0, "--batch_size must be >= 0")
 
 
 def evaluate_checkpoint(
@@ -33,7 +35,10 @@ def evaluate_checkpoint(
     config = predictor.config
     mesh = input_pipeline.create_mesh()
     split = data_sources.load_split(
-        config.dataset, config.eval_split, **train.source_kwargs(config, data_dir)
+        config.dataset,
+        config.eval_split,
+        class_names=predictor.class_names,
+        **train.source_kwargs(config, data_dir),
     )
     batch_size = batch_size or config.batch_size
     if batch_size % jax.device_count():
@@ -57,17 +62,24 @@ def evaluate_checkpoint(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.configure_logging()
+    expected = (
+        checkpoint.NoCheckpointError,
+        checkpoint.DamagedCheckpointError,
+        data_sources.DatasetUnavailableError,
+        ValueError,
+    )
     try:
         predictor = inference.load(FLAGS.workdir, inference.parse_step(FLAGS.step))
         metrics = evaluate_checkpoint(predictor, FLAGS.data_dir, FLAGS.batch_size)
-    except (checkpoint.NoCheckpointError, data_sources.DatasetUnavailableError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    print(json.dumps({"step": predictor.step, **metrics}))
+    except expected as error:
+        sys.exit(f"error: {error}")
+    print(to_json({"step": predictor.step, **metrics}))
 
 
 def run() -> None:
     host_memory.restart_with_retained_memory()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -124,8 +124,14 @@ class Predictor:
         ]
 
 
+def valid_step(value: str) -> bool:
+    return value in ("latest", "best") or value.isdigit()
+
+
 def parse_step(value: str) -> int | str:
     """A --step flag: 'latest', 'best' or a number."""
+    if not valid_step(value):
+        raise ValueError(f"step must be 'latest', 'best' or a number, got {value!r}")
     return int(value) if value.isdigit() else value
 
 
@@ -150,6 +156,12 @@ def load(path: str | os.PathLike, step: int | str = "latest") -> Predictor:
         variables = checkpoint.restore_model(
             manager, located.step, checkpoint.abstract_like(target, device)
         )
+    except checkpoint.DamagedCheckpointError as error:
+        others = [str(s) for s in located.steps if s != located.step]
+        hint = f"; other steps there: {', '.join(others)} (ask for one with step=N, --step=N)"
+        raise checkpoint.DamagedCheckpointError(
+            located.directory, located.step, error.reason + (hint if others else "")
+        ) from None
     finally:
         manager.close()
     return Predictor(config, variables, info, located.step)

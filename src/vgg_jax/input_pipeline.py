@@ -53,17 +53,21 @@ class DeviceSplit:
 
 def put_train_split(split: Split, mesh: Mesh) -> DeviceSplit:
     """Places the training rows on the mesh. Each process contributes an equal number of
-    rows, a multiple of its device count; the few rows beyond that are left out."""
-    process_count = jax.process_count()
+    rows, a multiple of its device count: the fewest any process has (unreadable files
+    leave some with fewer); the few rows beyond that are left out."""
     local_devices = jax.local_device_count()
-    rows = (split.num_examples_global // process_count) // local_devices * local_devices
+    rows = len(split.labels) // local_devices * local_devices
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        rows = int(np.min(multihost_utils.process_allgather(np.asarray(rows))))
     if rows == 0:
         raise ValueError(
             f"the training split has {split.num_examples_global} examples, fewer than the "
             f"{jax.device_count()} devices"
         )
     sharding = NamedSharding(mesh, P(DATA_AXIS))
-    global_rows = rows * process_count
+    global_rows = rows * jax.process_count()
 
     def to_global(local: np.ndarray) -> jax.Array:
         return jax.make_array_from_process_local_data(

@@ -3,20 +3,29 @@
   python -m vgg_jax.main --config=configs/vgg16.py --workdir=/tmp/vgg16 \
       --config.batch_size=256 --config.num_epochs=1
 
-The config is checked before anything heavy is imported or any data is read.
+The signal handlers are installed first, then the config is checked, before anything
+heavy is imported or any data is read. Every expected failure ends in one line and a
+non-zero status.
 """
 
 from __future__ import annotations
 
-import os
-import sys
+from vgg_jax.preemption import Preempted, PreemptionGuard
 
-from absl import app, flags
-from ml_collections import config_flags
+# Installed before anything slow (the imports below included), so that SIGTERM during
+# start-up is answered with a checkpoint after the first step rather than by dying.
+_guard = PreemptionGuard()
+if __name__ == "__main__":
+    _guard.install()
 
-from vgg_jax import cli
-from vgg_jax.cpu import host_memory
-from vgg_jax.preemption import Preempted
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from vgg_jax import cli  # noqa: E402
+from vgg_jax.cpu import host_memory  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBoard events and checkpoints.")
@@ -32,19 +41,30 @@ def main(argv: list[str]) -> None:
     cli.configure_logging()
     from vgg_jax import train  # imports JAX: only once the config has passed its check
     from vgg_jax.data_sources import DatasetUnavailableError
+    from vgg_jax.workdir_lock import WorkdirBusyError
 
     try:
-        train.train_and_evaluate(FLAGS.config, os.path.expanduser(FLAGS.workdir))
+        train.train_and_evaluate(FLAGS.config, os.path.expanduser(FLAGS.workdir), _guard)
     except Preempted as stopped:
         print(stopped, file=sys.stderr)
         sys.exit(stopped.exit_code)
-    except (DatasetUnavailableError, ValueError) as error:
+    except (DatasetUnavailableError, WorkdirBusyError, FloatingPointError, ValueError) as error:
         sys.exit(f"error: {error}")
+    except OSError as error:  # a full disk, a read-only workdir, ...
+        sys.exit(f"error: {error.strerror or error}: {error.filename or FLAGS.workdir}")
 
 
 def run() -> None:
-    host_memory.restart_with_retained_memory()
-    app.run(main, flags_parser=cli.parse_flags)
+    _guard.install()
+    if not _guard.requested:  # a restart would forget a signal already received
+        host_memory.restart_with_retained_memory()
+    try:
+        app.run(main, flags_parser=cli.parse_flags)
+    except KeyboardInterrupt:  # a second Ctrl-C: the user wants out now
+        print("interrupted (second Ctrl-C): stopped without saving", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        _guard.uninstall()
 
 
 if __name__ == "__main__":

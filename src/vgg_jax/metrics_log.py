@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -35,7 +36,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(to_json(record) + "\n")
         if self._tensorboard is not None:
             for name, value in record.items():
                 if name != "epoch" and isinstance(value, int | float):
@@ -43,23 +44,54 @@ class MetricsLog:
             self._tensorboard.flush()
 
     def truncate_after(self, epoch: int) -> None:
-        """Drops records of epochs after `epoch`: a resumed run redoes those epochs (their
-        checkpoint was not complete when the previous run stopped)."""
+        """Drops records of epochs after `epoch` (a resumed run redoes those epochs:
+        their checkpoint was not complete when the previous run stopped) and lines that
+        are not whole records (a line cut short by a crash), with a warning."""
         if not self.enabled or not os.path.exists(self.path):
             return
         with open(self.path) as f:
             lines = [line for line in f if line.strip()]
-        kept = [line for line in lines if json.loads(line)["epoch"] <= epoch]
+        records = _parse(lines, self.path)
+        kept = [line for line, record in zip(lines, records, strict=True) if record]
+        kept = [line for line in kept if json.loads(line)["epoch"] <= epoch]
         if len(kept) != len(lines):
             with open(self.path, "w") as f:
-                f.writelines(kept)
+                f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
 
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
 
 
+def to_json(record: dict[str, Any]) -> str:
+    """One JSON line; NaN and infinities (not JSON) are written as null."""
+    clean = {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in record.items()
+    }
+    return json.dumps(clean, allow_nan=False)
+
+
+def _parse(lines: list[str], path: str) -> list[dict[str, Any] | None]:
+    """Each line's record, or None (with a warning) for a line that is not one."""
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or "epoch" not in record:
+            logger.warning(
+                "%s line %d is not a whole record: dropped (%r)", path, number, line[:80]
+            )
+            record = None
+        records.append(record)
+    return records
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """The records of WORKDIR/metrics.jsonl, in order."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The whole records of WORKDIR/metrics.jsonl, in order."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    return [record for record in _parse(lines, path) if record]

@@ -12,22 +12,24 @@ import sys
 
 from absl import app, flags
 
-from vgg_jax import checkpoint, inference
+from vgg_jax import checkpoint, cli, inference
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ folder, or a step.")
 flags.DEFINE_string("step", "latest", "'latest', 'best' or a step number.")
-flags.DEFINE_integer("top", 5, "How many classes to print per image.")
+flags.DEFINE_integer("top", 5, "How many classes to print per image.", lower_bound=1)
 flags.mark_flag_as_required("workdir")
+flags.register_validator("step", inference.valid_step, "--step must be latest, best or a number")
 
 
 def main(argv: list[str]) -> None:
     paths = argv[1:]
     if not paths:
         raise app.UsageError("give one or more image files")
+    cli.configure_logging()
     try:
         predictor = inference.load(FLAGS.workdir, inference.parse_step(FLAGS.step))
-    except (checkpoint.NoCheckpointError, ValueError) as error:
+    except (checkpoint.NoCheckpointError, checkpoint.DamagedCheckpointError, ValueError) as error:
         sys.exit(f"error: {error}")
     results, errors = inference.predict_files(predictor, paths)
     for path, probabilities in results:
@@ -40,7 +42,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -39,13 +39,20 @@ class PreemptionGuard:
             raise KeyboardInterrupt
         self.signal_number = signal_number
 
-    def __enter__(self) -> PreemptionGuard:
-        # Signal handlers can only be installed from the main thread.
-        if threading.current_thread() is threading.main_thread():
+    def install(self) -> PreemptionGuard:
+        """Takes over SIGTERM and SIGINT (once; only the main thread can)."""
+        if not self._previous and threading.current_thread() is threading.main_thread():
             for number in self.SIGNALS:
                 self._previous[number] = signal.signal(number, self._handle)
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def uninstall(self) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> PreemptionGuard:
+        return self.install()
+
+    def __exit__(self, *exc_info) -> None:
+        self.uninstall()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,9 +21,19 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from vgg_jax import checkpoint, configuration, cpu, data_sources, input_pipeline, models, optim
+from vgg_jax import (
+    checkpoint,
+    configuration,
+    cpu,
+    data_sources,
+    input_pipeline,
+    models,
+    optim,
+    resume,
+)
 from vgg_jax.metrics_log import MetricsLog
 from vgg_jax.preemption import Preempted, PreemptionGuard
+from vgg_jax.workdir_lock import WorkdirLock
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +239,9 @@ def load_data(config: ml_collections.ConfigDict):
     """Both splits of this process, in host memory, and what a predictor needs of them."""
     kwargs = source_kwargs(config)
     train_split = data_sources.load_split(config.dataset, config.train_split, **kwargs)
-    eval_split = data_sources.load_split(config.dataset, config.eval_split, **kwargs)
+    eval_split = data_sources.load_split(
+        config.dataset, config.eval_split, class_names=train_split.class_names, **kwargs
+    )
     mean, std = input_pipeline.channel_stats(train_split.images)
     if jax.process_count() > 1:
         # Every process must build the same model: take process 0's statistics.
@@ -269,17 +282,11 @@ class Run:
     eval_at: Callable[..., Any]
     data_key: jax.Array
     partial_sums: dict[str, float] | None  # metric sums of a resumed, unfinished epoch
+    lock: WorkdirLock | None = None  # held by process 0 for the whole run
 
 
-def find_resume_step(manager, config: ml_collections.ConfigDict) -> int | None:
-    """The newest usable checkpoint step, after checking its config matches; None if the
-    workdir holds none."""
-    steps = checkpoint.usable_steps(manager)
-    if not steps:
-        return None
-    saved_config = checkpoint.read_json_item(manager, steps[0], "config")
-    checkpoint.check_compatible(saved_config, config, str(manager.directory))
-    return steps[0]
+class DivergedError(FloatingPointError):
+    """The training loss became NaN or infinite; nothing after it was saved."""
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainState]:
@@ -289,21 +296,34 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainSt
         jax.distributed.initialize()
     configuration.validate(config, jax.device_count())
     mesh = input_pipeline.create_mesh()
-    manager = checkpoint.create_manager(
-        checkpoint.checkpoint_dir(workdir),
-        keep=config.keep_checkpoints,
-        async_save=config.async_checkpointing,
-    )
+    lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
     try:
-        return _prepare(config, workdir, mesh, manager)
+        manager = checkpoint.create_manager(
+            checkpoint.checkpoint_dir(workdir),
+            keep=config.keep_checkpoints,
+            async_save=config.async_checkpointing,
+        )
+    except BaseException:
+        lock and lock.release()
+        raise
+    try:
+        run, state = _prepare(config, workdir, mesh, manager)
     except BaseException:
         manager.close()  # an early error ends in its own message, not in orbax's
+        lock and lock.release()
         raise
+    run.lock = lock
+    return run, state
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manager):
-    resume_step = find_resume_step(manager, config)
+    point = resume.find_resume_point(manager, config)
     train_split, eval_split, info = load_data(config)
+    if train_split.num_examples_global < config.batch_size:
+        raise ValueError(
+            f"batch_size={config.batch_size} is larger than the training split "
+            f"({train_split.num_examples_global} examples)"
+        )
     train_data = input_pipeline.put_train_split(train_split, mesh)
     eval_batch_size = config.eval_batch_size or config.batch_size
     eval_batches = input_pipeline.put_eval_batches(eval_split, eval_batch_size, mesh)
@@ -322,13 +342,13 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manage
     learning_rate_fn = optim.create_learning_rate_schedule(config, steps_per_epoch)
     model = models.build_model(config, info)
     state = create_train_state(config, model, config.image_size, learning_rate_fn, mesh)
+    meta = None
+    if point is not None:
+        resume.check_same_data(point, info, steps_per_epoch, str(manager.directory))
+        state, meta = resume.restore_newest_intact(manager, point, state, NamedSharding(mesh, P()))
     log = MetricsLog(workdir, enabled=jax.process_index() == 0)
-    meta = {}
-    if resume_step is None:
-        log.truncate_after(0)  # records of a run that died before its first checkpoint
-    else:
-        state, meta = restore_for_resume(manager, resume_step, state, mesh, steps_per_epoch)
-        log.truncate_after(meta["epoch"])  # epochs logged but not checkpointed are redone
+    # Epochs logged but not checkpointed are redone (all of them without a checkpoint).
+    log.truncate_after(meta["epoch"] if meta else 0)
     train_at, eval_at = make_step_functions(config, mesh)
     run = Run(
         config=config,
@@ -343,29 +363,9 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manage
         train_at=train_at,
         eval_at=eval_at,
         data_key=jax.random.fold_in(jax.random.key(config.seed), 1),
-        partial_sums=meta.get("partial_train_sums"),
+        partial_sums=(meta or {}).get("partial_train_sums"),
     )
     return run, state
-
-
-def restore_for_resume(manager, step: int, state: TrainState, mesh: Mesh, steps_per_epoch: int):
-    """The state saved at `step` and that checkpoint's meta."""
-    state = checkpoint.restore_state(manager, step, state, NamedSharding(mesh, P()))
-    meta = checkpoint.read_meta(manager, step)
-    if meta["steps_per_epoch"] != steps_per_epoch:
-        raise checkpoint.IncompatibleCheckpointError(
-            f"{manager.directory} was written with {meta['steps_per_epoch']} steps per "
-            f"epoch, this run has {steps_per_epoch}: the dataset changed; use a new --workdir"
-        )
-    logger.info(
-        "resuming from %s/%d: epoch %d, step %d of %d",
-        manager.directory,
-        step,
-        meta["epoch"] + 1,
-        meta["step_in_epoch"],
-        steps_per_epoch,
-    )
-    return state, meta
 
 
 def save_checkpoint(
@@ -388,10 +388,15 @@ def save_checkpoint(
 
 
 def close(run: Run) -> None:
-    """Waits for the last save, then closes the manager and the log."""
-    run.manager.wait_until_finished()
-    run.manager.close()
-    run.log.close()
+    """Waits for the last save, then closes the manager and the log, and frees the
+    workdir."""
+    try:
+        run.manager.wait_until_finished()
+        run.manager.close()
+        run.log.close()
+    finally:
+        if run.lock:
+            run.lock.release()
 
 
 def progress_bar(config: ml_collections.ConfigDict, epoch: int, steps: int, done: int) -> tqdm:
@@ -433,12 +438,24 @@ def train_epoch(
             if guard.requested and index + 1 < steps:
                 return state, sums, False
             if (index + 1) % config.log_every_steps == 0:
-                # Show the loss of one logging interval ago: it is done by now, so
+                # Read the loss of one logging interval ago: it is done by now, so
                 # reading it does not stall the queue of dispatched steps.
                 if running_loss is not None:
+                    check_finite(float(running_loss), int(state.step), run)
                     bar.set_postfix(loss=f"{float(running_loss):.4f}")
                 running_loss = sums["loss_sum"] / sums["count"]
     return state, sums, True
+
+
+def check_finite(loss: float, step: int, run: Run) -> None:
+    if not math.isfinite(loss):
+        steps = run.manager.all_steps()
+        last = f"the last checkpoint is step {max(steps)}" if steps else "nothing was saved"
+        raise DivergedError(
+            f"training diverged: the train loss is {loss} by step {step}; {last}. Try a "
+            f"lower learning_rate (now {run.config.learning_rate}), a warm-up "
+            "(warmup_epochs) or gradient clipping (grad_clip_norm)"
+        )
 
 
 def log_epoch(record: dict[str, Any], num_epochs: int) -> None:
@@ -455,24 +472,29 @@ def log_epoch(record: dict[str, Any], num_epochs: int) -> None:
     )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard | None = None
+) -> TrainState:
     """Trains for `config.num_epochs` passes, evaluating on every test example after each;
     logs to WORKDIR/metrics.jsonl and TensorBoard; checkpoints to WORKDIR/checkpoints and
-    resumes from there. Raises `Preempted` after saving if SIGTERM/SIGINT arrives.
-    Returns the final state."""
-    # The guard covers set-up too: a signal during data loading or compilation is
-    # answered after the first step, with a checkpoint.
-    with PreemptionGuard() as guard:
-        run, state = setup(config, workdir)
-        try:
-            state = train_loop(run, state, guard)
-        except Preempted:
-            raise  # saved and closed already
-        except BaseException:
-            run.manager.close()
-            raise
-        close(run)
-        return state
+    resumes from there. Raises `Preempted` after saving if SIGTERM/SIGINT arrives (the
+    CLI passes a `guard` installed before anything slow), `DivergedError` if the loss becomes
+    NaN or infinite. Returns the final state."""
+    if guard is None:
+        # The guard covers set-up too: a signal during data loading or compilation is
+        # answered after the first step, with a checkpoint.
+        with PreemptionGuard() as guard:
+            return train_and_evaluate(config, workdir, guard)
+    run, state = setup(config, workdir)
+    try:
+        state = train_loop(run, state, guard)
+    except Preempted:
+        raise  # saved and closed already
+    except BaseException:
+        close(run)  # the last good save completes; nothing after it is saved
+        raise
+    close(run)
+    return state
 
 
 def train_loop(run: Run, state: TrainState, guard: PreemptionGuard) -> TrainState:
@@ -492,6 +514,7 @@ def train_loop(run: Run, state: TrainState, guard: PreemptionGuard) -> TrainStat
             stop(run, state, guard, where)
         record = {"epoch": epoch + 1, "step": int(state.step)}
         record.update(summarise(sums, "train"))
+        check_finite(record["train_loss"], record["step"], run)
         record.update(evaluate(state, run.eval_batches, run.eval_at))
         record["learning_rate"] = float(run.learning_rate_fn(int(state.step) - 1))
         record["epoch_seconds"] = time.perf_counter() - epoch_start

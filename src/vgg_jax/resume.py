@@ -1,0 +1,104 @@
+"""What rerunning a training command continues from: the newest intact checkpoint of
+the workdir, if the run it belongs to is the one asked for.
+
+Damaged steps (missing items, unreadable arrays, failed checksums, unreadable JSON) are
+moved aside as `<step>.damaged` with one warning each; the next older step is used. A
+checkpoint of a different run is refused in one line naming what differs: another
+config, dataset classes, steps per epoch, or a schedule whose shape depends on
+`num_epochs` (one-cycle, cosine) when `num_epochs` changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import ml_collections
+
+from vgg_jax import checkpoint, data_sources
+
+logger = logging.getLogger(__name__)
+
+# Schedules whose learning rate at a given step depends on the total number of steps.
+LENGTH_DEPENDENT_SCHEDULES = ("onecycle", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    step: int
+    meta: dict[str, Any]
+    saved_config: dict[str, Any]
+
+
+def find_resume_point(manager, config: ml_collections.ConfigDict) -> ResumePoint | None:
+    """The newest complete step with readable config and meta, after checking that it
+    belongs to this run; None if the workdir holds none."""
+    for step in checkpoint.usable_steps(manager, move_damaged=True):
+        try:
+            saved = checkpoint.read_json_item(manager, step, "config")
+            meta = checkpoint.read_meta(manager, step)
+        except checkpoint.IncompatibleCheckpointError:
+            raise
+        except (OSError, ValueError, KeyError) as error:
+            checkpoint.quarantine(manager, step, f"unreadable config or meta ({error})")
+            continue
+        where = str(manager.directory)
+        checkpoint.check_compatible(saved, config, where)
+        check_schedule_length(saved, config, where)
+        return ResumePoint(step, meta, saved)
+    return None
+
+
+def check_schedule_length(saved: dict[str, Any], config: ml_collections.ConfigDict, where: str):
+    before = saved.get("num_epochs", config.num_epochs)
+    if before != config.num_epochs and config.schedule in LENGTH_DEPENDENT_SCHEDULES:
+        raise checkpoint.IncompatibleCheckpointError(
+            f"{where} holds a run of {before} epochs whose {config.schedule} schedule is "
+            f"shaped by that length; resuming it with num_epochs={config.num_epochs} would "
+            f"make the learning rate jump: rerun with --config.num_epochs={before}, or "
+            "train longer from a new --workdir"
+        )
+
+
+def check_same_data(
+    point: ResumePoint, info: data_sources.DatasetInfo, steps_per_epoch: int, where: str
+) -> None:
+    """The dataset's classes and the steps per epoch must be those of the checkpoint."""
+    saved_classes = tuple(point.meta.get("dataset", {}).get("class_names", info.class_names))
+    if saved_classes != info.class_names:
+        added = sorted(set(info.class_names) - set(saved_classes))
+        removed = sorted(set(saved_classes) - set(info.class_names))
+        raise checkpoint.IncompatibleCheckpointError(
+            f"{where} was trained on other classes: the dataset's classes changed "
+            f"(added: {', '.join(added) or 'none'}; removed: {', '.join(removed) or 'none'}"
+            f"{'; reordered' if not (added or removed) else ''}): use a new --workdir"
+        )
+    if point.meta["steps_per_epoch"] != steps_per_epoch:
+        raise checkpoint.IncompatibleCheckpointError(
+            f"{where} was written with {point.meta['steps_per_epoch']} steps per epoch, this "
+            f"run has {steps_per_epoch}: the dataset changed; use a new --workdir"
+        )
+
+
+def restore_newest_intact(manager, point: ResumePoint, state: Any, sharding):
+    """The state of the newest step at or before `point` that reads back exactly, and
+    that step's meta; (state unchanged, None) when every step is damaged."""
+    for step in [s for s in checkpoint.usable_steps(manager) if s <= point.step]:
+        try:
+            restored = checkpoint.restore_state(manager, step, state, sharding)
+            meta = checkpoint.read_meta(manager, step)
+        except checkpoint.DamagedCheckpointError as error:
+            checkpoint.quarantine(manager, step, error.reason)
+            continue
+        logger.info(
+            "resuming from %s/%d: epoch %d, step %d of %d",
+            manager.directory,
+            step,
+            meta["epoch"] + 1,
+            meta["step_in_epoch"],
+            meta["steps_per_epoch"],
+        )
+        return restored, meta
+    logger.warning("no intact checkpoint left in %s: training from the start", manager.directory)
+    return state, None
