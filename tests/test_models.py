@@ -110,3 +110,11 @@ def test_no_batch_norm_means_no_batch_stats_and_biases_on_convs():
     variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3), jnp.uint8))
     assert "batch_stats" not in variables
     assert "bias" in variables["params"]["conv1_1"]
+
+
+def test_linear_head_is_only_the_classifier():
+    model = models.create_model("vgg11", 10, head="linear")
+    images = jnp.zeros((2, 32, 32, 3), jnp.uint8)
+    params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)["params"]
+    assert [name for name in params if not name.startswith(("conv", "bn"))] == ["classifier"]
+    assert params["classifier"]["kernel"].shape == (512, 10)

@@ -38,7 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.width = 1.0  # channel multiplier applied to every convolution
     config.batch_norm = True  # BN after every convolution (and in the cifar head)
     config.conv_dropout = "paddle"  # 'paddle' (0.3/0.4 pattern), 'none', or a rate like '0.2'
-    config.head = "cifar"  # cifar (fc512-BN-fc512) | imagenet (4096x2) | tf_benchmark (2048x2)
+    config.head = "cifar"  # cifar (fc512-BN-fc512) | linear | imagenet (4096x2) | tf_benchmark
     config.head_dropout = 0.5  # dropout rate in the classifier head
     config.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     config.conv_impl = "auto"  # auto | xla | matmul (see CONV_IMPLS above)

@@ -44,6 +44,15 @@ HEADS: dict[str, dict] = {
         "dropout_first": False,
         "linear": (),
     },
+    # Only the classifier on the flattened features (512 numbers for VGG at 32x32): the
+    # usual CIFAR VGG of PyTorch tutorials.
+    "linear": {
+        "hidden": (),
+        "batch_norm": False,
+        "dropout": 0.0,
+        "dropout_first": False,
+        "linear": (),
+    },
     # The TensorFlow reference benchmark: fc2048-ReLU-dropout x2 -> fc(classes), no BN.
     "tf_benchmark": {
         "hidden": (2048, 2048),
