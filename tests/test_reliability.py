@@ -429,3 +429,53 @@ def test_tfds_without_tensorflow_names_the_extra():
     )
     result = run_cli("-c", code)
     assert "vgg-jax[tfds]" in result.stdout, result.stdout + result.stderr
+
+
+def _can_mount_tmpfs(path) -> bool:
+    path.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(path)], capture_output=True
+    )
+    return result.returncode == 0
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_in_one_line(tmp_path):
+    disk = tmp_path / "disk"
+    if not _can_mount_tmpfs(disk):
+        pytest.skip("needs a 3 MB tmpfs (root) to fill a disk without filling the machine's")
+    try:
+        result = run_cli(
+            "vgg_jax.main",
+            f"--config={CONFIGS / 'smoke.py'}",
+            f"--workdir={disk / 'w'}",
+            "--config.num_epochs=8",
+            "--config.progress_bar=False",
+        )
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: could not write a checkpoint") and "space" in lines[-1]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_failed_save_is_reported_in_one_line(tiny_config, tmp_path, monkeypatch):
+    manager = checkpoint.create_manager(str(tmp_path), async_save=False)
+
+    def full(*args, **kwargs):
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "x": Failed to write 5 bytes: disk')
+
+    monkeypatch.setattr(manager, "save", full)
+
+    class State:
+        step = 1
+        params = {"w": np.ones(2, np.float32)}
+        batch_stats = {}
+        opt_state = {}
+        rng = np.zeros(2, np.uint32)
+        ema = {}
+
+    with pytest.raises(checkpoint.CheckpointWriteError, match=f"in {tmp_path}: 5 bytes: disk"):
+        checkpoint.save(manager, State(), tiny_config, {})
+    manager.close()

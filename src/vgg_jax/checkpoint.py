@@ -74,6 +74,29 @@ class DamagedCheckpointError(RuntimeError):
         self.reason = reason
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a lost mount, ...)."""
+
+
+def check_writes(manager: ocp.CheckpointManager, wait: bool = False) -> None:
+    """Raises CheckpointWriteError, in one line, if a background save failed."""
+    try:
+        if wait:
+            manager.wait_until_finished()
+        manager.check_for_errors()
+    except Exception as error:  # noqa: BLE001 - orbax re-raises the writer's error
+        raise _write_error(manager, error) from None
+
+
+def _write_error(manager: ocp.CheckpointManager, error: Exception) -> CheckpointWriteError:
+    text = str(error).strip()
+    reason = text.split("Failed to write")[-1].strip() if "Failed to write" in text else text
+    return CheckpointWriteError(
+        f"could not write a checkpoint in {manager.directory}: "
+        f"{reason.splitlines()[-1][-200:] if reason else type(error).__name__}"
+    )
+
+
 class NonFiniteStateError(FloatingPointError):
     """The state to save holds NaN or infinite values; it is not saved."""
 
@@ -167,17 +190,17 @@ def save(
         )
     meta = {**meta, "digests": {"model": digest(model), "train": digest(train)}}
     metrics = None if test_accuracy is None else {"test_accuracy": float(test_accuracy)}
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            model=ocp.args.StandardSave(model),
-            train=ocp.args.StandardSave(train),
-            config=ocp.args.JsonSave(config_to_json(config)),
-            meta=ocp.args.JsonSave(meta),
-        ),
-        metrics=metrics,
-        force=True,
+    check_writes(manager)  # the previous save's failure first, in one line
+    args = ocp.args.Composite(
+        model=ocp.args.StandardSave(model),
+        train=ocp.args.StandardSave(train),
+        config=ocp.args.JsonSave(config_to_json(config)),
+        meta=ocp.args.JsonSave(meta),
     )
+    try:
+        manager.save(step, args=args, metrics=metrics, force=True)
+    except Exception as error:  # noqa: BLE001 - whatever the writer raised
+        raise _write_error(manager, error) from None
 
 
 def split_state(state: Any) -> tuple[dict[str, Any], dict[str, Any]]:

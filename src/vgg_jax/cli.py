@@ -25,6 +25,20 @@ def configure_logging(level: int = logging.INFO) -> None:
         return
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("vgg_jax").setLevel(level)
+    # absl.logging's logger: orbax logs its background threads' errors there, with their
+    # tracebacks; the error that matters reaches our code and is reported in one line.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    sys.unraisablehook = _quiet_unraisable
+
+
+def _quiet_unraisable(unraisable) -> None:
+    """After a failed asynchronous save, tensorstore completes its remaining writes into
+    orbax's closed event loop: one 'Event loop is closed' traceback each. Drop those."""
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
+        unraisable.exc_value
+    ):
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def one_line(error: BaseException) -> str:

@@ -40,15 +40,24 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.configure_logging()
     from vgg_jax import train  # imports JAX: only once the config has passed its check
+    from vgg_jax.checkpoint import CheckpointWriteError
     from vgg_jax.data_sources import DatasetUnavailableError
     from vgg_jax.workdir_lock import WorkdirBusyError
+
+    expected = (
+        CheckpointWriteError,
+        DatasetUnavailableError,
+        WorkdirBusyError,
+        FloatingPointError,
+        ValueError,
+    )
 
     try:
         train.train_and_evaluate(FLAGS.config, os.path.expanduser(FLAGS.workdir), _guard)
     except Preempted as stopped:
         print(stopped, file=sys.stderr)
         sys.exit(stopped.exit_code)
-    except (DatasetUnavailableError, WorkdirBusyError, FloatingPointError, ValueError) as error:
+    except expected as error:
         sys.exit(f"error: {error}")
     except OSError as error:  # a full disk, a read-only workdir, ...
         sys.exit(f"error: {error.strerror or error}: {error.filename or FLAGS.workdir}")

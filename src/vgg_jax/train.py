@@ -3,6 +3,7 @@ its epoch loop."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -391,7 +392,7 @@ def close(run: Run) -> None:
     """Waits for the last save, then closes the manager and the log, and frees the
     workdir."""
     try:
-        run.manager.wait_until_finished()
+        checkpoint.check_writes(run.manager, wait=True)
         run.manager.close()
         run.log.close()
     finally:
@@ -440,6 +441,7 @@ def train_epoch(
             if (index + 1) % config.log_every_steps == 0:
                 # Read the loss of one logging interval ago: it is done by now, so
                 # reading it does not stall the queue of dispatched steps.
+                checkpoint.check_writes(run.manager)  # a failed save surfaces at once
                 if running_loss is not None:
                     check_finite(float(running_loss), int(state.step), run)
                     bar.set_postfix(loss=f"{float(running_loss):.4f}")
@@ -491,7 +493,8 @@ def train_and_evaluate(
     except Preempted:
         raise  # saved and closed already
     except BaseException:
-        close(run)  # the last good save completes; nothing after it is saved
+        with contextlib.suppress(checkpoint.CheckpointWriteError):  # the raised one says more
+            close(run)  # the last good save completes; nothing after it is saved
         raise
     close(run)
     return state
