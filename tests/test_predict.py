@@ -108,6 +108,7 @@ def test_predict_cli_reports_bad_files_and_still_predicts_the_rest(workdir, imag
         assert line.count("class_") == 5  # top-5 with probabilities
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == len(bad)
+    assert errors == result.stderr.strip().splitlines()  # no library log lines around them
     for name in bad:
         assert any(name in line for line in errors)
 
@@ -122,6 +123,7 @@ def test_predict_cli_without_a_checkpoint_says_so(tmp_path):
 def test_evaluate_cli_matches_the_training_log(workdir):
     result = run_cli("vgg_jax.evaluate", f"--workdir={workdir}", "--step=best")
     assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == ""  # orbax's INFO lines stay quiet
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     best = max(logged, key=lambda r: r["test_accuracy"])

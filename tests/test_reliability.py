@@ -479,3 +479,20 @@ def test_a_failed_save_is_reported_in_one_line(tiny_config, tmp_path, monkeypatc
     with pytest.raises(checkpoint.CheckpointWriteError, match=f"in {tmp_path}: 5 bytes: disk"):
         checkpoint.save(manager, State(), tiny_config, {})
     manager.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("import ml_collections\ndef get_config()\n    return 1\n", "syntax error in the config"),
+        ("def get_config():\n    return undefined_name\n", "NameError"),
+    ],
+)
+def test_a_broken_config_file_is_reported_in_a_few_lines(tmp_path, text, message):
+    path = tmp_path / "broken.py"
+    path.write_text(text)
+    result = run_cli("vgg_jax.main", f"--config={path}", f"--workdir={tmp_path / 'w'}")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) <= 2 and lines[0].startswith("error:") and message in lines[0]
+    assert str(path) in lines[0] and "line 2" in lines[0]

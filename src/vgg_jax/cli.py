@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import traceback
 
 from absl import flags
 from absl import logging as absl_logging
@@ -59,6 +60,12 @@ def parse_flags(argv: list[str]) -> list[str]:
         return argv
     except configuration.ConfigError as error:
         sys.exit(f"error: {error}")
+    except SyntaxError as error:
+        code = f"\n    {error.text.rstrip()}" if error.text else ""
+        sys.exit(
+            f"error: syntax error in the config file {error.filename}, line {error.lineno}: "
+            f"{error.msg}{code}"
+        )
     except OSError as error:
         reason = str(error).strip().splitlines()[-1].strip()
         sys.exit(f"error: cannot load the config file: {reason}")
@@ -69,3 +76,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"error: unknown config field: {one_line(error)}")
     except (TypeError, ValueError) as error:
         sys.exit(f"error: bad config value: {one_line(error)}")
+    except Exception as error:  # noqa: BLE001 - the config file's own code failed
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        sys.exit(
+            f"error: the config file failed: {type(error).__name__}: {error} "
+            f"({where.filename}, line {where.lineno})"
+        )
