@@ -1,12 +1,13 @@
 """Orbax checkpoints under WORKDIR/checkpoints: save, resume, restore on any topology.
 
-Each step folder holds four items:
+Each step folder holds four items, five for a streamed run:
   model   the params and BN statistics to predict with (the EMA when training keeps one)
   train   optimiser state, step, dropout key (and the raw weights when `model` is the EMA)
   config  the resolved config, as JSON (read back through configuration.from_stored)
   meta    JSON, schema META_SCHEMA: the dataset's info (class names, normalisation,
           image size), the epoch and position in it, the epoch's metrics, and a SHA-256
           digest of every array of `model` and `train`, checked on every restore
+  data    (streamed runs) the grain iterator's position, one JSON file per process
 Nothing is pickled. Arrays are restored against shapes and shardings built here from the
 config, so a checkpoint written on 8 GPUs restores on 1 CPU without knowing its origin.
 A step that cannot be read back exactly (an item missing, a chunk or manifest deleted or
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
 ITEMS = ("model", "train", "config", "meta")
+OPTIONAL_ITEMS = ("data",)  # a streamed run's input position (grain's iterator state)
 # Version of the meta item's layout. 1 (unversioned): the dataset's info under
 # "dataset_info"; 2: under "dataset", with "schema": 2.
 META_SCHEMA = 2
@@ -51,6 +53,10 @@ RESUMABLE_CHANGES = frozenset(
         "keep_checkpoints",
         "eval_batch_size",
         "distributed",
+        "coordinator_address",
+        "num_processes",
+        "process_id",
+        "input_workers",
         "conv_impl",
         "async_checkpointing",
     }
@@ -137,7 +143,7 @@ def create_manager(
         cleanup_tmp_directories=False,
         create=not read_only,
     )
-    return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+    return ocp.CheckpointManager(directory, options=options, item_names=(*ITEMS, *OPTIONAL_ITEMS))
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -178,9 +184,11 @@ def save(
     config: ml_collections.ConfigDict,
     meta: dict[str, Any],
     test_accuracy: float | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Saves `state` at its step (asynchronously where the manager is async), with the
-    digests of its arrays in `meta`. Refuses a state with NaN or infinite values."""
+    digests of its arrays in `meta` and the `extra` items (the stream's position).
+    Refuses a state with NaN or infinite values."""
     step = int(state.step)
     model, train = split_state(state)
     bad = non_finite_leaves({"model": model, "train": train})
@@ -196,6 +204,7 @@ def save(
         train=ocp.args.StandardSave(train),
         config=ocp.args.JsonSave(config_to_json(config)),
         meta=ocp.args.JsonSave(meta),
+        **(extra or {}),
     )
     try:
         manager.save(step, args=args, metrics=metrics, force=True)

@@ -20,7 +20,10 @@ from vgg_jax import spec
 
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("discexp", "multistep", "cosine", "onecycle", "constant")
-AUGMENTATIONS = ("none", "crop_flip")
+AUGMENTATIONS = ("none", "crop_flip", "random_resized_crop", "scale_jitter")
+# What the device-resident input can do; the others run on the host (streaming).
+DEVICE_AUGMENTATIONS = ("none", "crop_flip")
+INPUTS = ("auto", "device", "stream")
 # auto: the CPU kernels of vgg_jax.cpu on a CPU backend, stock Flax layers elsewhere;
 # xla: stock Flax layers everywhere; matmul: the CPU kernels on any backend.
 CONV_IMPLS = ("auto", "xla", "matmul")
@@ -49,7 +52,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.train_split = "train"  # split to train on
     config.eval_split = "test"  # split to evaluate on after every epoch (all of it)
     config.image_size = 32  # images are resized to image_size x image_size if needed
-    config.augment = "none"  # none | crop_flip (4-pixel pad + crop, h-flip)
+    config.augment = "none"  # none | crop_flip | random_resized_crop | scale_jitter (README)
+    config.input = "auto"  # auto | device (splits on the devices) | stream (grain, host)
+    config.device_input_budget_gb = 4.0  # auto: device-resident up to this many GiB of uint8
+    config.input_workers = 2  # stream: decoding worker processes per host (0: in-process)
     config.synthetic_train_size = 2048  # examples in the synthetic train split
     config.synthetic_eval_size = 512  # examples in the synthetic eval split
     config.synthetic_classes = 10  # classes in the synthetic dataset
@@ -80,6 +86,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 50  # progress-bar loss refresh interval
     config.progress_bar = True  # show a per-epoch progress bar
     config.distributed = False  # call jax.distributed.initialize() (multi-host)
+    config.coordinator_address = config_dict.placeholder(str)  # HOST:PORT (None: auto-detect)
+    config.num_processes = config_dict.placeholder(int)  # processes in all (None: auto-detect)
+    config.process_id = config_dict.placeholder(int)  # this process, 0.. (None: auto-detect)
 
     # Checkpoints (WORKDIR/checkpoints; rerunning the same command resumes).
     config.checkpoint_every_epochs = 1  # save after every this many epochs (and the last)
@@ -169,6 +178,11 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "eval_split": _nonempty,
     "image_size": _number(1, MAX_IMAGE_SIZE, high_open=False),
     "augment": _one_of(AUGMENTATIONS),
+    "input": _one_of(INPUTS),
+    "device_input_budget_gb": NON_NEGATIVE,
+    "input_workers": NON_NEGATIVE,
+    "num_processes": _optional(POSITIVE),
+    "process_id": _optional(NON_NEGATIVE),
     "synthetic_train_size": POSITIVE,
     "synthetic_eval_size": POSITIVE,
     "synthetic_classes": _number(2),
@@ -227,6 +241,15 @@ def _cross_field_problems(config: ml_collections.ConfigDict, device_count: int |
             f"warmup_epochs: {config.warmup_epochs} leaves nothing of "
             f"{config.num_epochs} epochs to decay over"
         )
+    if config.input == "device" and config.augment not in DEVICE_AUGMENTATIONS:
+        found.append(
+            f"augment: {config.augment!r} runs on the host: use --config.input=stream or auto"
+        )
+    if config.input == "stream" and config.dataset == "synthetic":
+        found.append("input: the synthetic dataset is made in memory: use 'device' or 'auto'")
+    ids = (config.process_id, config.num_processes)
+    if all(isinstance(v, int) for v in ids) and ids[0] >= ids[1]:
+        found.append(f"process_id: {ids[0]} is not below num_processes={ids[1]}")
     boundaries = config.lr_boundaries_epochs
     if not (isinstance(boundaries, tuple) and all(_number(0)(b) is None for b in boundaries)):
         found.append(f"lr_boundaries_epochs: {boundaries!r} is not a tuple of epochs >= 0")

@@ -199,8 +199,9 @@ def read_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
         return to_rgb_array(image, image_size)
 
 
-def to_rgb_array(image: Image.Image, image_size: int) -> np.ndarray:
-    """A PIL image of any mode -> uint8 RGB (image_size, image_size, 3)."""
+def to_rgb_array(image: Image.Image, image_size: int | None) -> np.ndarray:
+    """A PIL image of any mode -> uint8 RGB (image_size, image_size, 3); at its own size
+    when `image_size` is None."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit grayscale: scale to 8 bits rather than clipping.
         array = np.asarray(image, dtype=np.float64)
@@ -212,7 +213,7 @@ def to_rgb_array(image: Image.Image, image_size: int) -> np.ndarray:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     image = image.convert("RGB")
-    if image.size != (image_size, image_size):
+    if image_size is not None and image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return np.asarray(image, dtype=np.uint8)
 

@@ -14,7 +14,16 @@ from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vgg_jax import checkpoint, cli, configuration, data_sources, inference, input_pipeline, train
+from vgg_jax import (
+    checkpoint,
+    cli,
+    configuration,
+    data_sources,
+    inference,
+    input_pipeline,
+    inputs,
+    train,
+)
 from vgg_jax.cpu import host_memory
 from vgg_jax.metrics_log import to_json
 
@@ -38,7 +47,7 @@ def evaluate_checkpoint(
         config.dataset,
         config.eval_split,
         class_names=predictor.class_names,
-        **train.source_kwargs(config, data_dir),
+        **inputs.source_kwargs(config, data_dir),
     )
     batch_size = batch_size or config.batch_size
     if batch_size % jax.device_count():
@@ -55,8 +64,9 @@ def evaluate_checkpoint(
         opt_state=None,
         rng=None,
     )
-    _, eval_at = train.make_step_functions(config, mesh)
-    return train.evaluate(state, batches, eval_at)
+    _, eval_fn = train.make_step_functions(config, mesh)
+    steps = ((batches, index) for index in range(batches["label"].shape[0]))
+    return train.evaluate(state, steps, eval_fn)
 
 
 def main(argv: list[str]) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vgg_jax.configuration import AUGMENTATIONS
+from vgg_jax.configuration import DEVICE_AUGMENTATIONS
 from vgg_jax.data_sources import Split
 
 DATA_AXIS = "data"
@@ -147,8 +147,8 @@ def epoch_batches(
 ) -> dict[str, jax.Array]:
     """One epoch's shuffled, augmented batches: {'image': (steps, B, H, W, 3) uint8,
     'label': (steps, B) int32}, batch axis sharded. Deterministic in `key`."""
-    if augment not in AUGMENTATIONS:
-        raise ValueError(f"unknown augment {augment!r}; choose one of {AUGMENTATIONS}")
+    if augment not in DEVICE_AUGMENTATIONS:
+        raise ValueError(f"augment {augment!r} is not one of {DEVICE_AUGMENTATIONS} on devices")
     return _epoch_batches(
         split.images,
         split.labels,

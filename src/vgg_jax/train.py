@@ -3,6 +3,7 @@ its epoch loop."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -28,6 +29,7 @@ from vgg_jax import (
     cpu,
     data_sources,
     input_pipeline,
+    inputs,
     models,
     optim,
     resume,
@@ -158,11 +160,19 @@ def eval_step(
         "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
         "count": jnp.sum(mask),
     }
+    if logits.shape[-1] > 5:
+        metrics["correct_top5"] = jnp.sum(top_k_correct(logits, batch["label"], 5) * mask)
     if flip_tta:
         flipped = state.apply_fn(variables, batch["image"][:, :, ::-1], train=False)
         probabilities = jax.nn.softmax(logits) + jax.nn.softmax(flipped)
         metrics["correct_tta"] = jnp.sum((jnp.argmax(probabilities, -1) == batch["label"]) * mask)
     return metrics
+
+
+def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """1 where the label is among the k highest logits, else 0."""
+    _, top = jax.lax.top_k(logits, k)
+    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
 def configured_train_step(config: ml_collections.ConfigDict) -> Callable[..., Any]:
@@ -176,22 +186,24 @@ def configured_train_step(config: ml_collections.ConfigDict) -> Callable[..., An
 def make_step_functions(
     config: ml_collections.ConfigDict, mesh: Mesh
 ) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """Jitted steps that take a whole epoch's batches plus an index, so one dispatch
-    per step moves nothing between host and device. The state is donated."""
+    """Jitted (train, eval) steps, the state donated. Called with a whole epoch's
+    device-resident batches plus an index (a step then moves nothing between host and
+    device), or with one streamed batch."""
     replicated = NamedSharding(mesh, P())
     step = configured_train_step(config)
 
+    def pick(batches, index=None):
+        return batches if index is None else jax.tree.map(lambda a: a[index], batches)
+
     @functools.partial(jax.jit, donate_argnums=0, out_shardings=replicated)
-    def train_at(state, epoch_batches, index):
-        batch = jax.tree.map(lambda array: array[index], epoch_batches)
-        return step(state, batch)
+    def train_fn(state, batches, index=None):
+        return step(state, pick(batches, index))
 
     @functools.partial(jax.jit, out_shardings=replicated)
-    def eval_at(state, eval_batches, index):
-        batch = jax.tree.map(lambda array: array[index], eval_batches)
-        return eval_step(state, batch, config.eval_flip_tta)
+    def eval_fn(state, batches, index=None):
+        return eval_step(state, pick(batches, index), config.eval_flip_tta)
 
-    return train_at, eval_at
+    return train_fn, eval_fn
 
 
 def sum_metrics(total: dict[str, jax.Array] | None, new: dict[str, jax.Array]) -> dict:
@@ -210,57 +222,20 @@ def summarise(sums: dict[str, jax.Array], prefix: str) -> dict[str, float]:
         f"{prefix}_loss": float(sums["loss_sum"]) / count,
         f"{prefix}_accuracy": float(sums["correct"]) / count,
     }
+    if "correct_top5" in sums:
+        summary[f"{prefix}_top5_accuracy"] = float(sums["correct_top5"]) / count
     if "correct_tta" in sums:
         summary[f"{prefix}_accuracy_flip_tta"] = float(sums["correct_tta"]) / count
     return summary
 
 
-def evaluate(state: TrainState, eval_batches: dict[str, jax.Array], eval_at) -> dict[str, float]:
-    """Loss and accuracy over every evaluation example."""
+def evaluate(state: TrainState, eval_steps, eval_fn) -> dict[str, float]:
+    """Loss and accuracy over every evaluation example; `eval_steps` yields the
+    arguments of `eval_fn` after the state."""
     sums = None
-    for index in range(eval_batches["label"].shape[0]):
-        sums = sum_metrics(sums, eval_at(state, eval_batches, index))
+    for args in eval_steps:
+        sums = sum_metrics(sums, eval_fn(state, *args))
     return summarise(sums, "test")
-
-
-def source_kwargs(config: ml_collections.ConfigDict, data_dir: str | None = None) -> dict:
-    """The arguments of `data_sources.load_split` that `config` determines, for this
-    process's share of a split."""
-    return {
-        "data_dir": data_dir or config.data_dir,
-        "image_size": config.image_size,
-        "process_index": jax.process_index(),
-        "process_count": jax.process_count(),
-        "synthetic_sizes": (config.synthetic_train_size, config.synthetic_eval_size),
-        "synthetic_classes": config.synthetic_classes,
-    }
-
-
-def load_data(config: ml_collections.ConfigDict):
-    """Both splits of this process, in host memory, and what a predictor needs of them."""
-    kwargs = source_kwargs(config)
-    train_split = data_sources.load_split(config.dataset, config.train_split, **kwargs)
-    eval_split = data_sources.load_split(
-        config.dataset, config.eval_split, class_names=train_split.class_names, **kwargs
-    )
-    mean, std = input_pipeline.channel_stats(train_split.images)
-    if jax.process_count() > 1:
-        # Every process must build the same model: take process 0's statistics.
-        from jax.experimental import multihost_utils
-
-        mean, std = (
-            tuple(float(v) for v in multihost_utils.broadcast_one_to_all(jnp.asarray(s)))
-            for s in (mean, std)
-        )
-    info = data_sources.DatasetInfo(
-        class_names=train_split.class_names,
-        mean=mean,
-        std=std,
-        image_size=config.image_size,
-        num_train_examples=train_split.num_examples_global,
-        num_eval_examples=eval_split.num_examples_global,
-    )
-    return train_split, eval_split, info
 
 
 # ------------------------------------------------------------------- a run: set-up, loop
@@ -274,16 +249,20 @@ class Run:
     mesh: Mesh
     manager: Any  # orbax CheckpointManager
     log: MetricsLog
-    info: data_sources.DatasetInfo
-    train_data: input_pipeline.DeviceSplit
-    eval_batches: dict[str, jax.Array]
-    steps_per_epoch: int
+    input: inputs.DeviceInput | inputs.StreamInput
     learning_rate_fn: optax.Schedule
-    train_at: Callable[..., Any]
-    eval_at: Callable[..., Any]
-    data_key: jax.Array
+    train_fn: Callable[..., Any]
+    eval_fn: Callable[..., Any]
     partial_sums: dict[str, float] | None  # metric sums of a resumed, unfinished epoch
     lock: WorkdirLock | None = None  # held by process 0 for the whole run
+
+    @property
+    def info(self) -> data_sources.DatasetInfo:
+        return self.input.info
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.input.steps_per_epoch
 
 
 class DivergedError(FloatingPointError):
@@ -294,7 +273,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainSt
     """Devices, checkpoint manager, data on the devices, model and state (restored when
     the workdir holds a checkpoint), metrics log and step functions, in that order."""
     if config.distributed:
-        jax.distributed.initialize()
+        # None fields are auto-detected (Slurm, Open MPI, cloud TPU/GPU environments).
+        jax.distributed.initialize(
+            coordinator_address=config.coordinator_address,
+            num_processes=config.num_processes,
+            process_id=config.process_id,
+        )
     configuration.validate(config, jax.device_count())
     mesh = input_pipeline.create_mesh()
     lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
@@ -319,17 +303,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainSt
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manager):
     point = resume.find_resume_point(manager, config)
-    train_split, eval_split, info = load_data(config)
-    if train_split.num_examples_global < config.batch_size:
-        raise ValueError(
-            f"batch_size={config.batch_size} is larger than the training split "
-            f"({train_split.num_examples_global} examples)"
-        )
-    train_data = input_pipeline.put_train_split(train_split, mesh)
-    eval_batch_size = config.eval_batch_size or config.batch_size
-    eval_batches = input_pipeline.put_eval_batches(eval_split, eval_batch_size, mesh)
-    steps_per_epoch = optim.steps_per_epoch(train_data.num_examples, config.batch_size)
-    steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch or steps_per_epoch)
+    data = inputs.create(config, mesh)
+    info, steps_per_epoch = data.info, data.steps_per_epoch
     logger.info(
         "%s: %d train / %d eval examples, %d classes; %d devices, %d steps of %d per epoch",
         config.dataset,
@@ -347,23 +322,21 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manage
     if point is not None:
         resume.check_same_data(point, info, steps_per_epoch, str(manager.directory))
         state, meta = resume.restore_newest_intact(manager, point, state, NamedSharding(mesh, P()))
+        if meta is not None:
+            data.restore(manager, int(state.step))
     log = MetricsLog(workdir, enabled=jax.process_index() == 0)
     # Epochs logged but not checkpointed are redone (all of them without a checkpoint).
     log.truncate_after(meta["epoch"] if meta else 0)
-    train_at, eval_at = make_step_functions(config, mesh)
+    train_fn, eval_fn = make_step_functions(config, mesh)
     run = Run(
         config=config,
         mesh=mesh,
         manager=manager,
         log=log,
-        info=info,
-        train_data=train_data,
-        eval_batches=eval_batches,
-        steps_per_epoch=steps_per_epoch,
+        input=data,
         learning_rate_fn=learning_rate_fn,
-        train_at=train_at,
-        eval_at=eval_at,
-        data_key=jax.random.fold_in(jax.random.key(config.seed), 1),
+        train_fn=train_fn,
+        eval_fn=eval_fn,
         partial_sums=(meta or {}).get("partial_train_sums"),
     )
     return run, state
@@ -385,7 +358,14 @@ def save_checkpoint(
         meta.update(test_accuracy=record["test_accuracy"], record=record)
     if sums is not None:
         meta["partial_train_sums"] = {k: float(v) for k, v in jax.device_get(sums).items()}
-    checkpoint.save(run.manager, state, run.config, meta, meta.get("test_accuracy"))
+    checkpoint.save(
+        run.manager,
+        state,
+        run.config,
+        meta,
+        meta.get("test_accuracy"),
+        extra=run.input.checkpoint_items(),
+    )
 
 
 def close(run: Run) -> None:
@@ -395,6 +375,7 @@ def close(run: Run) -> None:
         checkpoint.check_writes(run.manager, wait=True)
         run.manager.close()
         run.log.close()
+        run.input.close()
     finally:
         if run.lock:
             run.lock.release()
@@ -418,30 +399,28 @@ def train_epoch(
     """Runs the rest of one epoch from the state's step; stops early, after a whole step,
     on a signal. Returns the state, the summed metrics and whether the epoch finished."""
     config, steps = run.config, run.steps_per_epoch
-    batches = input_pipeline.epoch_batches(
-        run.train_data,
-        jax.random.fold_in(run.data_key, epoch),
-        steps=steps,
-        batch_size=config.batch_size,
-        augment=config.augment,
-        mesh=run.mesh,
-    )
     start = int(state.step) - epoch * steps
     sums = None
     if run.partial_sums is not None and start > 0:
         sums = {k: jnp.asarray(v, jnp.float32) for k, v in run.partial_sums.items()}
     running_loss = None
+    in_flight = collections.deque()
     with progress_bar(config, epoch, steps, start) as bar:
-        for index in range(start, steps):
-            state, metrics = run.train_at(state, batches, index)
+        for index, args in enumerate(run.input.train_steps(epoch, start), start):
+            state, metrics = run.train_fn(state, *args)
             sums = sum_metrics(sums, metrics)
+            # At most two steps queued ahead of the device: streamed batches waiting on
+            # the device would otherwise pile up in its memory.
+            in_flight.append(metrics["count"])
+            if len(in_flight) > 2:
+                jax.block_until_ready(in_flight.popleft())
             bar.update(config.batch_size)
             if guard.requested and index + 1 < steps:
                 return state, sums, False
             if (index + 1) % config.log_every_steps == 0:
+                checkpoint.check_writes(run.manager)  # a failed save surfaces at once
                 # Read the loss of one logging interval ago: it is done by now, so
                 # reading it does not stall the queue of dispatched steps.
-                checkpoint.check_writes(run.manager)  # a failed save surfaces at once
                 if running_loss is not None:
                     check_finite(float(running_loss), int(state.step), run)
                     bar.set_postfix(loss=f"{float(running_loss):.4f}")
@@ -518,9 +497,13 @@ def train_loop(run: Run, state: TrainState, guard: PreemptionGuard) -> TrainStat
         record = {"epoch": epoch + 1, "step": int(state.step)}
         record.update(summarise(sums, "train"))
         check_finite(record["train_loss"], record["step"], run)
-        record.update(evaluate(state, run.eval_batches, run.eval_at))
+        training_seconds = time.perf_counter() - epoch_start
+        record.update(evaluate(state, run.input.eval_steps(), run.eval_fn))
         record["learning_rate"] = float(run.learning_rate_fn(int(state.step) - 1))
         record["epoch_seconds"] = time.perf_counter() - epoch_start
+        counts = run.input.take_epoch_counts()
+        record["input_wait_fraction"] = counts.pop("input_wait_seconds") / training_seconds
+        record.update(counts)
         record["wall_time"] = time.time()  # when the epoch ended: curves against the clock
         log_epoch(record, config.num_epochs)
         run.log.write(record)

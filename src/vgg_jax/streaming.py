@@ -1,0 +1,365 @@
+"""Streaming input with grain: datasets that do not fit in memory, read and augmented on
+the host by worker processes, a batch at a time.
+
+  records (image-folder paths or a TFDS ArrayRecord data source)
+    -> MapDataset.source -> seed -> shuffle (a new permutation every epoch: repeat)
+    -> this process's share (every process_count-th record)
+    -> random_map: decode + augment, in the workers (uint8 goes to the devices;
+       normalisation stays in the model)
+    -> batch (this process's part of the global batch) -> to_iter_dataset
+    -> mp_prefetch (config.input_workers processes)
+
+Every batch is a deterministic function of (seed, step): the iterator's state, saved in
+the checkpoint beside the model (grain's orbax handler), resumes the same batches, so a
+stopped run ends with the parameters of one that never stopped.
+
+Unreadable files (truncated, corrupt, empty) never stop training: in the training
+stream the next record takes the place of an unreadable one (a warning names the file
+and the epoch's count of skipped files is logged); in evaluation an unreadable image is
+masked out, warned about and counted, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+from PIL import Image
+
+from vgg_jax import data_sources
+
+logger = logging.getLogger(__name__)
+
+# Augmentations the host workers apply (config.augment); eval is a centre crop after
+# resizing the shorter side to image_size * 256 / 224 for the ImageNet-style ones, a
+# plain resize to image_size x image_size otherwise.
+IMAGENET_STYLE = ("random_resized_crop", "scale_jitter")
+EVAL_RESIZE_RATIO = 256 / 224
+# How many following records to try in place of an unreadable training record.
+REPLACEMENT_TRIES = 16
+
+
+# ------------------------------------------------------------------------- the records
+
+
+@dataclasses.dataclass(frozen=True)
+class Records:
+    """A split as something indexable: element i is (image file path or encoded
+    bytes or decoded array, label). `names[i]` says where element i came from."""
+
+    source: Sequence[Any]
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def name(self, index: int) -> str:
+        element = self.source[index]
+        return str(element[0]) if isinstance(element, tuple) else f"record {index}"
+
+
+def image_folder_records(root: str, split: str, class_names=None) -> Records:
+    files, names = data_sources.list_image_folder(os.path.expanduser(root), split, class_names)
+    return Records([(str(path), label) for path, label in files], names)
+
+
+class _TfdsRecords(Sequence):
+    """A TFDS data source as (image array, label) pairs (decoded where read: in the
+    workers)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index):
+        example = self.source[index]
+        return example["image"], int(example["label"])
+
+
+def tfds_records(name: str, split: str, data_dir: str | None) -> Records:
+    """A TFDS dataset prepared as ArrayRecord (`file_format="array_record"`), read
+    through `tfds.data_source` (random access, no TensorFlow graph)."""
+    data_sources.import_tensorflow()
+    import tensorflow_datasets as tfds
+
+    data_dir = data_sources.resolved_data_dir(data_dir)
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as error:  # noqa: BLE001 - TFDS raises many kinds here
+        raise data_sources.DatasetUnavailableError(
+            f"TFDS dataset {name!r} split {split!r} cannot be read as a data source from "
+            f"{data_dir} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            "prepare it with file_format='array_record' (see the README, 'Data')"
+        ) from None
+    builder_info = source.dataset_info
+    class_names = tuple(builder_info.features["label"].names)
+    return Records(_TfdsRecords(source), class_names)
+
+
+def split_records(config, split: str, class_names=None) -> Records:
+    if config.dataset == "image_folder":
+        records = image_folder_records(config.data_dir, split, class_names)
+    else:
+        records = tfds_records(config.dataset, split, config.data_dir)
+        if class_names is not None and records.class_names != tuple(class_names):
+            raise data_sources.DatasetUnavailableError(
+                f"{config.dataset} split {split!r} has other classes than the training split"
+            )
+    if not len(records):
+        raise data_sources.DatasetUnavailableError(f"split {split!r} of {config.dataset} is empty")
+    return records
+
+
+# ------------------------------------------------------------- decoding and augmenting
+
+
+def decode(element: Any, min_side: int) -> Image.Image:
+    """An element's image as RGB. JPEGs are decoded at a reduced scale (libjpeg's DCT
+    scaling via `draft`) when the shorter side stays at least `min_side`."""
+    data = element[0]
+    if isinstance(data, np.ndarray):
+        image = Image.fromarray(data if data.shape[-1] != 1 else data[..., 0])
+    else:
+        image = Image.open(data if isinstance(data, str) else io.BytesIO(data))
+        if image.format == "JPEG":
+            scale = min(image.size) / max(min_side, 1)
+            if scale >= 2:
+                image.draft("RGB", (image.size[0] // int(scale), image.size[1] // int(scale)))
+        image.load()
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode as RGB, as the in-memory path converts it (transparency on white)."""
+    if image.mode == "RGB":
+        return image
+    return Image.fromarray(data_sources.to_rgb_array(image, None))
+
+
+def random_resized_crop(image: Image.Image, rng: np.random.Generator, size: int) -> Image.Image:
+    """torchvision's RandomResizedCrop: area 8-100%, aspect ratio 3/4-4/3 (log-uniform),
+    10 tries, else the central crop of the nearest allowed ratio; resized bilinearly."""
+    width, height = image.size
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(0.08, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w = round(math.sqrt(target * ratio))
+        h = round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return image.resize(
+                (size, size), Image.Resampling.BILINEAR, (left, top, left + w, top + h)
+            )
+    ratio = width / height
+    if ratio < 3 / 4:
+        w, h = width, round(width / (3 / 4))
+    elif ratio > 4 / 3:
+        w, h = round(height * (4 / 3)), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return image.resize((size, size), Image.Resampling.BILINEAR, (left, top, left + w, top + h))
+
+
+def resize_shorter_side(image: Image.Image, side: int) -> Image.Image:
+    width, height = image.size
+    scale = side / min(width, height)
+    new = (max(side, round(width * scale)), max(side, round(height * scale)))
+    return image.resize(new, Image.Resampling.BILINEAR)
+
+
+def crop(image: Image.Image, size: int, left: int, top: int) -> np.ndarray:
+    return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
+
+
+def center_crop(image: Image.Image, size: int) -> np.ndarray:
+    width, height = image.size
+    return crop(image, size, (width - size) // 2, (height - size) // 2)
+
+
+def train_image(element: Any, rng: np.random.Generator, size: int, augment: str) -> np.ndarray:
+    """One training image, decoded and augmented: uint8 (size, size, 3)."""
+    if augment == "random_resized_crop":
+        image = random_resized_crop(decode(element, size), rng, size)
+        array = np.asarray(image, np.uint8)
+    elif augment == "scale_jitter":
+        # The paper's scale jittering: shorter side S in [256, 512] (at 224), random crop.
+        low = round(size * EVAL_RESIZE_RATIO)
+        image = resize_shorter_side(decode(element, low), int(rng.integers(low, 2 * low + 1)))
+        left = int(rng.integers(0, image.size[0] - size + 1))
+        top = int(rng.integers(0, image.size[1] - size + 1))
+        array = crop(image, size, left, top)
+    else:
+        array = np.asarray(decode(element, size).resize((size, size), Image.Resampling.BICUBIC))
+        if augment == "crop_flip":
+            padded = np.pad(array, ((4, 4), (4, 4), (0, 0)))
+            top, left = rng.integers(0, 9, 2)
+            array = padded[top : top + size, left : left + size]
+    if augment != "none" and rng.random() < 0.5:
+        array = array[:, ::-1]
+    return np.ascontiguousarray(array)
+
+
+def eval_image(element: Any, size: int, augment: str) -> np.ndarray:
+    if augment in IMAGENET_STYLE:
+        side = round(size * EVAL_RESIZE_RATIO)
+        return center_crop(resize_shorter_side(decode(element, side), side), size)
+    image = decode(element, size)
+    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), np.uint8)
+
+
+_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class TrainTransform(grain.transforms.RandomMap):
+    """(index into the records) -> {'image', 'label', 'skipped', 'index'}: an unreadable
+    record is replaced by the next readable one, and counted."""
+
+    def __init__(self, records: Records, size: int, augment: str):
+        self.records, self.size, self.augment = records, size, augment
+
+    def random_map(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        skipped = 0
+        for attempt in range(REPLACEMENT_TRIES):
+            position = (index + attempt) % len(self.records)
+            element = self.records.source[position]
+            try:
+                image = train_image(element, rng, self.size, self.augment)
+            except _UNREADABLE as error:
+                logger.warning(
+                    "skipping %s: unreadable image (%s)", self.records.name(position), error
+                )
+                skipped += 1
+                continue
+            return {
+                "image": image,
+                "label": np.int32(element[1]),
+                "skipped": np.int32(skipped),
+                "index": np.int64(position),  # the record read (for the logs and tests)
+            }
+        raise data_sources.DatasetUnavailableError(
+            f"{REPLACEMENT_TRIES} unreadable images in a row from {self.records.name(index)} on"
+        )
+
+
+class EvalTransform(grain.transforms.Map):
+    """(index) -> {'image', 'label', 'mask', 'skipped', 'index'}: an unreadable image is
+    masked out (zeros, mask 0) and counted."""
+
+    def __init__(self, records: Records, size: int, augment: str):
+        self.records, self.size, self.augment = records, size, augment
+
+    def map(self, index: int) -> dict[str, np.ndarray]:
+        element = self.records.source[index]
+        try:
+            image, mask, skipped = eval_image(element, self.size, self.augment), 1.0, 0
+        except _UNREADABLE as error:
+            logger.warning("unreadable evaluation image %s (%s)", self.records.name(index), error)
+            image, mask, skipped = np.zeros((self.size, self.size, 3), np.uint8), 0.0, 1
+        return {
+            "image": image,
+            "label": np.int32(element[1]),
+            "mask": np.float32(mask),
+            "skipped": np.int32(skipped),
+            "index": np.int64(index),
+        }
+
+
+# ------------------------------------------------------------------------ the pipelines
+
+
+def train_dataset(
+    records: Records,
+    *,
+    seed: int,
+    local_batch: int,
+    image_size: int,
+    augment: str,
+    process_index: int,
+    process_count: int,
+) -> grain.MapDataset:
+    """Batch k of this process: its share of global batch k of the endless, reshuffled
+    every epoch, stream of record indices."""
+    indices = grain.MapDataset.range(len(records)).seed(seed).shuffle().repeat()
+    return (
+        indices[process_index::process_count]
+        .random_map(TrainTransform(records, image_size, augment))
+        .batch(local_batch, drop_remainder=True)
+    )
+
+
+def eval_dataset(
+    records: Records,
+    *,
+    local_batch: int,
+    image_size: int,
+    augment: str,
+    process_index: int,
+    process_count: int,
+) -> tuple[grain.MapDataset, int]:
+    """This process's share of the evaluation split in batches, and how many batches
+    every process must run (the last ones padded with masked-out examples)."""
+    share = grain.MapDataset.range(len(records))[process_index::process_count]
+    batches = -(-math.ceil(len(records) / process_count) // local_batch)
+    return share.map(EvalTransform(records, image_size, augment)).batch(local_batch), batches
+
+
+# Batches come back from the workers through pipes rather than shared memory: grain's
+# shared-memory buffers still queued when a stream stops are reported as leaked at exit
+# (grain issue 398), and a copy of a batch costs little next to decoding it.
+NO_SHARED_MEMORY = grain.experimental.DatasetOptions(min_shm_size=2**62)
+
+
+def iterate(dataset: grain.MapDataset, workers: int) -> grain.DatasetIterator:
+    """An iterator over `dataset` with `workers` decoding processes (0: in this one)."""
+    iterable = dataset.to_iter_dataset()
+    if workers > 0:
+        # grain's workers read absl flags: in a notebook or test nothing parsed them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        iterable = grain.experimental.WithOptionsIterDataset(iterable, NO_SHARED_MEMORY)
+        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(iterable)
+
+
+def padded(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """A (possibly partial or missing) evaluation batch padded to `size` rows, mask 0."""
+    rows = len(batch["label"])
+    if rows == size:
+        return batch
+    return {
+        name: np.concatenate([array, np.zeros((size - rows, *array.shape[1:]), array.dtype)])
+        for name, array in batch.items()
+    }
+
+
+def eval_batches(
+    dataset: grain.MapDataset, batches: int, local_batch: int, image_size: int, workers: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Exactly `batches` padded batches: this process's share, then empty ones."""
+    empty = {
+        "image": np.zeros((0, image_size, image_size, 3), np.uint8),
+        "label": np.zeros((0,), np.int32),
+        "mask": np.zeros((0,), np.float32),
+        "skipped": np.zeros((0,), np.int32),
+        "index": np.zeros((0,), np.int64),
+    }
+    iterator = iterate(dataset, workers) if len(dataset) else None
+    try:
+        for _ in range(batches):
+            yield padded(next(iterator, empty) if iterator else empty, local_batch)
+    finally:
+        if iterator is not None:
+            iterator.close()

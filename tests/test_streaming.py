@@ -1,0 +1,226 @@
+"""The grain stream: ImageNet-style augmentation, exact resume, each process's share,
+bad files, flat memory, and the choice between device-resident and streamed input."""
+
+import logging
+import resource
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from vgg_jax import inputs, streaming, train
+from vgg_jax.metrics_log import read_metrics
+from vgg_jax.preemption import Preempted
+
+
+def _folder(root, classes=("a", "b", "c"), per_class=(12, 4), size=(40, 56)):
+    rng = np.random.default_rng(0)
+    for split, count in zip(("train", "test"), per_class, strict=True):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 70, (*size, 3), dtype=np.uint8)
+                pixels[..., label % 3] += 180
+                Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def stream_config(tiny_config, tmp_path):
+    tiny_config.dataset = "image_folder"
+    tiny_config.data_dir = str(_folder(tmp_path / "data"))
+    tiny_config.image_size = 16
+    tiny_config.input = "stream"
+    tiny_config.augment = "random_resized_crop"
+    tiny_config.batch_size = 8
+    tiny_config.input_workers = 0
+    return tiny_config
+
+
+# ------------------------------------------------------------------------ augmentation
+
+
+def _element(tmp_path, size=(300, 200)):
+    path = tmp_path / "x.jpg"
+    pixels = np.random.default_rng(1).integers(0, 255, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return (str(path), 0)
+
+
+@pytest.mark.parametrize("augment", ["random_resized_crop", "scale_jitter", "crop_flip", "none"])
+def test_every_augmentation_gives_uint8_squares(tmp_path, augment):
+    element = _element(tmp_path)
+    rng = np.random.default_rng(0)
+    images = [streaming.train_image(element, rng, 32, augment) for _ in range(4)]
+    assert all(image.shape == (32, 32, 3) and image.dtype == np.uint8 for image in images)
+    if augment != "none":
+        assert len({image.tobytes() for image in images}) > 1  # random views
+
+
+def test_random_resized_crop_respects_the_area_and_ratio_ranges():
+    image = Image.new("RGB", (400, 300))
+    areas, ratios = [], []
+    rng = np.random.default_rng(0)
+
+    class Recorder:  # captures the crop box the resize is given
+        size = image.size
+
+        def resize(self, size, resample, box):
+            left, top, right, bottom = box
+            areas.append((right - left) * (bottom - top) / (400 * 300))
+            ratios.append((right - left) / (bottom - top))
+            return image.resize(size)
+
+    for _ in range(300):
+        streaming.random_resized_crop(Recorder(), rng, 32)
+    assert min(areas) >= 0.08 - 0.01 and max(areas) <= 1.0
+    assert min(ratios) >= 3 / 4 - 0.05 and max(ratios) <= 4 / 3 + 0.05
+
+
+def test_eval_view_is_the_centre_crop_after_resizing_the_shorter_side(tmp_path):
+    element = _element(tmp_path, size=(224, 448))  # height 224, width 448
+    view = streaming.eval_image(element, 224, "random_resized_crop")
+    assert view.shape == (224, 224, 3)
+    full = np.asarray(Image.open(element[0]).resize((512, 256), Image.Resampling.BILINEAR))
+    np.testing.assert_allclose(view, full[16:240, 144:368], atol=2)
+
+
+# ---------------------------------------------------------------- the stream's batches
+
+
+def test_process_shares_are_disjoint_and_cover_every_global_batch(tmp_path):
+    records = streaming.image_folder_records(str(_folder(tmp_path)), "train")
+    shares = []
+    for process in range(2):
+        dataset = streaming.train_dataset(
+            records,
+            seed=3,
+            local_batch=3,
+            image_size=8,
+            augment="none",
+            process_index=process,
+            process_count=2,
+        )
+        shares.append(dataset)
+    indices = streaming.grain.MapDataset.range(len(records)).seed(3).shuffle().repeat()
+    for step in range(7):  # 36 records, global batch 6: crosses an epoch boundary
+        expected = sorted(int(indices[step * 6 + k]) for k in range(6))
+        read = [share[step]["index"] for share in shares]
+        assert not set(read[0]) & set(read[1])
+        assert sorted(np.concatenate(read)) == expected
+
+
+def test_the_same_seed_and_step_give_the_same_batch(tmp_path):
+    records = streaming.image_folder_records(str(_folder(tmp_path)), "train")
+
+    def batch(step):
+        dataset = streaming.train_dataset(
+            records,
+            seed=0,
+            local_batch=4,
+            image_size=16,
+            augment="random_resized_crop",
+            process_index=0,
+            process_count=1,
+        )
+        return next(streaming.iterate(dataset[step:], workers=1))
+
+    a, b = batch(3), batch(3)
+    np.testing.assert_array_equal(a["image"], b["image"])
+    assert not np.array_equal(batch(4)["image"], a["image"])
+
+
+@pytest.mark.slow
+def test_streamed_run_stopped_mid_epoch_resumes_bitwise(
+    stream_config, tmp_path, monkeypatch, caplog
+):
+    from test_checkpoint import SignalAfter, assert_trees_equal
+
+    stream_config.num_epochs = 2
+    stream_config.input_workers = 1
+    uninterrupted = train.train_and_evaluate(stream_config, str(tmp_path / "a"))
+    monkeypatch.setattr(train, "PreemptionGuard", lambda: SignalAfter(5))  # mid epoch 2
+    with pytest.raises(Preempted):
+        train.train_and_evaluate(stream_config, str(tmp_path / "b"))
+    assert any((p / "data").is_dir() for p in (tmp_path / "b" / "checkpoints").iterdir())
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO, logger="vgg_jax"):
+        resumed = train.train_and_evaluate(stream_config, str(tmp_path / "b"))
+    # The position came from grain's saved iterator state, not from the step alone.
+    assert not any("stream position from the step" in r.getMessage() for r in caplog.records)
+    assert int(resumed.step) == int(uninterrupted.step) == 8
+    assert_trees_equal(resumed.params, uninterrupted.params)
+    assert_trees_equal(resumed.opt_state, uninterrupted.opt_state)
+    record = read_metrics(tmp_path / "b")[-1]
+    assert 0 <= record["input_wait_fraction"] <= 1 and record["train_skipped_files"] == 0
+
+
+# ---------------------------------------------------------------------- bad data, size
+
+
+@pytest.mark.slow
+def test_unreadable_files_are_skipped_and_counted_while_streaming(stream_config, tmp_path, caplog):
+    root = tmp_path / "data"
+    (root / "train" / "a" / "0.jpg").write_bytes(b"")
+    good = (root / "test" / "b" / "0.jpg").read_bytes()
+    (root / "test" / "b" / "0.jpg").write_bytes(good[: len(good) // 3])
+    stream_config.num_epochs = 1
+    with caplog.at_level(logging.WARNING):
+        train.train_and_evaluate(stream_config, str(tmp_path / "w"))
+    record = read_metrics(tmp_path / "w")[-1]
+    assert record["train_skipped_files"] >= 1 and record["test_skipped_files"] == 1
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "0.jpg" in messages and "unreadable" in messages
+    # 12 test images, one unreadable: masked out, not dropped silently, not counted right.
+    assert record["test_accuracy"] * 11 == pytest.approx(round(record["test_accuracy"] * 11))
+
+
+def test_auto_input_streams_what_does_not_fit_and_says_why(stream_config, caplog):
+    stream_config.input = "auto"
+    stream_config.augment = "crop_flip"
+    stream_config.device_input_budget_gb = 1e-6  # a few KB
+    assert inputs.choose(stream_config)[0] == "stream"
+    stream_config.device_input_budget_gb = 1.0
+    kind, why = inputs.choose(stream_config)
+    assert kind == "device" and "within the 1 GiB device budget" in why
+    stream_config.augment = "random_resized_crop"
+    assert inputs.choose(stream_config) == (
+        "stream",
+        "augment='random_resized_crop' runs on the host",
+    )
+
+
+@pytest.mark.slow
+def test_host_memory_stays_flat_while_streaming(tmp_path):
+    """Two passes over 2,400 JPEGs: the peak RSS after the second equals the first's,
+    i.e. memory does not grow with the number of files read."""
+    records = streaming.image_folder_records(
+        str(_folder(tmp_path, classes=tuple("abcdef"), per_class=(400, 1), size=(32, 32))),
+        "train",
+    )
+    dataset = streaming.train_dataset(
+        records,
+        seed=0,
+        local_batch=48,
+        image_size=32,
+        augment="random_resized_crop",
+        process_index=0,
+        process_count=1,
+    )
+    iterator = streaming.iterate(dataset, workers=0)
+    steps = len(records) // 48
+    peaks = []
+    for _ in range(2):
+        for _ in range(steps):
+            next(iterator)
+        peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    assert peaks[1] - peaks[0] < 20 * 1024, peaks  # KiB: under 20 MiB more
+
+
+def test_top5_counts_a_label_among_the_five_highest_logits():
+    logits = jax.numpy.tile(jax.numpy.arange(7.0), (4, 1))  # class 6 highest, 0 lowest
+    labels = jax.numpy.array([6, 2, 1, 0])
+    np.testing.assert_array_equal(train.top_k_correct(logits, labels, 5), [1, 1, 0, 0])
+    np.testing.assert_array_equal(train.top_k_correct(logits, labels, 1), [1, 0, 0, 0])
