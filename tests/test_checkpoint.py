@@ -261,6 +261,7 @@ def test_checkpoints_of_the_previous_schema_still_load_and_resume(tiny_config, t
 
     tiny_config.num_epochs = 1
     tiny_config.conv_dropout = "paddle"
+    tiny_config.schedule = "constant"  # so that the resume below may add an epoch
     train.train_and_evaluate(tiny_config, str(tmp_path))
     expected = vgg_jax.load(tmp_path).predict(np.full((2, 16, 16, 3), 100, np.uint8))
 

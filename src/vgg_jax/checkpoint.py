@@ -313,7 +313,12 @@ def quarantine(manager: ocp.CheckpointManager, step: int, reason: str) -> None:
     while os.path.exists(target):
         suffix += 1
         target = os.path.join(directory, f"{step}.damaged-{suffix}")
-    os.rename(os.path.join(directory, str(step)), target)
+    if jax.process_index() == 0:  # the processes of one run share the folder
+        os.rename(os.path.join(directory, str(step)), target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"quarantine {step}")
     logger.warning(
         "checkpoint %s/%d is damaged (%s): moved aside to %s", directory, step, reason, target
     )

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
@@ -40,16 +39,24 @@ def source_kwargs(config: ml_collections.ConfigDict, data_dir: str | None = None
     }
 
 
-def shared_stats(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Process 0's statistics on every process: all must build the same model."""
-    if jax.process_count() == 1:
-        return tuple(mean), tuple(std)
-    from jax.experimental import multihost_utils
+def channel_sums(images: np.ndarray) -> np.ndarray:
+    """(3, channels): per-channel sum, sum of squares and count of the pixels."""
+    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64)
+    return np.stack([pixels.sum(0), (pixels**2).sum(0), np.full(pixels.shape[1], len(pixels))])
 
-    return tuple(
-        tuple(float(v) for v in multihost_utils.broadcast_one_to_all(jnp.asarray(s)))
-        for s in (mean, std)
-    )
+
+def global_stats(sums: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation (0..255 units) over the pixels of every
+    process: the sums are added up across processes (exact: integers in float64), so
+    every process builds the same model, whatever the number of processes."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        sums = np.asarray(multihost_utils.process_allgather(sums)).sum(0)
+    total, squares, count = sums
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 def check_batch_fits(config: ml_collections.ConfigDict, num_examples: int) -> None:
@@ -115,7 +122,7 @@ def load_data(config: ml_collections.ConfigDict):
     eval_split = data_sources.load_split(
         config.dataset, config.eval_split, class_names=train_split.class_names, **kwargs
     )
-    mean, std = shared_stats(*input_pipeline.channel_stats(train_split.images))
+    mean, std = global_stats(channel_sums(train_split.images))
     info = DatasetInfo(
         class_names=train_split.class_names,
         mean=mean,
@@ -196,7 +203,7 @@ class StreamInput:
         check_batch_fits(config, len(self.train_records))
         self.local_batch = config.batch_size // self.process_count
         self.local_eval_batch = (config.eval_batch_size or config.batch_size) // self.process_count
-        mean, std = shared_stats(*self._sample_stats())
+        mean, std = global_stats(self._sample_sums())
         self.info = DatasetInfo(
             class_names=self.train_records.class_names,
             mean=mean,
@@ -220,17 +227,22 @@ class StreamInput:
         self.sharding = NamedSharding(mesh, P(input_pipeline.DATA_AXIS))
         self.wait_seconds, self.skipped_files, self.eval_skipped_files = 0.0, 0, 0
 
-    def _sample_stats(self, count: int = 512):
-        """Channel statistics of up to `count` evaluation-style views of training images
-        (a fixed sample): the data's own normalisation without reading all of it."""
-        rng = np.random.default_rng(0)
-        indices = rng.choice(len(self.train_records), min(count, len(self.train_records)), False)
+    def _sample_sums(self, count: int = 512) -> np.ndarray:
+        """Channel sums over a fixed sample of up to `count` training images (evaluation
+        views): the data's own normalisation without reading all of it. Each process
+        reads the part of the sample in its share."""
+        sample = np.random.default_rng(0).choice(
+            len(self.train_records), min(count, len(self.train_records)), replace=False
+        )
+        mine = sample[sample % self.process_count == self.process_index]
         transform = streaming.EvalTransform(
             self.train_records, self.config.image_size, self.config.augment
         )
-        images = [transform.map(int(i)) for i in indices]
-        pixels = np.stack([x["image"] for x in images if x["mask"] > 0])
-        return input_pipeline.channel_stats(pixels)
+        views = [transform.map(int(i)) for i in mine]
+        pixels = [view["image"] for view in views if view["mask"] > 0]
+        if not pixels:
+            return np.zeros((3, 3))
+        return channel_sums(np.stack(pixels))
 
     def close(self) -> None:
         """Stops the worker processes."""

@@ -293,11 +293,10 @@ def train_dataset(
     """Batch k of this process: its share of global batch k of the endless, reshuffled
     every epoch, stream of record indices."""
     indices = grain.MapDataset.range(len(records)).seed(seed).shuffle().repeat()
-    return (
-        indices[process_index::process_count]
-        .random_map(TrainTransform(records, image_size, augment))
-        .batch(local_batch, drop_remainder=True)
-    )
+    # Augmented before the split into shares: each image's random view depends on its
+    # place in the global stream, not on the number of processes.
+    views = indices.random_map(TrainTransform(records, image_size, augment))
+    return views[process_index::process_count].batch(local_batch, drop_remainder=True)
 
 
 def eval_dataset(
@@ -322,9 +321,14 @@ def eval_dataset(
 NO_SHARED_MEMORY = grain.experimental.DatasetOptions(min_shm_size=2**62)
 
 
+# Read-ahead per process, in batches: grain's default (500 elements) would keep hundreds
+# of decoded batches in memory per worker and decode far past the end of a run.
+READ_AHEAD = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+
+
 def iterate(dataset: grain.MapDataset, workers: int) -> grain.DatasetIterator:
     """An iterator over `dataset` with `workers` decoding processes (0: in this one)."""
-    iterable = dataset.to_iter_dataset()
+    iterable = dataset.to_iter_dataset(READ_AHEAD)
     if workers > 0:
         # grain's workers read absl flags: in a notebook or test nothing parsed them.
         if not flags.FLAGS.is_parsed():

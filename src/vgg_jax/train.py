@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
@@ -415,7 +417,8 @@ def train_epoch(
             if len(in_flight) > 2:
                 jax.block_until_ready(in_flight.popleft())
             bar.update(config.batch_size)
-            if guard.requested and index + 1 < steps:
+            stop = stop_requested(guard, config, epoch * steps + index + 1, index)
+            if stop and index + 1 < steps:
                 return state, sums, False
             if (index + 1) % config.log_every_steps == 0:
                 checkpoint.check_writes(run.manager)  # a failed save surfaces at once
@@ -426,6 +429,29 @@ def train_epoch(
                     bar.set_postfix(loss=f"{float(running_loss):.4f}")
                 running_loss = sums["loss_sum"] / sums["count"]
     return state, sums, True
+
+
+def stop_requested(guard: PreemptionGuard, config, step: int, index: int | None = None) -> bool:
+    """Whether to stop after training step `step` (`index` in its epoch) or, with
+    `index` None, after this epoch. Several processes must stop at the same step: a
+    SIGTERM to any of them reaches all through JAX's preemption service, checked every
+    step; other signals (Ctrl-C) are shared once per logging interval and at epoch ends
+    (one tiny collective)."""
+    if jax.process_count() == 1:
+        return guard.requested
+    from jax.experimental import multihost_utils
+
+    if index is not None:
+        if multihost_utils.reached_preemption_sync_point(step):
+            guard.signal_number = guard.signal_number or signal.SIGTERM
+            return True
+        if (index + 1) % config.log_every_steps:
+            return False
+    flags = multihost_utils.process_allgather(np.int32(guard.requested))
+    stop = bool(np.asarray(flags).any())
+    if stop and not guard.requested:
+        guard.signal_number = signal.SIGINT  # another process's Ctrl-C
+    return stop
 
 
 def check_finite(loss: float, step: int, run: Run) -> None:
@@ -440,16 +466,20 @@ def check_finite(loss: float, step: int, run: Run) -> None:
 
 
 def log_epoch(record: dict[str, Any], num_epochs: int) -> None:
+    top5 = f" top-5 {record['test_top5_accuracy']:.4f}" if "test_top5_accuracy" in record else ""
     logger.info(
-        "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  lr %.5g  %.1fs",
+        "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f%s  lr %.5g  %.1fs"
+        "  (input wait %.0f%%)",
         record["epoch"],
         num_epochs,
         record["train_loss"],
         record["train_accuracy"],
         record["test_loss"],
         record["test_accuracy"],
+        top5,
         record["learning_rate"],
         record["epoch_seconds"],
+        100 * record["input_wait_fraction"],
     )
 
 
@@ -508,9 +538,10 @@ def train_loop(run: Run, state: TrainState, guard: PreemptionGuard) -> TrainStat
         log_epoch(record, config.num_epochs)
         run.log.write(record)
         last = epoch + 1 == config.num_epochs
-        if (epoch + 1) % config.checkpoint_every_epochs == 0 or last or guard.requested:
+        requested = stop_requested(guard, config, record["step"])
+        if (epoch + 1) % config.checkpoint_every_epochs == 0 or last or requested:
             save_checkpoint(run, state, epoch + 1, 0, record=record)
-        if guard.requested and not last:
+        if requested and not last:
             stop(run, state, guard, f"after epoch {epoch + 1}")
     return state
 
