@@ -64,7 +64,7 @@ DEADLINE = START + BUDGET_S
 # (file name, config, overrides) of the speed step; SMALL shrinks them to seconds on CPU.
 SPEED_RUNS = [
     ("speed_vgg16_cifar_bf16_b512.json", "configs/vgg16.py", ["--config.batch_size=512"]),
-    ("speed_vgg16_224_bf16_b128.json", "configs/vgg16_imagenet.py", ["--config.batch_size=128"]),
+    ("speed_vgg16_224_bf16_b128.json", "configs/tf_benchmark.py", ["--config.batch_size=128"]),
 ]
 SPEED_SETTINGS = ["--config.dtype=bfloat16", "--steps=20", "--burn_in=10"]
 SMALL_SPEED_SETTINGS = [

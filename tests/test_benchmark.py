@@ -84,7 +84,7 @@ def test_analytic_flops_vgg16():
 
 
 def test_imagenet_config_is_the_tf_benchmark_shape():
-    config = load_config_file(CONFIGS / "vgg16_imagenet.py")
+    config = load_config_file(CONFIGS / "tf_benchmark.py")
     assert (config.image_size, config.batch_size, config.head) == (224, 128, "tf_benchmark")
     assert not config.batch_norm and config.conv_dropout == "none"
     info = data_sources.DatasetInfo.without_data(config)

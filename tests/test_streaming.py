@@ -4,6 +4,7 @@ bad files, flat memory, and the choice between device-resident and streamed inpu
 import logging
 import resource
 
+import cv2
 import jax
 import numpy as np
 import pytest
@@ -60,30 +61,21 @@ def test_every_augmentation_gives_uint8_squares(tmp_path, augment):
 
 
 def test_random_resized_crop_respects_the_area_and_ratio_ranges():
-    image = Image.new("RGB", (400, 300))
-    areas, ratios = [], []
     rng = np.random.default_rng(0)
-
-    class Recorder:  # captures the crop box the resize is given
-        size = image.size
-
-        def resize(self, size, resample, box):
-            left, top, right, bottom = box
-            areas.append((right - left) * (bottom - top) / (400 * 300))
-            ratios.append((right - left) / (bottom - top))
-            return image.resize(size)
-
-    for _ in range(300):
-        streaming.random_resized_crop(Recorder(), rng, 32)
-    assert min(areas) >= 0.08 - 0.01 and max(areas) <= 1.0
+    boxes = [streaming.crop_box(400, 300, rng) for _ in range(500)]
+    areas = [w * h / (400 * 300) for _, _, w, h in boxes]
+    ratios = [w / h for _, _, w, h in boxes]
+    assert min(areas) >= 0.08 - 0.01 and max(areas) <= 1.0 and max(areas) > 0.8
     assert min(ratios) >= 3 / 4 - 0.05 and max(ratios) <= 4 / 3 + 0.05
+    assert all(0 <= left <= 400 - w and 0 <= top <= 300 - h for left, top, w, h in boxes)
 
 
 def test_eval_view_is_the_centre_crop_after_resizing_the_shorter_side(tmp_path):
     element = _element(tmp_path, size=(224, 448))  # height 224, width 448
     view = streaming.eval_image(element, 224, "random_resized_crop")
     assert view.shape == (224, 224, 3)
-    full = np.asarray(Image.open(element[0]).resize((512, 256), Image.Resampling.BILINEAR))
+    decoded = np.asarray(Image.open(element[0]).convert("RGB"))
+    full = cv2.resize(decoded, (512, 256), interpolation=cv2.INTER_LINEAR)
     np.testing.assert_allclose(view, full[16:240, 144:368], atol=2)
 
 
@@ -224,3 +216,30 @@ def test_top5_counts_a_label_among_the_five_highest_logits():
     labels = jax.numpy.array([6, 2, 1, 0])
     np.testing.assert_array_equal(train.top_k_correct(logits, labels, 5), [1, 1, 0, 0])
     np.testing.assert_array_equal(train.top_k_correct(logits, labels, 1), [1, 0, 0, 0])
+
+
+@pytest.mark.slow
+def test_input_benchmark_times_ours_against_tf_data(tmp_path):
+    import json
+
+    from conftest import CONFIGS, run_cli
+
+    root = _folder(tmp_path / "data", per_class=(12, 1), size=(60, 80))
+    out = tmp_path / "input.json"
+    result = run_cli(
+        "vgg_jax.benchmark",
+        f"--config={CONFIGS / 'vgg16_imagenet.py'}",
+        f"--input={root}",
+        "--config.image_size=32",
+        "--config.batch_size=8",
+        "--steps=2",
+        "--burn_in=1",
+        "--input_workers=1",
+        f"--json={out}",
+    )
+    assert result.returncode == 0, result.stderr
+    numbers = json.loads(out.read_text())
+    assert set(numbers["runs"]) == {"ours_1", "tf_data_1"}
+    assert numbers["runs"]["ours_1"]["images_per_s"] > 0
+    assert numbers["ratio_vs_tf_data"]["1"] > 0
+    assert "ratio ours/tf.data with 1 worker(s)" in result.stdout

@@ -1,4 +1,5 @@
-"""Speed of the forward pass and of the full training step on random data.
+"""Speed of the forward pass and of the full training step on random data (or, with
+--input=DIR, of the host input pipeline against tf.data: vgg_jax/input_speed.py).
 
   python -m vgg_jax.benchmark --config=configs/vgg16.py [--config.batch_size=256] \
       [--steps=20] [--burn_in=10] [--compare=torch] [--json=FILE]
@@ -63,6 +64,8 @@ def define_flags() -> None:
     flags.DEFINE_enum("compare", "none", ["none", "torch"], "Also time the same net in PyTorch.")
     flags.DEFINE_string("json", None, "Write every number to this JSON file.")
     flags.DEFINE_bool("torch_compile", True, "With --compare=torch: try torch.compile first.")
+    flags.DEFINE_string("input", None, "Time the host input pipeline on DIR/train instead.")
+    flags.DEFINE_list("input_workers", ["1", "2"], "With --input: worker counts to time.")
 
 
 def random_batch(
@@ -326,6 +329,17 @@ def main(argv: list[str]) -> None:
             print(report(results, config), flush=True)
             write_json(results)
 
+    if FLAGS.input:
+        from vgg_jax import input_speed  # tf.data is imported only for this
+
+        try:
+            workers = [int(w) for w in FLAGS.input_workers]
+            results = input_speed.run(config, FLAGS.input, workers, FLAGS.steps, FLAGS.burn_in)
+        except (ValueError, data_sources.DatasetUnavailableError) as error:
+            sys.exit(f"error: {cli.one_line(error)}")
+        print(input_speed.report(results), flush=True)
+        write_json(results)
+        return
     try:
         results = run_benchmark(
             config, FLAGS.steps, FLAGS.burn_in, FLAGS.compare, FLAGS.torch_compile, jax_done

@@ -55,7 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.augment = "none"  # none | crop_flip | random_resized_crop | scale_jitter (README)
     config.input = "auto"  # auto | device (splits on the devices) | stream (grain, host)
     config.device_input_budget_gb = 4.0  # auto: device-resident up to this many GiB of uint8
-    config.input_workers = 2  # stream: decoding worker processes per host (0: in-process)
+    config.input_workers = 2  # stream: decoding processes per host (0: none, -1: CPUs - 1)
     config.synthetic_train_size = 2048  # examples in the synthetic train split
     config.synthetic_eval_size = 512  # examples in the synthetic eval split
     config.synthetic_classes = 10  # classes in the synthetic dataset
@@ -180,7 +180,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "augment": _one_of(AUGMENTATIONS),
     "input": _one_of(INPUTS),
     "device_input_budget_gb": NON_NEGATIVE,
-    "input_workers": NON_NEGATIVE,
+    "input_workers": _number(-1),
     "num_processes": _optional(POSITIVE),
     "process_id": _optional(NON_NEGATIVE),
     "synthetic_train_size": POSITIVE,

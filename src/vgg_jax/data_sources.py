@@ -151,6 +151,23 @@ def _images_in(folder: Path) -> list[Path]:
     )
 
 
+# What image folders call their evaluation split: any of these stands for the others.
+EVAL_SPLIT_NAMES = ("validation", "val", "test")
+
+
+def split_folder(root: str, split: str) -> Path:
+    """root/split, or for an evaluation split the folder the dataset has of
+    validation/val/test (ImageNet-style folders say 'val', CIFAR-style ones 'test')."""
+    candidates = [split] + [n for n in EVAL_SPLIT_NAMES if split in EVAL_SPLIT_NAMES and n != split]
+    for name in candidates:
+        if (Path(root) / name).is_dir():
+            return Path(root) / name
+    raise DatasetUnavailableError(
+        f"image folder {Path(root) / split} does not exist; expected "
+        f"{root}/{{train,test}}/<class name>/<image files>"
+    )
+
+
 def list_image_folder(
     root: str, split: str, class_names: Sequence[str] | None = None
 ) -> tuple[list[tuple[Path, int]], tuple[str, ...]]:
@@ -158,12 +175,7 @@ def list_image_folder(
     sorted by name. With `class_names` (the training split's), the split must have
     exactly those classes and labels index them. A class folder without images stops
     here, naming it."""
-    split_dir = Path(root) / split
-    if not split_dir.is_dir():
-        raise DatasetUnavailableError(
-            f"image folder {split_dir} does not exist; expected "
-            f"{root}/{{train,test}}/<class name>/<image files>"
-        )
+    split_dir = split_folder(root, split)
     folders = {p.name: p for p in split_dir.iterdir() if _visible(p) and p.is_dir()}
     if not folders:
         raise DatasetUnavailableError(f"image folder {split_dir} has no class sub-folders")

@@ -4,8 +4,8 @@ the host by worker processes, a batch at a time.
   records (image-folder paths or a TFDS ArrayRecord data source)
     -> MapDataset.source -> seed -> shuffle (a new permutation every epoch: repeat)
     -> this process's share (every process_count-th record)
-    -> random_map: decode + augment, in the workers (uint8 goes to the devices;
-       normalisation stays in the model)
+    -> random_map: decode (OpenCV for JPEG, PIL otherwise) + augment, in the workers
+       (uint8 goes to the devices; normalisation stays in the model)
     -> batch (this process's part of the global batch) -> to_iter_dataset
     -> mp_prefetch (config.input_workers processes)
 
@@ -29,6 +29,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import cv2
 import grain
 import numpy as np
 from absl import flags
@@ -123,33 +124,41 @@ def split_records(config, split: str, class_names=None) -> Records:
 # ------------------------------------------------------------- decoding and augmenting
 
 
-def decode(element: Any, min_side: int) -> Image.Image:
-    """An element's image as RGB. JPEGs are decoded at a reduced scale (libjpeg's DCT
-    scaling via `draft`) when the shorter side stays at least `min_side`."""
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def decode(element: Any) -> np.ndarray:
+    """An element's image as uint8 RGB (H, W, 3). JPEG files are decoded by OpenCV
+    (libjpeg-turbo, no Python per pixel row: several times PIL's speed on the workers);
+    anything else by PIL, converted as the in-memory path converts it (transparency on
+    white, 16-bit scaled)."""
     data = element[0]
     if isinstance(data, np.ndarray):
-        image = Image.fromarray(data if data.shape[-1] != 1 else data[..., 0])
-    else:
-        image = Image.open(data if isinstance(data, str) else io.BytesIO(data))
-        if image.format == "JPEG":
-            scale = min(image.size) / max(min_side, 1)
-            if scale >= 2:
-                image.draft("RGB", (image.size[0] // int(scale), image.size[1] // int(scale)))
-        image.load()
-    return to_rgb(image)
+        return data if data.shape[-1] == 3 else np.repeat(data[..., :1], 3, axis=-1)
+    raw = np.fromfile(data, np.uint8) if isinstance(data, str) else np.frombuffer(data, np.uint8)
+    if raw[:3].tobytes() == JPEG_MAGIC:
+        image = cv2.imdecode(raw, cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError("not a decodable JPEG")
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if raw.size == 0:
+        raise ValueError("empty file")
+    with Image.open(io.BytesIO(raw.tobytes())) as image:
+        return data_sources.to_rgb_array(image, None)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode as RGB, as the in-memory path converts it (transparency on white)."""
-    if image.mode == "RGB":
-        return image
-    return Image.fromarray(data_sources.to_rgb_array(image, None))
+def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear, as tf.image.resize; with an area filter where it shrinks by more than 2x
+    (bilinear alone would alias there)."""
+    shrink = image.shape[1] > 2 * width or image.shape[0] > 2 * height
+    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    return cv2.resize(image, (width, height), interpolation=interpolation)
 
 
-def random_resized_crop(image: Image.Image, rng: np.random.Generator, size: int) -> Image.Image:
-    """torchvision's RandomResizedCrop: area 8-100%, aspect ratio 3/4-4/3 (log-uniform),
-    10 tries, else the central crop of the nearest allowed ratio; resized bilinearly."""
-    width, height = image.size
+def crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (left, top, width, height): area 8-100%,
+    aspect ratio 3/4-4/3 (log-uniform), 10 tries, else the central crop of the nearest
+    allowed ratio."""
     area = width * height
     for _ in range(10):
         target = area * rng.uniform(0.08, 1.0)
@@ -157,11 +166,7 @@ def random_resized_crop(image: Image.Image, rng: np.random.Generator, size: int)
         w = round(math.sqrt(target * ratio))
         h = round(math.sqrt(target / ratio))
         if 0 < w <= width and 0 < h <= height:
-            left = int(rng.integers(0, width - w + 1))
-            top = int(rng.integers(0, height - h + 1))
-            return image.resize(
-                (size, size), Image.Resampling.BILINEAR, (left, top, left + w, top + h)
-            )
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
     ratio = width / height
     if ratio < 3 / 4:
         w, h = width, round(width / (3 / 4))
@@ -169,58 +174,59 @@ def random_resized_crop(image: Image.Image, rng: np.random.Generator, size: int)
         w, h = round(height * (4 / 3)), height
     else:
         w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
-    return image.resize((size, size), Image.Resampling.BILINEAR, (left, top, left + w, top + h))
+    return (width - w) // 2, (height - h) // 2, w, h
 
 
-def resize_shorter_side(image: Image.Image, side: int) -> Image.Image:
-    width, height = image.size
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    left, top, w, h = crop_box(image.shape[1], image.shape[0], rng)
+    return resize(image[top : top + h, left : left + w], size, size)
+
+
+def resize_shorter_side(image: np.ndarray, side: int) -> np.ndarray:
+    height, width = image.shape[:2]
     scale = side / min(width, height)
-    new = (max(side, round(width * scale)), max(side, round(height * scale)))
-    return image.resize(new, Image.Resampling.BILINEAR)
+    return resize(image, max(side, round(width * scale)), max(side, round(height * scale)))
 
 
-def crop(image: Image.Image, size: int, left: int, top: int) -> np.ndarray:
-    return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
-
-
-def center_crop(image: Image.Image, size: int) -> np.ndarray:
-    width, height = image.size
-    return crop(image, size, (width - size) // 2, (height - size) // 2)
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    height, width = image.shape[:2]
+    top, left = (height - size) // 2, (width - size) // 2
+    return image[top : top + size, left : left + size]
 
 
 def train_image(element: Any, rng: np.random.Generator, size: int, augment: str) -> np.ndarray:
     """One training image, decoded and augmented: uint8 (size, size, 3)."""
+    image = decode(element)
     if augment == "random_resized_crop":
-        image = random_resized_crop(decode(element, size), rng, size)
-        array = np.asarray(image, np.uint8)
+        image = random_resized_crop(image, rng, size)
     elif augment == "scale_jitter":
         # The paper's scale jittering: shorter side S in [256, 512] (at 224), random crop.
         low = round(size * EVAL_RESIZE_RATIO)
-        image = resize_shorter_side(decode(element, low), int(rng.integers(low, 2 * low + 1)))
-        left = int(rng.integers(0, image.size[0] - size + 1))
-        top = int(rng.integers(0, image.size[1] - size + 1))
-        array = crop(image, size, left, top)
+        image = resize_shorter_side(image, int(rng.integers(low, 2 * low + 1)))
+        top = int(rng.integers(0, image.shape[0] - size + 1))
+        left = int(rng.integers(0, image.shape[1] - size + 1))
+        image = image[top : top + size, left : left + size]
     else:
-        array = np.asarray(decode(element, size).resize((size, size), Image.Resampling.BICUBIC))
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
         if augment == "crop_flip":
-            padded = np.pad(array, ((4, 4), (4, 4), (0, 0)))
+            padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
             top, left = rng.integers(0, 9, 2)
-            array = padded[top : top + size, left : left + size]
+            image = padded[top : top + size, left : left + size]
     if augment != "none" and rng.random() < 0.5:
-        array = array[:, ::-1]
-    return np.ascontiguousarray(array)
+        image = image[:, ::-1]
+    return np.ascontiguousarray(image)
 
 
 def eval_image(element: Any, size: int, augment: str) -> np.ndarray:
+    image = decode(element)
     if augment in IMAGENET_STYLE:
         side = round(size * EVAL_RESIZE_RATIO)
-        return center_crop(resize_shorter_side(decode(element, side), side), size)
-    image = decode(element, size)
-    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), np.uint8)
+        return np.ascontiguousarray(center_crop(resize_shorter_side(image, side), size))
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
-_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, cv2.error)
+cv2.setNumThreads(1)  # the parallelism is the worker processes
 
 
 class TrainTransform(grain.transforms.RandomMap):
@@ -317,18 +323,23 @@ def eval_dataset(
 
 # Batches come back from the workers through pipes rather than shared memory: grain's
 # shared-memory buffers still queued when a stream stops are reported as leaked at exit
-# (grain issue 398), and a copy of a batch costs little next to decoding it.
+# (grain issue 398), and the two measured the same here (experiments/RESULTS.md).
 NO_SHARED_MEMORY = grain.experimental.DatasetOptions(min_shm_size=2**62)
 
 
 # Read-ahead per process, in batches: grain's default (500 elements) would keep hundreds
-# of decoded batches in memory per worker and decode far past the end of a run.
-READ_AHEAD = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+# of decoded batches in memory per worker and decode far past the end of a run. One
+# thread per worker process: the processes are the parallelism (threads would contend
+# for the GIL and the cores).
+READ_AHEAD = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+READ_AHEAD_IN_PROCESS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 
 
 def iterate(dataset: grain.MapDataset, workers: int) -> grain.DatasetIterator:
     """An iterator over `dataset` with `workers` decoding processes (0: in this one)."""
-    iterable = dataset.to_iter_dataset(READ_AHEAD)
+    if workers < 0:
+        workers = max(1, (os.cpu_count() or 2) - 1)
+    iterable = dataset.to_iter_dataset(READ_AHEAD if workers > 0 else READ_AHEAD_IN_PROCESS)
     if workers > 0:
         # grain's workers read absl flags: in a notebook or test nothing parsed them.
         if not flags.FLAGS.is_parsed():

@@ -1,0 +1,152 @@
+"""Speed of the host input pipeline: decoded and augmented training images per second
+from a JPEG folder, ours (grain workers) against tf.data doing the same work.
+
+  python -m vgg_jax.benchmark --config=configs/vgg16_imagenet.py --input=DIR \
+      [--input_workers=1,2] [--steps=20] [--burn_in=5] [--json=FILE]
+
+The same work on both sides: list DIR/train once, shuffle, decode each JPEG, take a
+random-resized crop (area 8-100%, aspect 3/4-4/3), resize it to config.image_size,
+flip half of them, batch (config.batch_size), prefetch; N parallel workers: grain
+worker processes for ours, `num_parallel_calls=N` for tf.data (its fastest standard
+form: `decode_and_crop_jpeg` decodes only the crop). Nothing goes to a device.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import ml_collections
+
+from vgg_jax import streaming
+
+
+def time_batches(batches: Iterator[Any], steps: int, burn_in: int) -> list[float]:
+    """Seconds for each of `steps` batches after `burn_in` untimed ones."""
+    for _ in range(burn_in):
+        next(batches)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        next(batches)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def ours(config: ml_collections.ConfigDict, root: str, workers: int) -> Iterator[Any]:
+    records = streaming.image_folder_records(root, "train")
+    dataset = streaming.train_dataset(
+        records,
+        seed=config.seed,
+        local_batch=config.batch_size,
+        image_size=config.image_size,
+        augment="random_resized_crop",
+        process_index=0,
+        process_count=1,
+    )
+    return streaming.iterate(dataset, workers)
+
+
+def tf_data(config: ml_collections.ConfigDict, root: str, workers: int) -> Iterator[Any]:
+    from vgg_jax import data_sources
+
+    tf = data_sources.import_tensorflow()
+    files, _ = data_sources.list_image_folder(root, "train")
+    paths = [str(path) for path, _ in files]
+    labels = [label for _, label in files]
+    size = config.image_size
+
+    def decode_crop_flip(path, label):
+        data = tf.io.read_file(path)
+        shape = tf.io.extract_jpeg_shape(data)
+        begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
+            shape,
+            bounding_boxes=tf.zeros((1, 0, 4)),
+            min_object_covered=0.0,
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.08, 1.0),
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
+        window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
+        image = tf.io.decode_and_crop_jpeg(data, window, channels=3)
+        image = tf.image.resize(image, (size, size), method="bilinear")
+        image = tf.image.random_flip_left_right(tf.cast(tf.round(image), tf.uint8))
+        return image, label
+
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((paths, labels))
+        .shuffle(len(paths), seed=config.seed, reshuffle_each_iteration=True)
+        .repeat()
+        .map(decode_crop_flip, num_parallel_calls=workers, deterministic=False)
+        .batch(config.batch_size, drop_remainder=True)
+        .prefetch(2)
+    )
+    return iter(dataset.as_numpy_iterator())
+
+
+PIPELINES: dict[str, Callable[..., Iterator[Any]]] = {"ours": ours, "tf_data": tf_data}
+
+
+def summary(times: list[float], batch_size: int) -> dict[str, Any]:
+    return {
+        "median_s": statistics.median(times),
+        "mean_s": statistics.fmean(times),
+        "images_per_s": batch_size / statistics.fmean(times),
+        "times_s": times,
+    }
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    root: str,
+    workers_list: list[int],
+    steps: int,
+    burn_in: int,
+) -> dict[str, Any]:
+    """Every number of one input benchmark (what --json writes)."""
+    root = os.path.expanduser(root)
+    if not workers_list or min(workers_list) < 1:
+        raise ValueError(f"--input_workers must be counts >= 1, got {workers_list}")
+    results: dict[str, Any] = {
+        "folder": root,
+        "image_size": config.image_size,
+        "batch_size": config.batch_size,
+        "steps": steps,
+        "burn_in": burn_in,
+        "cpus": os.cpu_count(),
+        "runs": {},
+        "ratio_vs_tf_data": {},
+    }
+    for workers in workers_list:
+        for name, make in PIPELINES.items():
+            iterator = make(config, root, workers)
+            times = time_batches(iterator, steps, burn_in)
+            if hasattr(iterator, "close"):
+                iterator.close()
+            results["runs"][f"{name}_{workers}"] = summary(times, config.batch_size)
+        ratio = (
+            results["runs"][f"ours_{workers}"]["images_per_s"]
+            / results["runs"][f"tf_data_{workers}"]["images_per_s"]
+        )
+        results["ratio_vs_tf_data"][str(workers)] = ratio
+    return results
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = [
+        f"input pipeline: {results['folder']}/train, {results['image_size']}px random-resized-"
+        f"crop + flip, batch {results['batch_size']}, {results['steps']} batches after "
+        f"{results['burn_in']}; {results['cpus']} CPUs"
+    ]
+    for name, run_ in results["runs"].items():
+        lines.append(
+            f"{name:>12}: {run_['images_per_s']:8.1f} images/s "
+            f"(median {run_['median_s']:.3f} s/batch)"
+        )
+    for workers, ratio in results["ratio_vs_tf_data"].items():
+        lines.append(f"ratio ours/tf.data with {workers} worker(s): {ratio:.2f}")
+    return "\n".join(lines)
