@@ -243,3 +243,17 @@ def test_input_benchmark_times_ours_against_tf_data(tmp_path):
     assert numbers["runs"]["ours_1"]["images_per_s"] > 0
     assert numbers["ratio_vs_tf_data"]["1"] > 0
     assert "ratio ours/tf.data with 1 worker(s)" in result.stdout
+
+
+@pytest.mark.slow
+def test_tfds_data_source_streams(tiny_config, tmp_path):
+    """A TFDS dataset read through tfds.data_source (mocked: no download)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    tiny_config.dataset, tiny_config.image_size = "cifar10", 32
+    tiny_config.input, tiny_config.input_workers = "stream", 0  # the mock is in-process
+    tiny_config.augment = "crop_flip"
+    tiny_config.num_epochs = 1
+    with tfds.testing.mock_data(num_examples=64):
+        train.train_and_evaluate(tiny_config, str(tmp_path))
+    record = read_metrics(tmp_path)[-1]
+    assert record["epoch"] == 1 and 0 <= record["test_accuracy"] <= 1
