@@ -154,6 +154,15 @@ def read_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
 
 def to_rgb_array(image: Image.Image, image_size: int) -> np.ndarray:
     """A PIL image of any mode -> uint8 RGB (image_size, image_size, 3)."""
+    image = to_rgb(image)
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A PIL image of any mode as RGB: 16/32-bit grayscale scaled to 8 bits,
+    transparency composited on white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit grayscale: scale to 8 bits rather than clipping.
         array = np.asarray(image, dtype=np.float64)
@@ -164,10 +173,7 @@ def to_rgb_array(image: Image.Image, image_size: int) -> np.ndarray:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    image = image.convert("RGB")
-    if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
+    return image.convert("RGB")
 
 
 def load_image_folder(
