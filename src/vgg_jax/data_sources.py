@@ -125,8 +125,9 @@ def load_split(
 
 
 def list_image_folder(root: str, split: str) -> tuple[list[tuple[Path, int]], tuple[str, ...]]:
-    """(path, label) for every image under root/split/<class>/, classes sorted by name."""
-    split_dir = Path(root) / split
+    """(path, label) for every image under root/split/<class>/, classes sorted by name
+    (`root` may start with ~)."""
+    split_dir = Path(root).expanduser() / split
     if not split_dir.is_dir():
         raise DatasetUnavailableError(
             f"image folder {split_dir} does not exist; expected "

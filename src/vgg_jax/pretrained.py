@@ -538,6 +538,12 @@ def _shapes(tree: Any) -> Any:
     return jax.tree.map(lambda leaf: tuple(leaf.shape), tree)
 
 
+def _describe(shapes: Any) -> str:
+    """{'kernel': (3, 3, 3, 64), 'bias': (64,)} -> 'bias (64,), kernel (3, 3, 3, 64)'."""
+    leaves = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]
+    return ", ".join(f"{path[-1].key} {shape}" for path, shape in leaves)
+
+
 def merge_variables(target: Mapping[str, Any], source: Mapping[str, Any]) -> tuple[dict, list]:
     """`target` (a freshly initialised model's params and batch_stats) with every layer
     taken from `source` where the shapes agree, and notes on what was not.
@@ -572,8 +578,8 @@ def merge_variables(target: Mapping[str, Any], source: Mapping[str, Any]) -> tup
                 continue
             if spec.block_of(name):
                 raise WeightFormatError(
-                    f"init_from: {name} is {there['p']} in the source, {here['p']} here: set "
-                    "model, batch_norm and width to the source's"
+                    f"init_from: {name} is {_describe(there['p'])} in the source, "
+                    f"{_describe(here['p'])} here: set model, batch_norm and width to the source's"
                 )
             if name == "classifier":
                 source_classes = source_params[name]["kernel"].shape[-1]
@@ -583,7 +589,10 @@ def merge_variables(target: Mapping[str, Any], source: Mapping[str, Any]) -> tup
                     f"this dataset {target_classes}"
                 )
             else:
-                notes.append(f"{name} re-initialised: {there['p']} in the source, {here['p']} here")
+                notes.append(
+                    f"{name} re-initialised: {_describe(there['p'])} in the source, "
+                    f"{_describe(here['p'])} here"
+                )
         else:
             notes.append(f"{name} re-initialised: not in the source")
     unused = sorted(set(source_params) - set(target_params))

@@ -20,7 +20,16 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from vgg_jax import checkpoint, configuration, cpu, data_sources, input_pipeline, models, optim
+from vgg_jax import (
+    checkpoint,
+    configuration,
+    cpu,
+    data_sources,
+    input_pipeline,
+    models,
+    optim,
+    pretrained,
+)
 from vgg_jax.metrics_log import MetricsLog
 from vgg_jax.preemption import Preempted, PreemptionGuard
 
@@ -304,6 +313,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainSt
 def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manager):
     resume_step = find_resume_step(manager, config)
     train_split, eval_split, info = load_data(config)
+    source_variables = None
+    if config.init_from:
+        info, source_variables = starting_point(config, info, manager, resume_step)
     train_data = input_pipeline.put_train_split(train_split, mesh)
     eval_batch_size = config.eval_batch_size or config.batch_size
     eval_batches = input_pipeline.put_eval_batches(eval_split, eval_batch_size, mesh)
@@ -322,6 +334,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manage
     learning_rate_fn = optim.create_learning_rate_schedule(config, steps_per_epoch)
     model = models.build_model(config, info)
     state = create_train_state(config, model, config.image_size, learning_rate_fn, mesh)
+    if source_variables is not None:
+        state = start_from(state, source_variables, config.init_from, mesh)
     log = MetricsLog(workdir, enabled=jax.process_index() == 0)
     meta = {}
     if resume_step is None:
@@ -346,6 +360,35 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manage
         partial_sums=meta.get("partial_train_sums"),
     )
     return run, state
+
+
+def starting_point(config: ml_collections.ConfigDict, info, manager, resume_step: int | None):
+    """For `config.init_from`: the dataset info with the source's input normalisation
+    (the weights expect it), and the source's variables (None when resuming: the
+    checkpoint holds the weights, and its meta the normalisation)."""
+    if resume_step is not None:
+        saved = checkpoint.read_meta(manager, resume_step)["dataset"]
+        return dataclasses.replace(info, mean=tuple(saved["mean"]), std=tuple(saved["std"])), None
+    source_model, variables = pretrained.load(config.init_from)
+    mean = tuple(float(m) for m in source_model.mean)
+    std = tuple(float(s) for s in source_model.std)
+    logger.info("init_from %s: its input normalisation mean=%s std=%s", config.init_from, mean, std)
+    return dataclasses.replace(info, mean=mean, std=std), variables
+
+
+def start_from(state: TrainState, variables, name: str, mesh: Mesh) -> TrainState:
+    """`state` with the weights of `variables` wherever they fit (see
+    `pretrained.merge_variables`, which says what was re-initialised: logged here)."""
+    target = {"params": state.params, "batch_stats": state.batch_stats}
+    merged, notes = pretrained.merge_variables(target, variables)
+    for note in notes:
+        logger.info("init_from %s: %s", name, note)
+    merged = jax.device_put(merged, NamedSharding(mesh, P()))
+    batch_stats = merged.get("batch_stats", state.batch_stats)
+    state = state.replace(params=merged["params"], batch_stats=batch_stats)
+    if state.ema:
+        state = state.replace(ema={"params": merged["params"], "batch_stats": batch_stats})
+    return state
 
 
 def restore_for_resume(manager, step: int, state: TrainState, mesh: Mesh, steps_per_epoch: int):
