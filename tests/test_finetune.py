@@ -211,6 +211,22 @@ def test_readme_fine_tune_command_from_a_torchvision_file(tmp_path, image_folder
     assert info.mean == spec.IMAGENET_MEAN  # torchvision's preprocessing came along
 
 
+@pytest.mark.slow
+def test_readme_fine_tune_command_offline_fails_in_one_line(tmp_path, image_folder):
+    result = run_cli(
+        "vgg_jax.main",
+        f"--config={CONFIGS / 'vgg16_finetune.py'}",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.data_dir={image_folder}",
+        env={"VGG_JAX_CACHE": str(tmp_path / "cache"), "VGG_JAX_OFFLINE": "1"},
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert pretrained.WEIGHT_FILES["torchvision:vgg16_bn"].url in lines[0]
+    assert str(tmp_path / "cache" / "vgg16_bn-6c64b313.pth") in lines[0]
+
+
 # ----------------------------------------------------------------------------- export
 
 

@@ -13,6 +13,7 @@ from conftest import (
     random_torchvision,
     random_variables,
     randomise_torch_,
+    run_cli,
     tiny_torchvision,
     torch_input,
 )
@@ -270,6 +271,27 @@ def test_predictor_prints_imagenet_names_and_matches_torchvision(tmp_path):
     assert name == pretrained.imagenet_class_names()[int(theirs.argmax())]
 
 
+@pytest.mark.slow
+def test_predict_cli_with_weights_prints_class_names(tmp_path):
+    reference = tiny_torchvision(spec.STAGES["vgg_tiny"], batch_norm=False, num_classes=1000)
+    torch.save(reference.state_dict(), tmp_path / "tiny.pth")
+    picture = np.random.default_rng(2).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    Image.fromarray(picture).save(tmp_path / "picture.png")
+    result = run_cli(
+        "vgg_jax.predict",
+        f"--weights={tmp_path / 'tiny.pth'}",
+        "--top=3",
+        str(tmp_path / "picture.png"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [line] = result.stdout.splitlines()
+    names = set(pretrained.imagenet_class_names())
+    ranked = line.split(": ", 1)[1].split(", ")
+    assert len(ranked) == 3 and all(entry.rsplit(" ", 1)[0] in names for entry in ranked)
+    result = run_cli("vgg_jax.predict", str(tmp_path / "picture.png"))
+    assert result.returncode != 0 and "workdir" in result.stderr
+
+
 # ------------------------------------------------------------------------- downloading
 
 
@@ -329,6 +351,12 @@ def test_offline_load_fails_in_one_line_naming_url_and_cache_path(tmp_path, monk
     message = str(error.value)
     assert "\n" not in message and url in message
     assert str(tmp_path / "cache" / "vgg16_bn-6c64b313.pth") in message
+
+
+def test_vgg_jax_offline_forbids_downloads(published, monkeypatch):
+    monkeypatch.setenv("VGG_JAX_OFFLINE", "1")
+    with pytest.raises(pretrained.WeightsUnavailableError, match="VGG_JAX_OFFLINE=1"):
+        pretrained.load("torchvision:vgg11")
 
 
 def test_every_published_name_has_a_file_and_an_architecture():

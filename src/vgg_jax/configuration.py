@@ -26,7 +26,7 @@ AUGMENTATIONS = ("none", "crop_flip")
 # xla: stock Flax layers everywhere; matmul: the CPU kernels on any backend.
 CONV_IMPLS = ("auto", "xla", "matmul")
 SYNTHETIC_SPLITS = ("train", "test")
-# init_from: None (random init), published weights by name (spec.PRETRAINED, e.g.
+# init_from: None or '' (random init), published weights by name (spec.PRETRAINED, e.g.
 # 'torchvision:vgg16_bn', 'keras:vgg16'), a weight file (.pth, .safetensors, .h5) or
 # another run's workdir / checkpoint. Layers whose shapes differ in the head (the
 # classifier when the class count differs) are re-initialised; the input normalisation
@@ -160,9 +160,9 @@ def _stages(value):
 
 
 def _init_from(value):
-    if value is None:
+    if value is None or value == "":  # '--config.init_from=' (empty): from scratch
         return None
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str):
         return f"{value!r} is not a weights name or a path"
     if value in spec.PRETRAINED:
         return None

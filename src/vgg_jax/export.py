@@ -36,11 +36,13 @@ def main(argv: list[str]) -> None:
         predictor = inference.load(FLAGS.workdir, inference.parse_step(FLAGS.step))
         model, info = predictor.model, predictor.info
         state, layout = pretrained.export_state_dict(model, predictor.variables, info.image_size)
+        if layout == "torchvision":
+            constructor = pretrained.torchvision_constructor(model)
+        else:
+            constructor = f"vgg_jax.torch_reference.build_torch_model(model, {info.image_size})"
         about = {
             "layout": layout,
-            "constructor": pretrained.torchvision_constructor(model)
-            if layout == "torchvision"
-            else f"vgg_jax.torch_reference.build_torch_model(model, {info.image_size})",
+            "constructor": constructor,
             "num_classes": model.num_classes,
             "class_names": list(info.class_names),
             "image_size": info.image_size,
@@ -51,15 +53,19 @@ def main(argv: list[str]) -> None:
     except (checkpoint.NoCheckpointError, ImportError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     print(f"wrote {out} ({layout} layout) and {out}.json")
-    if layout == "torchvision":
-        mean = ", ".join(f"{m / 255:.4f}" for m in model.mean)
-        std = ", ".join(f"{s / 255:.4f}" for s in model.std)
+    if layout == "torch_reference":
+        print(f"load: {constructor} (takes uint8 NHWC images, normalises itself)")
+        return
+    mean = ", ".join(f"{m / 255:.4f}" for m in model.mean)
+    std = ", ".join(f"{s / 255:.4f}" for s in model.std)
+    if constructor is None:
         print(
-            f"load: {about['constructor']}.load_state_dict(..., strict=True); feed it RGB "
-            f"NCHW images in 0..1 normalised with mean=({mean}), std=({std})"
+            f"stages {model.stages} are no torchvision preset: torchvision's VGG class "
+            "cannot build them; vgg_jax.pretrained.from_torchvision reads the file"
         )
     else:
-        print(f"load: {about['constructor']} (takes uint8 NHWC images, normalises itself)")
+        print(f"load: {constructor}.load_state_dict(..., strict=True)")
+    print(f"inputs: RGB NCHW in 0..1, normalised with mean=({mean}), std=({std})")
 
 
 def run() -> None:

@@ -32,13 +32,16 @@ def main(argv: list[str]) -> None:
     cli.configure_logging()
     from vgg_jax import train  # imports JAX: only once the config has passed its check
     from vgg_jax.data_sources import DatasetUnavailableError
+    from vgg_jax.pretrained import WeightsUnavailableError
 
     try:
         train.train_and_evaluate(FLAGS.config, os.path.expanduser(FLAGS.workdir))
     except Preempted as stopped:
         print(stopped, file=sys.stderr)
         sys.exit(stopped.exit_code)
-    except (DatasetUnavailableError, ValueError) as error:
+    except (DatasetUnavailableError, WeightsUnavailableError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    except ImportError as error:  # reading a .pth file without torch: the message says so
         sys.exit(f"error: {error}")
 
 

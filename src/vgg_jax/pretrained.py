@@ -36,9 +36,9 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,9 @@ import numpy as np
 from PIL import Image
 
 from vgg_jax import data_sources, models, spec
+
+if TYPE_CHECKING:
+    from vgg_jax import inference
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +162,8 @@ def _check_digest(path: Path, weight_file: WeightFile) -> None:
 def fetch(name: str, timeout: float = 30.0) -> Path:
     """The local path of published weights (`WEIGHT_FILES`), downloaded into
     `cache_dir()` on first use; the file's digest is checked every time it is fetched.
-    Offline, raises `WeightsUnavailableError` naming the URL and where to put the file."""
+    Offline (or with VGG_JAX_OFFLINE=1), raises `WeightsUnavailableError` naming the URL
+    and where to put the file."""
     if name not in WEIGHT_FILES:
         raise ValueError(f"unknown weights {name!r}; choose one of {sorted(WEIGHT_FILES)}")
     weight_file = WEIGHT_FILES[name]
@@ -171,27 +175,33 @@ def fetch(name: str, timeout: float = 30.0) -> Path:
 
 
 def _download(weight_file: WeightFile, path: Path, timeout: float) -> None:
+    if os.environ.get("VGG_JAX_OFFLINE") == "1":
+        raise WeightsUnavailableError(
+            f"not downloading {weight_file.url} (VGG_JAX_OFFLINE=1); download it elsewhere "
+            f"and put it at {path}"
+        )
+    partial = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Into a temporary file next to the target, renamed when whole and checked: an
         # interrupted download never looks like a cached file.
         with (
             urllib.request.urlopen(weight_file.url, timeout=timeout) as response,
-            tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as partial,
+            tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as file,
         ):
-            shutil.copyfileobj(response, partial, 1 << 20)
-        try:
-            _check_digest(Path(partial.name), weight_file)
-            os.replace(partial.name, path)
-        finally:
-            if os.path.exists(partial.name):
-                os.unlink(partial.name)
+            partial = Path(file.name)
+            shutil.copyfileobj(response, file, 1 << 20)
+        _check_digest(partial, weight_file)
+        os.replace(partial, path)
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise WeightsUnavailableError(
             f"cannot download {weight_file.url} ({reason}); download it elsewhere and "
             f"put it at {path}"
         ) from None
+    finally:
+        if partial is not None and partial.exists():
+            partial.unlink()
 
 
 # -------------------------------------------------------------------------- sources
@@ -203,10 +213,8 @@ def load(source: str | os.PathLike, arch: str | None = None) -> tuple[models.VGG
     torchvision's layout, Keras .h5), or a training workdir / checkpoint of this package."""
     text = os.fspath(source)
     if text in WEIGHT_FILES:
-        model_name, batch_norm = spec.PRETRAINED[text]
-        expected = model_name + ("_bn" if batch_norm else "")
         reader = from_keras if text.startswith("keras:") else from_torchvision
-        return reader(fetch(text), arch or expected)
+        return reader(fetch(text), arch or _arch_name(*spec.PRETRAINED[text]))
     path = Path(text).expanduser()
     if path.is_dir():
         return from_checkpoint(path)
@@ -224,7 +232,7 @@ def load(source: str | os.PathLike, arch: str | None = None) -> tuple[models.VGG
     )
 
 
-def from_checkpoint(path: str | os.PathLike, step: int | str = "latest"):
+def from_checkpoint(path: str | os.PathLike, step: int | str = "latest") -> tuple[models.VGG, dict]:
     """(model, variables) of a checkpoint written by `python -m vgg_jax.main`."""
     from vgg_jax import inference
 
@@ -289,7 +297,7 @@ def _sidecar(path: Path | None) -> dict[str, Any]:
     return json.loads(Path(f"{path}.json").read_text())
 
 
-def torchvision_layout(stages, batch_norm: bool) -> list[tuple[int, str]]:
+def torchvision_layout(stages: Sequence[Sequence[int]], batch_norm: bool) -> list[tuple[int, str]]:
     """(index in torchvision's `features`, our layer name) for each convolution and BN."""
     layout, index = [], 0
     for block_index, block in enumerate(stages, start=1):
@@ -304,7 +312,9 @@ def torchvision_layout(stages, batch_norm: bool) -> list[tuple[int, str]]:
     return layout
 
 
-def torchvision_feature_index(stages, batch_norm: bool, layer: str, before_relu=False) -> int:
+def torchvision_feature_index(
+    stages: Sequence[Sequence[int]], batch_norm: bool, layer: str, before_relu: bool = False
+) -> int:
     """k such that torchvision's `features[:k]` ends with our feature `layer`."""
     ends = {}
     for index, name in torchvision_layout(stages, batch_norm):
@@ -635,7 +645,7 @@ def keras_resize(image: Image.Image, image_size: int) -> np.ndarray:
     return np.asarray(image, np.uint8)
 
 
-def predictor(source: str | os.PathLike, arch: str | None = None):
+def predictor(source: str | os.PathLike, arch: str | None = None) -> inference.Predictor:
     """An `inference.Predictor` (`predict`, `top_k` with ImageNet's class names) for
     anything `load` takes; pictures are resized and cropped as the source library does
     for its weights (`torchvision_resize`, `keras_resize`)."""
@@ -738,16 +748,15 @@ def to_torchvision(model: models.VGG, variables: Mapping[str, Any]) -> dict:
     return {k: torch.from_numpy(v) for k, v in torchvision_state_dict(model, variables).items()}
 
 
-def torchvision_constructor(model: models.VGG) -> str:
-    """How PyTorch builds `model`'s architecture in torchvision's layout, e.g.
-    'torchvision.models.vgg16_bn(num_classes=10)'."""
+def torchvision_constructor(model: models.VGG) -> str | None:
+    """The torchvision call that builds `model`'s architecture, e.g.
+    'torchvision.models.vgg16_bn(num_classes=10)'; None for other stages (torchvision's
+    VGG class fixes fc1 at 512 x 7 x 7 inputs: `from_torchvision` reads those)."""
     preset = _preset_of(tuple(tuple(block) for block in model.stages))
-    if preset in ("vgg11", "vgg13", "vgg16", "vgg19"):
-        arch = _arch_name(preset, model.batch_norm)
-        return f"torchvision.models.{arch}(num_classes={model.num_classes})"
-    # torchvision's VGG class fixes fc1 at 512 x 7 x 7 inputs: other widths are read back
-    # by this package only.
-    return f"vgg_jax.pretrained.from_torchvision (stages {model.stages}, not a torchvision preset)"
+    if preset not in ("vgg11", "vgg13", "vgg16", "vgg19"):
+        return None
+    arch = _arch_name(preset, model.batch_norm)
+    return f"torchvision.models.{arch}(num_classes={model.num_classes})"
 
 
 def export_state_dict(

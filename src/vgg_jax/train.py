@@ -362,7 +362,12 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manage
     return run, state
 
 
-def starting_point(config: ml_collections.ConfigDict, info, manager, resume_step: int | None):
+def starting_point(
+    config: ml_collections.ConfigDict,
+    info: data_sources.DatasetInfo,
+    manager,
+    resume_step: int | None,
+) -> tuple[data_sources.DatasetInfo, dict | None]:
     """For `config.init_from`: the dataset info with the source's input normalisation
     (the weights expect it), and the source's variables (None when resuming: the
     checkpoint holds the weights, and its meta the normalisation)."""
@@ -376,7 +381,7 @@ def starting_point(config: ml_collections.ConfigDict, info, manager, resume_step
     return dataclasses.replace(info, mean=mean, std=std), variables
 
 
-def start_from(state: TrainState, variables, name: str, mesh: Mesh) -> TrainState:
+def start_from(state: TrainState, variables: dict, name: str, mesh: Mesh) -> TrainState:
     """`state` with the weights of `variables` wherever they fit (see
     `pretrained.merge_variables`, which says what was re-initialised: logged here)."""
     target = {"params": state.params, "batch_stats": state.batch_stats}
