@@ -67,3 +67,83 @@ def image_folder(tmp_path):
                 suffix = ".png" if i % 2 else ".jpg"
                 Image.fromarray(pixels).save(folder / f"{i}{suffix}")
     return tmp_path
+
+
+# ------------------------------------------------------------- torchvision references
+
+
+def randomise_torch_(module, seed: int = 0):
+    """Fills a torch module with random weights that keep activations near unit scale,
+    nonzero biases (so the BN variants' conv biases matter) and random BN statistics;
+    returns it in eval mode."""
+    import torch
+    from torch import nn
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, nn.Conv2d | nn.Linear):
+                bound = (6 / layer.weight[0].numel()) ** 0.5  # He-uniform
+                layer.weight.uniform_(-bound, bound, generator=generator)
+                layer.bias.uniform_(-0.1, 0.1, generator=generator)
+            elif isinstance(layer, nn.BatchNorm2d):
+                layer.weight.uniform_(0.5, 1.5, generator=generator)
+                layer.bias.uniform_(-0.2, 0.2, generator=generator)
+                layer.running_mean.uniform_(-0.5, 0.5, generator=generator)
+                layer.running_var.uniform_(0.5, 2.0, generator=generator)
+                layer.num_batches_tracked.zero_()
+    return module.eval()
+
+
+def random_torchvision(arch: str, seed: int = 0, num_classes: int = 1000):
+    """torchvision.models.<arch> with random weights (built on the meta device first, so
+    torchvision's own initialisation is not paid for)."""
+    import torch
+    import torchvision
+
+    with torch.device("meta"):
+        model = getattr(torchvision.models, arch)(num_classes=num_classes)
+    return randomise_torch_(model.to_empty(device="cpu"), seed)
+
+
+def tiny_torchvision(stages, batch_norm: bool, num_classes: int = 10, seed: int = 0):
+    """A real torchvision VGG module (its features, avgpool, classifier and forward) with
+    narrow stages: the first classifier layer resized to the last stage's width."""
+    import torch
+    from torch import nn
+    from torchvision.models import vgg
+
+    config = [c for block in stages for c in (*block, "M")]
+    with torch.device("meta"):
+        model = vgg.VGG(vgg.make_layers(config, batch_norm), num_classes, init_weights=False)
+        model.classifier[0] = nn.Linear(stages[-1][-1] * 49, 4096)
+    return randomise_torch_(model.to_empty(device="cpu"), seed)
+
+
+def torch_input(images, mean, std):
+    """uint8 NHWC images -> the normalised float NCHW tensor a torchvision model takes."""
+    import torch
+
+    x = (torch.from_numpy(images).float() - torch.tensor(mean)) / torch.tensor(std)
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+def random_variables(model, image_size: int, seed: int = 0):
+    """Random variables for `model` at `image_size`, drawn with numpy (no JAX compile):
+    He-uniform kernels, small biases, BN scales near 1 and random running statistics."""
+    import jax
+    import jax.numpy as jnp
+
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "kernel" in name:
+            bound = (6 / np.prod(leaf.shape[:-1])) ** 0.5
+            return rng.uniform(-bound, bound, leaf.shape).astype(np.float32)
+        low, high = {"scale": (0.5, 1.5), "var": (0.5, 2.0)}.get(path[-1].key, (-0.2, 0.2))
+        return rng.uniform(low, high, leaf.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)

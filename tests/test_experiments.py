@@ -63,3 +63,27 @@ def test_step_faults_times_the_train_step():
     assert result.returncode == 0, result.stderr
     assert "minor page faults" in result.stdout
     assert len(result.stdout.split("step seconds:")[1].splitlines()[0].split()) == 2
+
+
+def test_cifar_subset_links_the_first_files_of_each_class(tmp_path):
+    for split in ("train", "test"):
+        for name in ("cat", "dog", "frog"):
+            folder = tmp_path / "all" / split / name
+            folder.mkdir(parents=True)
+            for i in range(3):
+                (folder / f"{i}.jpg").write_bytes(b"x")
+    subset = load_script("cifar_subset")
+    subset.make_subset(tmp_path / "all", tmp_path / "few", ["dog", "frog"], {"train": 2, "test": 1})
+    train = sorted(p.relative_to(tmp_path / "few") for p in (tmp_path / "few").rglob("*.jpg"))
+    assert [str(p) for p in train] == [
+        "test/dog/0.jpg",
+        "test/frog/0.jpg",
+        "train/dog/0.jpg",
+        "train/dog/1.jpg",
+        "train/frog/0.jpg",
+        "train/frog/1.jpg",
+    ]
+    linked = (tmp_path / "few/train/dog/1.jpg").resolve()
+    assert linked == (tmp_path / "all/train/dog/1.jpg").resolve()
+    with pytest.raises(SystemExit, match="has 3 files, not 5"):
+        subset.make_subset(tmp_path / "all", tmp_path / "more", ["cat"], {"train": 5})

@@ -6,6 +6,8 @@ import os
 import pytest
 from conftest import REPO, run_cli
 
+from vgg_jax import pretrained
+
 
 def notebook_code(path) -> str:
     cells = json.loads(path.read_text())["cells"]
@@ -26,10 +28,23 @@ def test_colab_notebook_runs_on_cpu(tmp_path):
             "OUT_DIR": str(tmp_path),
             "XLA_FLAGS": "",  # a notebook runtime has one device
             "HOME": str(tmp_path),  # the demo workdir goes under /tmp; keep HOME clean
+            "VGG_JAX_OFFLINE": "1",  # the ImageNet section falls back to random weights
         },
-        timeout=300,
+        timeout=420,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "accuracy on these 8 images" in result.stdout
+    # The ImageNet section, offline: the download refused, random weights, five names
+    # from ImageNet's list, and distances that grow from the image itself outwards.
+    assert "VGG_JAX_OFFLINE=1" in result.stdout and "random weights instead" in result.stdout
+    distances = {
+        line.split(" to ")[1].rsplit(":", 1)[0]: float(line.rsplit(":", 1)[1])
+        for line in result.stdout.splitlines()
+        if line.startswith("perceptual distance to ")
+    }
+    assert distances["itself"] == 0.0 < distances["another image"]
+    names = set(pretrained.imagenet_class_names())
+    lines = result.stdout.splitlines()
+    assert sum(line.rsplit(" ", 1)[0].strip() in names for line in lines) == 5
     assert (tmp_path / "predictions.png").stat().st_size > 10_000
     assert os.path.isdir("/tmp/vgg_jax_notebook_demo/checkpoints")

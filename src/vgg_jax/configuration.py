@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,12 @@ INPUTS = ("auto", "device", "stream")
 # xla: stock Flax layers everywhere; matmul: the CPU kernels on any backend.
 CONV_IMPLS = ("auto", "xla", "matmul")
 SYNTHETIC_SPLITS = ("train", "test")
+# init_from: None or '' (random init), published weights by name (spec.PRETRAINED, e.g.
+# 'torchvision:vgg16_bn', 'keras:vgg16'), a weight file (.pth, .safetensors, .h5) or
+# another run's workdir / checkpoint. Layers whose shapes differ in the head (the
+# classifier when the class count differs) are re-initialised; the input normalisation
+# becomes the source's.
+INIT_FROM_PREFIXES = ("torchvision:", "keras:")
 MAX_IMAGE_SIZE = 1024
 
 
@@ -59,6 +66,11 @@ def default_config() -> ml_collections.ConfigDict:
     config.synthetic_train_size = 2048  # examples in the synthetic train split
     config.synthetic_eval_size = 512  # examples in the synthetic eval split
     config.synthetic_classes = 10  # classes in the synthetic dataset
+
+    # Starting point: fine-tuning.
+    config.init_from = config_dict.placeholder(str)  # weights to start from (see INIT_FROM)
+    config.freeze = "none"  # none | features | blockN: these conv blocks are not trained
+    config.backbone_lr_factor = 1.0  # conv layers' learning rate as a fraction of the head's
 
     # Optimisation.
     config.batch_size = 128  # global batch, split over all devices
@@ -156,6 +168,28 @@ def _stages(value):
     return None if ok else f"{value!r} is not channels per block, e.g. ((64,), (128, 128))"
 
 
+def _init_from(value):
+    if value is None or value == "":  # '--config.init_from=' (empty): from scratch
+        return None
+    if not isinstance(value, str):
+        return f"{value!r} is not a weights name or a path"
+    if value in spec.PRETRAINED:
+        return None
+    if value.startswith(INIT_FROM_PREFIXES):
+        return f"{value!r} is not one of {', '.join(spec.PRETRAINED)}"
+    if not os.path.exists(os.path.expanduser(value)):
+        return f"{value!r}: no such file or folder"
+    return None
+
+
+def _freeze(value):
+    if value in ("none", "features"):
+        return None
+    if isinstance(value, str) and re.fullmatch(r"block[1-9]\d*", value):
+        return None
+    return f"{value!r} is not 'none', 'features' or 'blockN' (blocks 1..N frozen)"
+
+
 def _nonempty(value):
     return None if isinstance(value, str) and value else "must be a non-empty name"
 
@@ -190,6 +224,9 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "eval_batch_size": _optional(POSITIVE),
     "num_epochs": POSITIVE,
     "max_steps_per_epoch": _optional(POSITIVE),
+    "init_from": _init_from,
+    "freeze": _freeze,
+    "backbone_lr_factor": _number(0, 1, low_open=True, high_open=False),
     "optimizer": _one_of(("sgd",)),
     "learning_rate": _number(0, low_open=True),
     "momentum": FRACTION,
@@ -229,6 +266,7 @@ def _cross_field_problems(config: ml_collections.ConfigDict, device_count: int |
                 f"image_size: {config.image_size} is below {smallest}, the least that "
                 f"{len(stages)} 2x2 max-pools leave a pixel of"
             )
+    found += _init_from_problems(config, stages)
     if config.dataset == "image_folder" and not config.data_dir:
         found.append("data_dir: dataset='image_folder' needs --config.data_dir=DIR")
     if config.dataset == "synthetic":
@@ -261,6 +299,24 @@ def _cross_field_problems(config: ml_collections.ConfigDict, device_count: int |
                     f"{field}: {value} does not divide over {device_count} devices; try "
                     f"{max(1, value // device_count) * device_count}"
                 )
+    return found
+
+
+def _init_from_problems(config: ml_collections.ConfigDict, stages) -> list[str]:
+    found = []
+    freeze = config.freeze
+    blocks = isinstance(freeze, str) and freeze.startswith("block") and _freeze(freeze) is None
+    if stages and blocks and int(freeze[5:]) > len(stages):
+        found.append(f"freeze: {freeze!r} but the model has {len(stages)} blocks")
+    if config.init_from in spec.PRETRAINED:
+        model, batch_norm = spec.PRETRAINED[config.init_from]
+        wanted = {"model": model, "batch_norm": batch_norm, "width": 1.0, "stages": None}
+        wrong = [f"{k}={v!r}" for k, v in wanted.items() if config[k] != v]
+        if wrong:
+            found.append(
+                f"init_from: {config.init_from} needs {', '.join(wrong)} "
+                f"(this config: {', '.join(f'{k}={config[k]!r}' for k in wanted)})"
+            )
     return found
 
 

@@ -158,6 +158,7 @@ EVAL_SPLIT_NAMES = ("validation", "val", "test")
 def split_folder(root: str, split: str) -> Path:
     """root/split, or for an evaluation split the folder the dataset has of
     validation/val/test (ImageNet-style folders say 'val', CIFAR-style ones 'test')."""
+    root = os.path.expanduser(root)
     candidates = [split] + [n for n in EVAL_SPLIT_NAMES if split in EVAL_SPLIT_NAMES and n != split]
     for name in candidates:
         if (Path(root) / name).is_dir():
@@ -214,6 +215,15 @@ def read_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
 def to_rgb_array(image: Image.Image, image_size: int | None) -> np.ndarray:
     """A PIL image of any mode -> uint8 RGB (image_size, image_size, 3); at its own size
     when `image_size` is None."""
+    image = to_rgb(image)
+    if image_size is not None and image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A PIL image of any mode as RGB: 16/32-bit grayscale scaled to 8 bits,
+    transparency composited on white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit grayscale: scale to 8 bits rather than clipping.
         array = np.asarray(image, dtype=np.float64)
@@ -224,10 +234,7 @@ def to_rgb_array(image: Image.Image, image_size: int | None) -> np.ndarray:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    image = image.convert("RGB")
-    if image_size is not None and image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
+    return image.convert("RGB")
 
 
 def load_image_folder(

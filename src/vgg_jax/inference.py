@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -21,6 +21,8 @@ from PIL import Image
 from vgg_jax import checkpoint, data_sources, models
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
+# A PIL image (any mode) and the model's input size -> uint8 RGB (size, size, 3).
+Resize = Callable[[Image.Image, int], np.ndarray]
 
 
 class ImageError(ValueError):
@@ -50,14 +52,17 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"{path}: truncated or corrupt image ({error})") from None
 
 
-def to_model_input(image: ImageLike, image_size: int) -> np.ndarray:
-    """Any image -> uint8 RGB (image_size, image_size, 3), converted and resized exactly
-    as the training inputs were (see data_sources.to_rgb_array)."""
+def to_model_input(
+    image: ImageLike, image_size: int, resize: Resize = data_sources.to_rgb_array
+) -> np.ndarray:
+    """Any image -> uint8 RGB (image_size, image_size, 3). `resize` makes the picture
+    square: by default converted and resized exactly as the training inputs were (see
+    data_sources.to_rgb_array). A uint8 array of exactly that shape is taken as it is."""
     if isinstance(image, str | os.PathLike):
         with open_image(image) as opened:
-            return data_sources.to_rgb_array(opened, image_size)
+            return resize(opened, image_size)
     if isinstance(image, Image.Image):
-        return data_sources.to_rgb_array(image, image_size)
+        return resize(image, image_size)
     array = np.asarray(image)
     if array.dtype == np.uint8 and array.shape == (image_size, image_size, 3):
         return array
@@ -65,7 +70,7 @@ def to_model_input(image: ImageLike, image_size: int) -> np.ndarray:
         raise ImageError(f"arrays must be uint8 (0..255), got {array.dtype}")
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    return data_sources.to_rgb_array(Image.fromarray(array), image_size)
+    return resize(Image.fromarray(array), image_size)
 
 
 class Predictor:
@@ -78,12 +83,16 @@ class Predictor:
         info: data_sources.DatasetInfo,
         step: int,
         batch_size: int = 256,
+        resize: Resize = data_sources.to_rgb_array,
     ):
+        """`resize`: how a picture becomes the model's square input (see
+        `to_model_input`); pretrained weights bring their source's recipe."""
         self.config = config
         self.variables = variables
         self.info = info
         self.step = step
         self.batch_size = batch_size
+        self.resize = resize
         self.model = models.build_model(config, info)
         model = self.model
         self._probabilities = jax.jit(
@@ -104,7 +113,7 @@ class Predictor:
             images = list(images)
         elif isinstance(images, str | os.PathLike | Image.Image | np.ndarray):
             images = [images]
-        return np.stack([to_model_input(image, self.image_size) for image in images])
+        return np.stack([to_model_input(image, self.image_size, self.resize) for image in images])
 
     def predict(self, images: ImageLike | Iterable[ImageLike]) -> np.ndarray:
         """Class probabilities, shape (N, num_classes), for the given images."""
@@ -174,7 +183,7 @@ def predict_files(
     good, errors, inputs = [], [], []
     for path in paths:
         try:
-            inputs.append(to_model_input(path, predictor.image_size))
+            inputs.append(to_model_input(path, predictor.image_size, predictor.resize))
             good.append(path)
         except ImageError as error:
             errors.append(str(error))

@@ -42,14 +42,17 @@ def main(argv: list[str]) -> None:
     from vgg_jax import train  # imports JAX: only once the config has passed its check
     from vgg_jax.checkpoint import CheckpointWriteError
     from vgg_jax.data_sources import DatasetUnavailableError
+    from vgg_jax.pretrained import WeightsUnavailableError
     from vgg_jax.workdir_lock import WorkdirBusyError
 
     expected = (
         CheckpointWriteError,
         DatasetUnavailableError,
+        WeightsUnavailableError,
         WorkdirBusyError,
         FloatingPointError,
         ValueError,
+        ImportError,  # reading a .pth file without torch: the message says so
     )
 
     try:

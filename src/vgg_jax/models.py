@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from vgg_jax import spec
 
@@ -32,15 +33,41 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     return nn.max_pool(x, (2, 2), strides=(2, 2))
 
 
+def _bin_matrix(size: int, bins: int) -> np.ndarray:
+    """(bins, size) averaging weights of torchvision's adaptive pooling along one axis:
+    bin i covers floor(i * size / bins) .. ceil((i + 1) * size / bins) - 1."""
+    matrix = np.zeros((bins, size), np.float32)
+    for i in range(bins):
+        start, end = (i * size) // bins, -(-((i + 1) * size) // bins)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
+    """torchvision's AdaptiveAvgPool2d((size, size)) on an NHWC map: neighbouring bins
+    overlap where the map's side is not a multiple of `size`, and a map smaller than
+    `size` is spread over several bins. The identity on a size x size map."""
+    _, height, width, _ = x.shape
+    if (height, width) == (size, size):
+        return x
+    rows = jnp.asarray(_bin_matrix(height, size), x.dtype)
+    cols = jnp.asarray(_bin_matrix(width, size), x.dtype)
+    # HIGHEST: no reduced-precision (TF32) matmul passes on GPUs for this small average.
+    return jnp.einsum("ih,jw,nhwc->nijc", rows, cols, x, precision=jax.lax.Precision.HIGHEST)
+
+
 class VGG(nn.Module):
     """A VGG network: blocks of 3x3 convolutions and 2x2 max-pools, then a dense head.
+
+    `model.apply(variables, images)` gives logits; `model.apply(variables, images,
+    layers=(...), method="features")` the named activations (see `features`).
 
     Attributes:
       stages: channels of each convolution, one tuple per block.
       num_classes: size of the output layer.
       batch_norm: BN after every convolution (and in the head where it asks for BN).
       conv_dropout: dropout rate after each convolution, same shape as `stages`.
-      head: a key of `spec.HEADS`.
+      head: a key of `spec.HEADS` ('torchvision' pools the last map to 7x7 first).
       head_dropout: dropout rate in the head (overrides the head's default if set).
       dtype: compute dtype; parameters and BN statistics stay float32.
       mean, std: per-channel input statistics in 0..255 units.
@@ -60,9 +87,52 @@ class VGG(nn.Module):
     dropout: Any = nn.Dropout
     max_pool: Callable[[jax.Array], jax.Array] = max_pool_2x2
 
-    @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        x = (images.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+        """Logits (float32) for uint8 or float 0..255 NHWC images."""
+        return self._forward(images, train, None, False)
+
+    def features(
+        self,
+        images: jax.Array,
+        layers: Sequence[str] | None = None,
+        before_relu: bool = False,
+        train: bool = False,
+    ) -> dict[str, jax.Array]:
+        """Named activations of the convolutional part, for perceptual losses.
+
+        `layers`: names from `spec.feature_layer_names` ('conv3_3', 'pool2', ...); None:
+        the last convolution of every block. 'convB_I' is the output of that convolution's
+        ReLU (after its BN), or with `before_relu` the ReLU's input. Nothing past the
+        deepest layer asked for is computed, and the head is never touched, so variables
+        with the convolutions only will do. Differentiable with respect to `images`.
+        Call as `model.apply(variables, images, layers=(...), method="features")`.
+        """
+        known = spec.feature_layer_names(self.stages)
+        layers = spec.block_outputs(self.stages) if layers is None else tuple(layers)
+        unknown = [name for name in layers if name not in known]
+        if unknown or not layers:
+            raise ValueError(
+                f"unknown feature layers {unknown or list(layers)}; this model has {list(known)}"
+            )
+        if before_relu and any(name.startswith("pool") for name in layers):
+            raise ValueError("before_relu applies to convolutions, not to pool layers")
+        return self._forward(images, train, layers, before_relu)
+
+    @nn.compact
+    def _forward(
+        self,
+        images: jax.Array,
+        train: bool,
+        feature_layers: tuple[str, ...] | None,
+        before_relu: bool,
+    ) -> Any:
+        # One forward pass for both entry points: the logits, or (feature_layers given)
+        # the named activations, stopping after the deepest one.
+        wanted = set(feature_layers or ())
+        found: dict[str, jax.Array] = {}
+        # Inputs, outputs and features in float32 (float64 for a float64 model).
+        out = jnp.promote_types(self.dtype, jnp.float32)
+        x = (images.astype(out) - jnp.asarray(self.mean, out)) / jnp.asarray(self.std, out)
         x = x.astype(self.dtype)
         for block_index, block in enumerate(self.stages):
             for conv_index, channels in enumerate(block):
@@ -78,11 +148,24 @@ class VGG(nn.Module):
                 )(x)
                 if self.batch_norm:
                     x = self._batch_norm(f"bn{name}", train)(x)
+                if before_relu and f"conv{name}" in wanted:
+                    found[f"conv{name}"] = x.astype(out)
                 x = nn.relu(x)
+                if not before_relu and f"conv{name}" in wanted:
+                    found[f"conv{name}"] = x.astype(out)
+                if feature_layers is not None and len(found) == len(wanted):
+                    return found
                 rate = self.conv_dropout[block_index][conv_index] if self.conv_dropout else 0.0
                 if rate > 0:
                     x = self.dropout(rate, deterministic=not train)(x)
             x = self.max_pool(x)
+            if f"pool{block_index + 1}" in wanted:
+                found[f"pool{block_index + 1}"] = x.astype(out)
+                if len(found) == len(wanted):
+                    return found
+        pool = spec.HEADS[self.head].get("pool")
+        if pool is not None:
+            x = adaptive_avg_pool(x, pool)
         return self._head(x.reshape((x.shape[0], -1)), train)
 
     def _head(self, x: jax.Array, train: bool) -> jax.Array:
@@ -99,7 +182,7 @@ class VGG(nn.Module):
         for index, features in enumerate(head["linear"], start=len(head["hidden"]) + 1):
             x = self._dense(features, f"fc{index}")(x)
         x = self._dense(self.num_classes, "classifier")(x)
-        return x.astype(jnp.float32)
+        return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
     def _batch_norm(self, name: str, train: bool) -> nn.BatchNorm:
         # momentum 0.9 / eps 1e-5: Paddle's and PyTorch's defaults (0.1 there means 0.9 here).

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
+from vgg_jax import spec
 from vgg_jax.configuration import SCHEDULES
 
 
@@ -67,6 +71,10 @@ def create_optimizer(
     Coupled L2 (`config.l2`) is added to the gradient *before* momentum, as Paddle's
     L2Regularization and PyTorch's SGD(weight_decay=...) do. Decoupled weight decay
     (`config.weight_decay`) is added after momentum and scaled by the learning rate.
+
+    For fine-tuning, `config.freeze` layers get no updates (and no momentum state) and the
+    other convolutional layers' updates are scaled by `config.backbone_lr_factor`, through
+    `optax.multi_transform` over `param_groups`.
     """
     parts = []
     if config.l2:
@@ -75,9 +83,48 @@ def create_optimizer(
     if config.weight_decay:
         parts.append(optax.add_decayed_weights(config.weight_decay))
     parts.append(optax.scale_by_learning_rate(schedule))
-    if config.grad_clip_norm:
-        parts.insert(0, optax.clip_by_global_norm(config.grad_clip_norm))
-    return optax.chain(*parts)
+    clip = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []
+    if config.freeze == "none" and config.backbone_lr_factor == 1.0:
+        return optax.chain(*clip, *parts)  # one group: the layout of earlier checkpoints
+    labels = functools.partial(param_groups, freeze=config.freeze)
+    groups = {
+        "head": optax.chain(*parts),
+        "backbone": optax.chain(*parts, optax.scale(config.backbone_lr_factor)),
+        "frozen": optax.set_to_zero(),
+    }
+    if clip:
+        # Frozen layers' gradients are zeroed before the global norm is taken.
+        zero_frozen = {"head": optax.identity(), "backbone": optax.identity()}
+        zero_frozen["frozen"] = optax.set_to_zero()
+        clip = [optax.multi_transform(zero_frozen, labels), *clip]
+    return optax.chain(*clip, optax.multi_transform(groups, labels))
+
+
+def frozen_blocks(freeze: str) -> float:
+    """How many leading conv blocks `config.freeze` freezes ('features': all of them)."""
+    if freeze == "none":
+        return 0
+    if freeze == "features":
+        return math.inf
+    return int(freeze.removeprefix("block"))
+
+
+def param_groups(params: Any, freeze: str = "none") -> Any:
+    """The optimiser group of every parameter: 'frozen' (conv blocks that `freeze`
+    covers, their BN included), 'backbone' (the other conv blocks) or 'head'."""
+    through = frozen_blocks(freeze)
+
+    def group(layer: str) -> str:
+        block = spec.block_of(layer)
+        if block is None:
+            return "head"
+        return "frozen" if block <= through else "backbone"
+
+    labels = {}
+    for layer, tree in params.items():
+        label = group(layer)
+        labels[layer] = jax.tree.map(lambda _, label=label: label, tree)
+    return labels
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:

@@ -1,6 +1,7 @@
 """Classify image files with a trained checkpoint.
 
   python -m vgg_jax.predict --workdir=/tmp/vgg16 [--step=best] dog.png cat.jpg
+  python -m vgg_jax.predict --weights=torchvision:vgg16_bn dog.png    # ImageNet weights
 
 Prints each image's top-5 classes with probabilities. Unreadable files get one error
 line each; the others are still predicted; the exit status is 1 if any file failed.
@@ -12,13 +13,19 @@ import sys
 
 from absl import app, flags
 
-from vgg_jax import checkpoint, cli, inference
+from vgg_jax import checkpoint, cli, inference, pretrained
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ folder, or a step.")
+flags.DEFINE_string(
+    "weights",
+    None,
+    "Instead of --workdir: published weights ('torchvision:vgg16_bn', 'keras:vgg16') or a "
+    "weight file (.pth, .safetensors, .h5).",
+)
 flags.DEFINE_string("step", "latest", "'latest', 'best' or a step number.")
 flags.DEFINE_integer("top", 5, "How many classes to print per image.", lower_bound=1)
-flags.mark_flag_as_required("workdir")
+flags.mark_flags_as_mutual_exclusive(["workdir", "weights"], required=True)
 flags.register_validator("step", inference.valid_step, "--step must be latest, best or a number")
 
 
@@ -28,8 +35,18 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("give one or more image files")
     cli.configure_logging()
     try:
-        predictor = inference.load(FLAGS.workdir, inference.parse_step(FLAGS.step))
-    except (checkpoint.NoCheckpointError, checkpoint.DamagedCheckpointError, ValueError) as error:
+        if FLAGS.weights:
+            predictor = pretrained.predictor(FLAGS.weights)
+        else:
+            predictor = inference.load(FLAGS.workdir, inference.parse_step(FLAGS.step))
+    except (
+        checkpoint.NoCheckpointError,
+        checkpoint.DamagedCheckpointError,
+        pretrained.WeightsUnavailableError,
+        FileNotFoundError,
+        ImportError,
+        ValueError,
+    ) as error:
         sys.exit(f"error: {error}")
     results, errors = inference.predict_files(predictor, paths)
     for path, probabilities in results:

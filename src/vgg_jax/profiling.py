@@ -32,6 +32,7 @@ def analytic_flops(model: models.VGG, image_size: int) -> int:
             flops += 2 * size * size * 9 * channels * features
             channels = features
         size //= 2
+    size = spec.head_input_side(model.head, size)
     width = size * size * channels
     for features in spec.dense_widths(model.head, model.num_classes):
         flops += 2 * width * features

@@ -53,6 +53,17 @@ HEADS: dict[str, dict] = {
         "dropout_first": False,
         "linear": (),
     },
+    # torchvision's VGG head: AdaptiveAvgPool2d((7, 7)) on the last feature map (so any
+    # input size feeds fc1 a 7x7 map, as in torchvision), then the ImageNet head. At 224
+    # pixels the pool is the identity and the parameters are the 'imagenet' head's.
+    "torchvision": {
+        "hidden": (4096, 4096),
+        "batch_norm": False,
+        "dropout": 0.5,
+        "dropout_first": False,
+        "linear": (),
+        "pool": 7,
+    },
     # The TensorFlow reference benchmark: fc2048-ReLU-dropout x2 -> fc(classes), no BN.
     "tf_benchmark": {
         "hidden": (2048, 2048),
@@ -71,9 +82,29 @@ CONV_DROPOUT_PATTERNS = ("paddle", "none")
 # Spellings that earlier versions used, and what they are called now.
 RENAMED = {"conv_dropout": {"seed": "paddle"}, "head": {"tf_seed": "tf_benchmark"}}
 
-# ImageNet statistics in 0..255 units: the normalisation when a dataset gives none.
+# ImageNet statistics in 0..255 units: the normalisation when a dataset gives none, and
+# torchvision's (its mean/std on 0..1 RGB, times 255).
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# Keras' "caffe" preprocessing (VGG16/VGG19): BGR, minus these means, no scaling. Here in
+# RGB order; the BGR swap is folded into the first convolution on import.
+CAFFE_MEAN_RGB = (123.68, 116.779, 103.939)
+CAFFE_STD = (1.0, 1.0, 1.0)
+
+# Published ImageNet weights this package imports by name: source name -> (model, BN).
+PRETRAINED = {
+    **{
+        f"torchvision:{model}{'_bn' if bn else ''}": (model, bn)
+        for model in ("vgg11", "vgg13", "vgg16", "vgg19")
+        for bn in (False, True)
+    },
+    # The 'notop' files hold the convolutions only: for features and fine-tuning.
+    **{
+        f"keras:{model}{top}": (model, False)
+        for model in ("vgg16", "vgg19")
+        for top in ("", "_notop")
+    },
+}
 
 
 def scaled_stages(stages: Sequence[Sequence[int]], width: float) -> tuple[tuple[int, ...], ...]:
@@ -114,3 +145,34 @@ def dense_widths(head: str, num_classes: int) -> tuple[int, ...]:
     """Output widths of the head's dense layers in order, the classifier last."""
     spec = HEADS[head]
     return (*spec["hidden"], *spec["linear"], num_classes)
+
+
+def head_input_side(head: str, side: int) -> int:
+    """Height (= width) of the feature map the head flattens, for a last map of `side`."""
+    return HEADS[head].get("pool", side)
+
+
+def block_of(layer: str) -> int | None:
+    """The block number of a feature layer ('conv3_2', 'bn3_2', 'pool3' -> 3); None for
+    the head's layers."""
+    for prefix in ("conv", "bn", "pool"):
+        rest = layer[len(prefix) :]
+        if layer.startswith(prefix) and rest.split("_")[0].isdigit():
+            return int(rest.split("_")[0])
+    return None
+
+
+def feature_layer_names(stages: Sequence[Sequence[int]]) -> tuple[str, ...]:
+    """The named activations of the convolutional part, in order: conv{block}_{i} (after
+    its BN and ReLU) and pool{block}."""
+    names = []
+    for block_index, block in enumerate(stages, start=1):
+        names += [f"conv{block_index}_{i}" for i in range(1, len(block) + 1)]
+        names.append(f"pool{block_index}")
+    return tuple(names)
+
+
+def block_outputs(stages: Sequence[Sequence[int]]) -> tuple[str, ...]:
+    """The last convolution of every block: for VGG16 conv1_2, conv2_2, conv3_3, conv4_3,
+    conv5_3, the usual perceptual-loss layers."""
+    return tuple(f"conv{b}_{len(block)}" for b, block in enumerate(stages, start=1))

@@ -75,7 +75,10 @@ def _head(vgg: models.VGG, in_features: int) -> list[tuple[str, nn.Module]]:
     head = spec.HEADS[vgg.head]
     rate = head["dropout"] if vgg.head_dropout is None else vgg.head_dropout
     use_bn = head["batch_norm"] and vgg.batch_norm
-    layers: list[tuple[str, nn.Module]] = [("flatten", FlattenNHWC())]
+    layers: list[tuple[str, nn.Module]] = []
+    if "pool" in head:
+        layers.append(("avgpool", nn.AdaptiveAvgPool2d((head["pool"], head["pool"]))))
+    layers.append(("flatten", FlattenNHWC()))
     width = in_features
     for index, features in enumerate(head["hidden"]):
         if head["dropout_first"]:
@@ -97,7 +100,7 @@ def build_torch_model(vgg: models.VGG, image_size: int) -> nn.Sequential:
     """The PyTorch twin of `vgg` (same layer names as the Flax parameter tree)."""
     layers: list[tuple[str, nn.Module]] = [("normalise", Normalise(vgg.mean, vgg.std))]
     layers += _features(vgg)
-    size = image_size // 2 ** len(vgg.stages)
+    size = spec.head_input_side(vgg.head, image_size // 2 ** len(vgg.stages))
     layers += _head(vgg, size * size * vgg.stages[-1][-1])
     return nn.Sequential(OrderedDict(layers))
 

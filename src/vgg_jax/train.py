@@ -34,6 +34,7 @@ from vgg_jax import (
     inputs,
     models,
     optim,
+    pretrained,
     resume,
 )
 from vgg_jax.metrics_log import MetricsLog
@@ -306,6 +307,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainSt
 def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manager):
     point = resume.find_resume_point(manager, config)
     data = inputs.create(config, mesh)
+    source_variables = None
+    if config.init_from:
+        data.info, source_variables = starting_point(config, data.info, point)
     info, steps_per_epoch = data.info, data.steps_per_epoch
     logger.info(
         "%s: %d train / %d eval examples, %d classes; %d devices, %d steps of %d per epoch",
@@ -320,6 +324,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manage
     learning_rate_fn = optim.create_learning_rate_schedule(config, steps_per_epoch)
     model = models.build_model(config, info)
     state = create_train_state(config, model, config.image_size, learning_rate_fn, mesh)
+    if source_variables is not None:
+        state = start_from(state, source_variables, config.init_from, mesh)
     meta = None
     if point is not None:
         resume.check_same_data(point, info, steps_per_epoch, str(manager.directory))
@@ -342,6 +348,39 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manage
         partial_sums=(meta or {}).get("partial_train_sums"),
     )
     return run, state
+
+
+def starting_point(
+    config: ml_collections.ConfigDict,
+    info: data_sources.DatasetInfo,
+    point: resume.ResumePoint | None,
+) -> tuple[data_sources.DatasetInfo, dict | None]:
+    """For `config.init_from`: the dataset info with the source's input normalisation
+    (the weights expect it), and the source's variables (None when resuming: the
+    checkpoint holds the weights, and its meta the normalisation)."""
+    if point is not None:
+        saved = point.meta["dataset"]
+        return dataclasses.replace(info, mean=tuple(saved["mean"]), std=tuple(saved["std"])), None
+    source_model, variables = pretrained.load(config.init_from)
+    mean = tuple(float(m) for m in source_model.mean)
+    std = tuple(float(s) for s in source_model.std)
+    logger.info("init_from %s: its input normalisation mean=%s std=%s", config.init_from, mean, std)
+    return dataclasses.replace(info, mean=mean, std=std), variables
+
+
+def start_from(state: TrainState, variables: dict, name: str, mesh: Mesh) -> TrainState:
+    """`state` with the weights of `variables` wherever they fit (see
+    `pretrained.merge_variables`, which says what was re-initialised: logged here)."""
+    target = {"params": state.params, "batch_stats": state.batch_stats}
+    merged, notes = pretrained.merge_variables(target, variables)
+    for note in notes:
+        logger.info("init_from %s: %s", name, note)
+    merged = jax.device_put(merged, NamedSharding(mesh, P()))
+    batch_stats = merged.get("batch_stats", state.batch_stats)
+    state = state.replace(params=merged["params"], batch_stats=batch_stats)
+    if state.ema:
+        state = state.replace(ema={"params": merged["params"], "batch_stats": batch_stats})
+    return state
 
 
 def save_checkpoint(
