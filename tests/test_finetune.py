@@ -218,6 +218,7 @@ def test_readme_fine_tune_command_offline_fails_in_one_line(tmp_path, image_fold
         f"--config={CONFIGS / 'vgg16_finetune.py'}",
         f"--workdir={tmp_path / 'run'}",
         f"--config.data_dir={image_folder}",
+        "--config.batch_size=8",  # the test folder is smaller than one batch of 32
         env={"VGG_JAX_CACHE": str(tmp_path / "cache"), "VGG_JAX_OFFLINE": "1"},
     )
     assert result.returncode != 0

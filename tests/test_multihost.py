@@ -22,8 +22,9 @@ from vgg_jax.metrics_log import read_metrics
 
 pytestmark = pytest.mark.slow
 
-# Every file an image is opened from, appended per process to $VGG_TEST_READS.<pid>;
-# imported by every Python process started with it on PYTHONPATH (grain's workers too).
+# Every file an image is opened (PIL) or read (numpy.fromfile) from, appended per
+# process to $VGG_TEST_READS.<pid>; imported by every Python process started with it on
+# PYTHONPATH (grain's workers too).
 READ_LOGGER = """
 import os
 if os.environ.get("VGG_TEST_READS"):
@@ -35,6 +36,14 @@ if os.environ.get("VGG_TEST_READS"):
                 log.write(f"{os.fspath(fp)}\\n")
         return _open(fp, *args, **kwargs)
     Image.open = _logged_open
+    import numpy
+    _fromfile = numpy.fromfile
+    def _logged_fromfile(file, *args, **kwargs):  # how the streaming workers read files
+        if isinstance(file, (str, os.PathLike)):
+            with open(f"{os.environ['VGG_TEST_READS']}.{os.getpid()}", "a") as log:
+                log.write(f"{os.fspath(file)}\\n")
+        return _fromfile(file, *args, **kwargs)
+    numpy.fromfile = _logged_fromfile
 """
 
 
