@@ -13,6 +13,20 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# Most of a CLI test's time is XLA compiling the same small programs again in each new
+# process: one persistent compilation cache for the session (this process and every
+# process the tests start) compiles each once. A cache hit runs the identical
+# executable, so bitwise comparisons between runs are unaffected.
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="vgg-jax-test-xla-cache-")
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILATION_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -39,8 +53,7 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None):
     )
 
 
-@pytest.fixture
-def tiny_config():
+def make_tiny_config():
     """A vgg_tiny on the synthetic dataset, small enough for a step in milliseconds."""
     from vgg_jax.configuration import load_config_file
 
@@ -51,6 +64,12 @@ def tiny_config():
     config.num_epochs = 2
     config.progress_bar = False
     return config
+
+
+@pytest.fixture
+def tiny_config():
+    """A vgg_tiny on the synthetic dataset, small enough for a step in milliseconds."""
+    return make_tiny_config()
 
 
 @pytest.fixture

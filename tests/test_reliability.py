@@ -4,6 +4,7 @@ damaged checkpoints, divergence, two trainers on one workdir, and the small ones
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import CONFIGS, REPO, run_cli
+from conftest import CONFIGS, REPO, make_tiny_config, run_cli
 from PIL import Image
 
 import vgg_jax
@@ -112,6 +113,20 @@ def _assert_same_params(a, b):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One finished 2-epoch run (checkpoints at steps 8 and 16) and its final parameters:
+    each damage test damages a copy, so the run is trained once for all of them."""
+    workdir = tmp_path_factory.mktemp("finished") / "run"
+    state = _train(make_tiny_config(), workdir)
+    return workdir, jax.device_get(state.params)
+
+
+def _copy_of(run, destination):
+    shutil.copytree(run, destination)
+    return destination
+
+
 def _flip_a_byte(item_dir):
     data = max(
         (p for p in item_dir.rglob("*") if p.is_file() and "/d/" in str(p)),
@@ -124,26 +139,26 @@ def _flip_a_byte(item_dir):
 
 @pytest.mark.slow
 def test_half_deleted_latest_step_is_moved_aside_and_the_run_finishes(
-    tiny_config, tmp_path, caplog
+    tiny_config, tmp_path, caplog, finished_run
 ):
-    uninterrupted = _train(tiny_config, tmp_path / "a")
-    _train(tiny_config, tmp_path / "b")
-    import shutil
-
+    run, uninterrupted = finished_run
+    _copy_of(run, tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "16" / "model")
     with caplog.at_level(logging.WARNING, logger="vgg_jax"):
         resumed = _train(tiny_config, tmp_path / "b")
     assert (tmp_path / "b" / "checkpoints" / "16.damaged").is_dir()
     assert any("moved aside" in r.getMessage() for r in caplog.records)
-    _assert_same_params(resumed.params, uninterrupted.params)  # epoch 2 redone exactly
+    _assert_same_params(resumed.params, uninterrupted)  # epoch 2 redone exactly
     assert [r["epoch"] for r in read_metrics(tmp_path / "b")] == [1, 2]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flipped byte", "deleted manifest", "truncated chunk"])
-def test_bit_rot_is_detected_on_load_and_resume_falls_back(tiny_config, tmp_path, damage):
-    uninterrupted = _train(tiny_config, tmp_path / "a")
-    _train(tiny_config, tmp_path / "b")
+def test_bit_rot_is_detected_on_load_and_resume_falls_back(
+    tiny_config, tmp_path, damage, finished_run
+):
+    run, uninterrupted = finished_run
+    _copy_of(run, tmp_path / "b")
     model_dir = tmp_path / "b" / "checkpoints" / "16" / "model"
     if damage == "flipped byte":
         _flip_a_byte(model_dir)
@@ -160,7 +175,7 @@ def test_bit_rot_is_detected_on_load_and_resume_falls_back(tiny_config, tmp_path
     assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]
     assert "damaged" in result.stderr
     resumed = _train(tiny_config, tmp_path / "b")
-    _assert_same_params(resumed.params, uninterrupted.params)
+    _assert_same_params(resumed.params, uninterrupted)
     assert (tmp_path / "b" / "checkpoints" / "16.damaged").is_dir()
 
 

@@ -10,11 +10,11 @@ non-zero status.
 
 from __future__ import annotations
 
-from vgg_jax.preemption import Preempted, PreemptionGuard
+from vgg_jax.preemption import SECOND_INTERRUPT_MESSAGE, Preempted, PreemptionGuard
 
 # Installed before anything slow (the imports below included), so that SIGTERM during
 # start-up is answered with a checkpoint after the first step rather than by dying.
-_guard = PreemptionGuard()
+_guard = PreemptionGuard(exit_on_second_interrupt=True)
 if __name__ == "__main__":
     _guard.install()
 
@@ -73,7 +73,7 @@ def run() -> None:
     try:
         app.run(main, flags_parser=cli.parse_flags)
     except KeyboardInterrupt:  # a second Ctrl-C: the user wants out now
-        print("interrupted (second Ctrl-C): stopped without saving", file=sys.stderr)
+        print(SECOND_INTERRUPT_MESSAGE, file=sys.stderr)
         sys.exit(130)
     finally:
         _guard.uninstall()

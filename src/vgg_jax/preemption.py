@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from types import FrameType
+
+SECOND_INTERRUPT_MESSAGE = "interrupted (second Ctrl-C): stopped without saving"
 
 
 class Preempted(Exception):  # noqa: N818 (it is a state, not a failure)
@@ -25,7 +28,12 @@ class PreemptionGuard:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, exit_on_second_interrupt: bool = False):
+        # A KeyboardInterrupt raised from a signal handler is lost when it lands in a
+        # garbage-collector callback or a __del__ (Python prints and ignores it there),
+        # and the run then goes on. A command-line program exits at once instead; in a
+        # notebook the kernel must survive, so the library default raises.
+        self.exit_on_second_interrupt = exit_on_second_interrupt
         self.signal_number: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -35,6 +43,10 @@ class PreemptionGuard:
 
     def _handle(self, signal_number: int, frame: FrameType | None) -> None:
         if self.signal_number is not None and signal_number == signal.SIGINT:
+            if self.exit_on_second_interrupt:
+                # os.write: a buffered print could re-enter a write the step was making.
+                os.write(2, f"{SECOND_INTERRUPT_MESSAGE}\n".encode())
+                os._exit(128 + signal.SIGINT)  # the shell's status for an interrupted command
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self.signal_number = signal_number
