@@ -362,28 +362,9 @@ def _check_keys(state: Mapping[str, Any], expected: set[str], what: str) -> None
         )
 
 
-def from_torchvision(
-    source: Mapping[str, Any] | str | os.PathLike, arch: str | None = None
-) -> tuple[models.VGG, dict]:
-    """torchvision VGG weights -> (model, variables) for the matching preset with the
-    'torchvision' head (adaptive 7x7 pool, fc4096 x2, the classifier).
-
-    `source`: a state dict (torch tensors or numpy arrays) or a file (.pth/.pt/.bin, read
-    with `torch.load(weights_only=True)`; or .safetensors). `arch` ('vgg16_bn', ...) is
-    checked against the weights; None: inferred. The class count is the classifier's.
-    The model normalises with torchvision's ImageNet mean/std, or with what
-    `python -m vgg_jax.export` recorded next to the file (FILE.json).
-    """
-    state, what, path = _read_state_dict(source)
-    stages, batch_norm = _infer_stages(state, what)
-    name = _check_arch(arch, stages, batch_norm, what)
-    layout = torchvision_layout(stages, batch_norm)
-    expected = {f"classifier.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")}
-    for index, layer in layout:
-        expected |= {f"features.{index}.weight", f"features.{index}.bias"}
-        if layer.startswith("bn"):
-            expected |= {f"features.{index}.running_mean", f"features.{index}.running_var"}
-    _check_keys(state, expected, what)
+def _torchvision_features(state: Mapping[str, Any], layout, batch_norm: bool):
+    """The convolutional stack's params and BN statistics. torchvision's convolutions keep
+    a bias before BN; ours have none, so it is folded into the running mean."""
 
     def get(key):
         return np.asarray(state[key], np.float32)
@@ -408,25 +389,65 @@ def from_torchvision(
                 "mean": get(f"features.{index}.running_mean") - conv_bias[conv],
                 "var": get(f"features.{index}.running_var"),
             }
-    channels = stages[-1][-1]
+    return params, batch_stats
+
+
+def _torchvision_head(state: Mapping[str, Any], channels: int, what: str) -> dict[str, dict]:
+    """fc1, fc2 and the classifier; fc1's inputs are reordered from torch's (C, H, W)
+    flattening to ours (H, W, C)."""
+
+    def get(key):
+        return np.asarray(state[key], np.float32)
+
     fc1 = get("classifier.0.weight")
     hidden = spec.HEADS["torchvision"]["hidden"]
     shapes = (fc1.shape, get("classifier.3.weight").shape)
     if shapes != ((hidden[0], channels * POOL * POOL), (hidden[1], hidden[0])):
         raise WeightFormatError(f"{what}: classifier {shapes} is not torchvision's VGG head")
-    params["fc1"] = {
-        "kernel": fc1.reshape(hidden[0], channels, POOL, POOL)
-        .transpose(2, 3, 1, 0)
-        .reshape(POOL * POOL * channels, hidden[0]),
-        "bias": get("classifier.0.bias"),
+    return {
+        "fc1": {
+            "kernel": fc1.reshape(hidden[0], channels, POOL, POOL)
+            .transpose(2, 3, 1, 0)
+            .reshape(POOL * POOL * channels, hidden[0]),
+            "bias": get("classifier.0.bias"),
+        },
+        "fc2": {"kernel": get("classifier.3.weight").T, "bias": get("classifier.3.bias")},
+        "classifier": {
+            "kernel": get("classifier.6.weight").T,
+            "bias": get("classifier.6.bias"),
+        },
     }
-    params["fc2"] = {"kernel": get("classifier.3.weight").T, "bias": get("classifier.3.bias")}
-    classifier = get("classifier.6.weight")
-    params["classifier"] = {"kernel": classifier.T, "bias": get("classifier.6.bias")}
+
+
+def from_torchvision(
+    source: Mapping[str, Any] | str | os.PathLike, arch: str | None = None
+) -> tuple[models.VGG, dict]:
+    """torchvision VGG weights -> (model, variables) for the matching preset with the
+    'torchvision' head (adaptive 7x7 pool, fc4096 x2, the classifier).
+
+    `source`: a state dict (torch tensors or numpy arrays) or a file (.pth/.pt/.bin, read
+    with `torch.load(weights_only=True)`; or .safetensors). `arch` ('vgg16_bn', ...) is
+    checked against the weights; None: inferred. The class count is the classifier's.
+    The model normalises with torchvision's ImageNet mean/std, or with what
+    `python -m vgg_jax.export` recorded next to the file (FILE.json).
+    """
+    state, what, path = _read_state_dict(source)
+    stages, batch_norm = _infer_stages(state, what)
+    name = _check_arch(arch, stages, batch_norm, what)
+    layout = torchvision_layout(stages, batch_norm)
+    expected = {f"classifier.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")}
+    for index, layer in layout:
+        expected |= {f"features.{index}.weight", f"features.{index}.bias"}
+        if layer.startswith("bn"):
+            expected |= {f"features.{index}.running_mean", f"features.{index}.running_var"}
+    _check_keys(state, expected, what)
+
+    params, batch_stats = _torchvision_features(state, layout, batch_norm)
+    params |= _torchvision_head(state, stages[-1][-1], what)
     sidecar = _sidecar(path)
     model = models.create_model(
         name,
-        classifier.shape[0],
+        params["classifier"]["kernel"].shape[1],
         batch_norm=batch_norm,
         head="torchvision",
         stages=stages,
