@@ -104,19 +104,23 @@ def test_process_shares_are_disjoint_and_cover_every_global_batch(tmp_path):
         assert sorted(np.concatenate(read)) == expected
 
 
+def _one_process_train_dataset(records, local_batch, image_size):
+    return streaming.train_dataset(
+        records,
+        seed=0,
+        local_batch=local_batch,
+        image_size=image_size,
+        augment="random_resized_crop",
+        process_index=0,
+        process_count=1,
+    )
+
+
 def test_the_same_seed_and_step_give_the_same_batch(tmp_path):
     records = streaming.image_folder_records(str(_folder(tmp_path)), "train")
 
     def batch(step):
-        dataset = streaming.train_dataset(
-            records,
-            seed=0,
-            local_batch=4,
-            image_size=16,
-            augment="random_resized_crop",
-            process_index=0,
-            process_count=1,
-        )
+        dataset = _one_process_train_dataset(records, local_batch=4, image_size=16)
         return next(streaming.iterate(dataset[step:], workers=1))
 
     a, b = batch(3), batch(3)
@@ -192,15 +196,7 @@ def test_host_memory_stays_flat_while_streaming(tmp_path):
         str(_folder(tmp_path, classes=tuple("abcdef"), per_class=(400, 1), size=(32, 32))),
         "train",
     )
-    dataset = streaming.train_dataset(
-        records,
-        seed=0,
-        local_batch=48,
-        image_size=32,
-        augment="random_resized_crop",
-        process_index=0,
-        process_count=1,
-    )
+    dataset = _one_process_train_dataset(records, local_batch=48, image_size=32)
     iterator = streaming.iterate(dataset, workers=0)
     steps = len(records) // 48
     peaks = []
