@@ -27,6 +27,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILATION_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
+import ast  # noqa: E402
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -51,6 +52,26 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None):
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def modules_imported_by(import_line: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of `modules` a fresh interpreter has loaded after running `import_line`."""
+    code = f"import sys; {import_line}; print([m for m in {modules!r} if m in sys.modules])"
+    result = run_cli("-c", code)
+    assert result.returncode == 0, result.stderr
+    return ast.literal_eval(result.stdout.strip().splitlines()[-1])
+
+
+def smoke_training_command(workdir, *overrides: str) -> list[str]:
+    """`python -m vgg_jax.main` on the smoke config, as an argument list for subprocess."""
+    return [
+        sys.executable,
+        "-m",
+        "vgg_jax.main",
+        f"--config={CONFIGS / 'smoke.py'}",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
 
 
 def make_tiny_config():

@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, smoke_training_command
 
 from vgg_jax import checkpoint, inference, train
 from vgg_jax.metrics_log import read_metrics
@@ -169,17 +169,13 @@ def test_checkpoint_from_8_devices_restores_in_a_1_device_process(tiny_config, t
 
 
 def _train_command(workdir, num_epochs=2):
-    return [
-        sys.executable,
-        "-m",
-        "vgg_jax.main",
-        f"--config={CONFIGS / 'smoke.py'}",
-        f"--workdir={workdir}",
+    return smoke_training_command(
+        workdir,
         f"--config.num_epochs={num_epochs}",
         "--config.synthetic_train_size=4096",
         "--config.batch_size=64",
         "--config.progress_bar=False",
-    ]
+    )
 
 
 @pytest.mark.slow

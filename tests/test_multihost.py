@@ -8,13 +8,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import CONFIGS, REPO
+from conftest import REPO, smoke_training_command
 from PIL import Image
 
 import vgg_jax
@@ -84,12 +83,8 @@ def _env(tmp_path, devices, reads=None):
 
 
 def _command(workdir, data, extra=()):
-    return [
-        sys.executable,
-        "-m",
-        "vgg_jax.main",
-        f"--config={CONFIGS / 'smoke.py'}",
-        f"--workdir={workdir}",
+    return smoke_training_command(
+        workdir,
         "--config.dataset=image_folder",
         f"--config.data_dir={data}",
         "--config.image_size=16",
@@ -99,7 +94,7 @@ def _command(workdir, data, extra=()):
         "--config.head_dropout=0.0",  # masks follow batch positions, which differ
         "--config.progress_bar=False",
         *extra,
-    ]
+    )
 
 
 def _two_processes(tmp_path, workdir, data, extra=(), reads_prefix=None):

@@ -14,7 +14,14 @@ import tomllib
 import jax
 import numpy as np
 import pytest
-from conftest import CONFIGS, REPO, make_tiny_config, run_cli
+from conftest import (
+    CONFIGS,
+    REPO,
+    make_tiny_config,
+    modules_imported_by,
+    run_cli,
+    smoke_training_command,
+)
 from PIL import Image
 
 import vgg_jax
@@ -357,14 +364,7 @@ def test_home_in_the_workdir_is_expanded(tmp_path):
 
 def _start_training(workdir):
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vgg_jax.main",
-            f"--config={CONFIGS / 'smoke.py'}",
-            f"--workdir={workdir}",
-            "--config.progress_bar=False",
-        ],
+        smoke_training_command(workdir, "--config.progress_bar=False"),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -424,13 +424,8 @@ def test_tensorflow_is_an_extra_not_a_dependency():
 
 
 def test_loading_and_predicting_never_import_tensorflow():
-    code = (
-        "import sys, vgg_jax.inference, vgg_jax.train, vgg_jax.evaluate;"
-        "bad = [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules];"
-        "print(bad); sys.exit(bool(bad))"
-    )
-    result = run_cli("-c", code)
-    assert result.returncode == 0, result.stdout + result.stderr
+    line = "import vgg_jax.inference, vgg_jax.train, vgg_jax.evaluate"
+    assert modules_imported_by(line, ("tensorflow", "tensorflow_datasets")) == []
 
 
 def test_tfds_without_tensorflow_names_the_extra():
@@ -453,15 +448,9 @@ def test_a_full_disk_stops_the_run_in_one_line(tmp_path):
     # away with the process.
     disk = tmp_path / "disk"
     disk.mkdir()
-    train = [
-        sys.executable,
-        "-m",
-        "vgg_jax.main",
-        f"--config={CONFIGS / 'smoke.py'}",
-        f"--workdir={disk / 'w'}",
-        "--config.num_epochs=8",
-        "--config.progress_bar=False",
-    ]
+    train = smoke_training_command(
+        disk / "w", "--config.num_epochs=8", "--config.progress_bar=False"
+    )
     result = subprocess.run(
         [
             "unshare",
