@@ -4,9 +4,11 @@ in one line, and the log format. Defines no flags itself."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import traceback
+from typing import NoReturn
 
 from absl import flags
 from absl import logging as absl_logging
@@ -40,6 +42,17 @@ def _quiet_unraisable(unraisable) -> None:
     ):
         return
     sys.__unraisablehook__(unraisable)
+
+
+def exit_with_error(message: str, code: int = 1) -> NoReturn:
+    """Ends a command after a failure the library has already cleaned up after, with
+    `message` as the only line on stderr. Skips the interpreter's teardown: after a failed
+    checkpoint read, orbax's unfinished reads are collected there, each printing a long
+    'Exception ignored in: <coroutine ...>' traceback after the line that matters."""
+    print(message, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def one_line(error: BaseException) -> str:

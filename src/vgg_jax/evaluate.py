@@ -7,8 +7,6 @@ Uses the dataset, split and image size stored with the checkpoint.
 
 from __future__ import annotations
 
-import sys
-
 import jax
 from absl import app, flags
 from jax.sharding import NamedSharding
@@ -83,7 +81,7 @@ def main(argv: list[str]) -> None:
         predictor = inference.load(FLAGS.workdir, inference.parse_step(FLAGS.step))
         metrics = evaluate_checkpoint(predictor, FLAGS.data_dir, FLAGS.batch_size)
     except expected as error:
-        sys.exit(f"error: {error}")
+        cli.exit_with_error(f"error: {error}")
     print(to_json({"step": predictor.step, **metrics}))
 
 

@@ -13,11 +13,9 @@ next to OUT, records the layout, the input normalisation and the class names.
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
-from vgg_jax import checkpoint, inference, pretrained
+from vgg_jax import checkpoint, cli, inference, pretrained
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ folder, or a step.")
@@ -51,7 +49,7 @@ def main(argv: list[str]) -> None:
         }
         pretrained.write_state_dict(state, out, FLAGS.format, about)
     except (checkpoint.NoCheckpointError, ImportError, ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
+        cli.exit_with_error(f"error: {error}")
     print(f"wrote {out} ({layout} layout) and {out}.json")
     if layout == "torch_reference":
         print(f"load: {constructor} (takes uint8 NHWC images, normalises itself)")

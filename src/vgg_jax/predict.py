@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
         ImportError,
         ValueError,
     ) as error:
-        sys.exit(f"error: {error}")
+        cli.exit_with_error(f"error: {error}")
     results, errors = inference.predict_files(predictor, paths)
     for path, probabilities in results:
         ranked = predictor.top_k(probabilities[None], FLAGS.top)[0]
