@@ -213,7 +213,8 @@ def train_image(element: Any, rng: np.random.Generator, size: int, augment: str)
             top, left = rng.integers(0, 9, 2)
             image = padded[top : top + size, left : left + size]
     if augment != "none" and rng.random() < 0.5:
-        image = image[:, ::-1]
+        # cv2.flip: numpy's copy of a reversed (W, 3) uint8 view costs more than the crop.
+        image = cv2.flip(image, 1)
     return np.ascontiguousarray(image)
 
 
