@@ -269,6 +269,17 @@ def test_metrics_are_valid_json_even_when_not_finite(tmp_path):
     assert record == {"epoch": 1, "train_loss": None, "test_loss": None}
 
 
+def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
+    pytest.importorskip("tensorboardX")
+    line = (
+        f"from vgg_jax.metrics_log import MetricsLog; log = MetricsLog({str(tmp_path)!r}); "
+        "log.write({'epoch': 1, 'train_loss': 0.5}); log.close()"
+    )
+    # tensorboardX alone imports torch wherever it is installed (seconds per run).
+    assert modules_imported_by(line, ("torch",)) == []
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
 def test_a_non_finite_state_is_never_saved(tiny_config, tmp_path):
     class State:
         step = 3

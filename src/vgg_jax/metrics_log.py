@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import sys
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class MetricsLog:
             return
         os.makedirs(workdir, exist_ok=True)
         try:
-            from tensorboardX import SummaryWriter
+            SummaryWriter = _import_summary_writer()
         except ImportError:
             logger.warning("tensorboardX is not installed: no TensorBoard events")
         else:
@@ -95,3 +96,20 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     with open(path) as f:
         lines = [line for line in f if line.strip()]
     return [record for record in _parse(lines, path) if record]
+
+
+def _import_summary_writer():
+    """tensorboardX's SummaryWriter, without the import of torch that tensorboardX makes
+    wherever torch is installed (only to accept torch tensors, which we never pass): it
+    would add seconds and hundreds of MB to every training process. Where torch is
+    imported already, nothing changes."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
