@@ -12,6 +12,9 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The CLIs the tests start skip their malloc restart (a second interpreter start each:
+# it serves step speed, not results); tests/test_cpu.py tests the restart itself.
+os.environ.setdefault("VGG_JAX_KEEP_MEMORY", "0")
 
 import atexit  # noqa: E402
 import shutil  # noqa: E402
