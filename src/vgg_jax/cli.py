@@ -45,10 +45,11 @@ def _quiet_unraisable(unraisable) -> None:
 
 
 def exit_with_error(message: str, code: int = 1) -> NoReturn:
-    """Ends a command after a failure the library has already cleaned up after, with
-    `message` as the only line on stderr. Skips the interpreter's teardown: after a failed
-    checkpoint read, orbax's unfinished reads are collected there, each printing a long
-    'Exception ignored in: <coroutine ...>' traceback after the line that matters."""
+    """Ends a command after a failure the library has already cleaned up after (its saves
+    finished or abandoned), with `message` as the only line on stderr. Skips the
+    interpreter's teardown, where orbax's and tensorstore's abandoned reads and writes are
+    collected, each printing a long 'Exception ignored in ...' traceback after the line
+    that matters (seen after a failed checkpoint read and after a full disk)."""
     print(message, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()

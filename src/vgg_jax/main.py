@@ -60,10 +60,10 @@ def main(argv: list[str]) -> None:
     except Preempted as stopped:
         print(stopped, file=sys.stderr)
         sys.exit(stopped.exit_code)
-    except expected as error:
-        sys.exit(f"error: {error}")
+    except expected as error:  # train_and_evaluate has closed the run: nothing is pending
+        cli.exit_with_error(f"error: {error}")
     except OSError as error:  # a full disk, a read-only workdir, ...
-        sys.exit(f"error: {error.strerror or error}: {error.filename or FLAGS.workdir}")
+        cli.exit_with_error(f"error: {error.strerror or error}: {error.filename or FLAGS.workdir}")
 
 
 def run() -> None:
