@@ -58,7 +58,7 @@ def test_torchvision_parity_at_two_sizes(arch):
     assert "num_batches_tracked" not in str(jax.tree_util.tree_structure(variables))
     for size in (64, 100):
         batch = images(size)
-        assert_parity(model.apply(variables, batch), torchvision_logits(reference, batch))
+        assert_parity(jax.jit(model.apply)(variables, batch), torchvision_logits(reference, batch))
 
 
 @pytest.mark.slow
