@@ -126,6 +126,11 @@ def test_the_same_seed_and_step_give_the_same_batch(tmp_path):
     a, b = batch(3), batch(3)
     np.testing.assert_array_equal(a["image"], b["image"])
     assert not np.array_equal(batch(4)["image"], a["image"])
+    # Decoding threads in this process (input_workers=0, input_threads=3) read the same.
+    dataset = _one_process_train_dataset(records, local_batch=4, image_size=16)
+    threaded = streaming.iterate(dataset[3:], workers=0, threads=3)
+    np.testing.assert_array_equal(next(threaded)["image"], a["image"])
+    np.testing.assert_array_equal(next(threaded)["image"], batch(4)["image"])
 
 
 @pytest.mark.slow
@@ -235,10 +240,12 @@ def test_input_benchmark_times_ours_against_tf_data(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     numbers = json.loads(out.read_text())
-    assert set(numbers["runs"]) == {"ours_1", "tf_data_1"}
+    assert set(numbers["runs"]) == {"ours_1", "ours_threads_1", "tf_data_1"}
     assert numbers["runs"]["ours_1"]["images_per_s"] > 0
     assert numbers["ratio_vs_tf_data"]["1"] > 0
+    assert numbers["ratio_threads_vs_tf_data"]["1"] > 0
     assert "ratio ours/tf.data with 1 worker(s)" in result.stdout
+    assert "ratio ours/tf.data with 1 thread(s) in one process" in result.stdout
 
 
 @pytest.mark.slow

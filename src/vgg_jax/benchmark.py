@@ -65,7 +65,9 @@ def define_flags() -> None:
     flags.DEFINE_string("json", None, "Write every number to this JSON file.")
     flags.DEFINE_bool("torch_compile", True, "With --compare=torch: try torch.compile first.")
     flags.DEFINE_string("input", None, "Time the host input pipeline on DIR/train instead.")
-    flags.DEFINE_list("input_workers", ["1", "2"], "With --input: worker counts to time.")
+    flags.DEFINE_list(
+        "input_workers", ["1", "2"], "With --input: counts of workers (and of threads) to time."
+    )
 
 
 def random_batch(

@@ -57,6 +57,7 @@ RESUMABLE_CHANGES = frozenset(
         "num_processes",
         "process_id",
         "input_workers",
+        "input_threads",
         "conv_impl",
         "async_checkpointing",
     }

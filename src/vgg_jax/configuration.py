@@ -63,6 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.input = "auto"  # auto | device (splits on the devices) | stream (grain, host)
     config.device_input_budget_gb = 4.0  # auto: device-resident up to this many GiB of uint8
     config.input_workers = 2  # stream: decoding processes per host (0: none, -1: CPUs - 1)
+    config.input_threads = 1  # stream: decoding threads per worker (or in this process if 0)
     config.synthetic_train_size = 2048  # examples in the synthetic train split
     config.synthetic_eval_size = 512  # examples in the synthetic eval split
     config.synthetic_classes = 10  # classes in the synthetic dataset
@@ -215,6 +216,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "input": _one_of(INPUTS),
     "device_input_budget_gb": NON_NEGATIVE,
     "input_workers": _number(-1),
+    "input_threads": POSITIVE,
     "num_processes": _optional(POSITIVE),
     "process_id": _optional(NON_NEGATIVE),
     "synthetic_train_size": POSITIVE,

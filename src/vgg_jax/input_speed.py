@@ -1,14 +1,17 @@
 """Speed of the host input pipeline: decoded and augmented training images per second
-from a JPEG folder, ours (grain workers) against tf.data doing the same work.
+from a JPEG folder, ours (grain, N worker processes or N threads in one process)
+against tf.data doing the same work with N parallel calls.
 
   python -m vgg_jax.benchmark --config=configs/vgg16_imagenet.py --input=DIR \
       [--input_workers=1,2] [--steps=20] [--burn_in=5] [--json=FILE]
 
 The same work on both sides: list DIR/train once, shuffle, decode each JPEG, take a
 random-resized crop (area 8-100%, aspect 3/4-4/3), resize it to config.image_size,
-flip half of them, batch (config.batch_size), prefetch; N parallel workers: grain
-worker processes for ours, `num_parallel_calls=N` for tf.data (its fastest standard
-form: `decode_and_crop_jpeg` decodes only the crop). Nothing goes to a device.
+flip half of them, batch (config.batch_size), prefetch; N in parallel: N grain worker
+processes (`--config.input_workers=N`) or N threads in the training process
+(`--config.input_workers=0 --config.input_threads=N`) for ours, `num_parallel_calls=N`
+for tf.data (its fastest standard form: `decode_and_crop_jpeg` decodes only the crop).
+Nothing goes to a device.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ def time_batches(batches: Iterator[Any], steps: int, burn_in: int) -> list[float
     return times
 
 
-def ours(config: ml_collections.ConfigDict, root: str, workers: int) -> Iterator[Any]:
+def ours(
+    config: ml_collections.ConfigDict, root: str, workers: int, threads: int = 1
+) -> Iterator[Any]:
     records = streaming.image_folder_records(root, "train")
     dataset = streaming.train_dataset(
         records,
@@ -47,7 +52,11 @@ def ours(config: ml_collections.ConfigDict, root: str, workers: int) -> Iterator
         process_index=0,
         process_count=1,
     )
-    return streaming.iterate(dataset, workers)
+    return streaming.iterate(dataset, workers, threads)
+
+
+def ours_threads(config: ml_collections.ConfigDict, root: str, threads: int) -> Iterator[Any]:
+    return ours(config, root, workers=0, threads=threads)
 
 
 def tf_data(config: ml_collections.ConfigDict, root: str, workers: int) -> Iterator[Any]:
@@ -88,7 +97,11 @@ def tf_data(config: ml_collections.ConfigDict, root: str, workers: int) -> Itera
     return iter(dataset.as_numpy_iterator())
 
 
-PIPELINES: dict[str, Callable[..., Iterator[Any]]] = {"ours": ours, "tf_data": tf_data}
+PIPELINES: dict[str, Callable[..., Iterator[Any]]] = {
+    "ours": ours,
+    "ours_threads": ours_threads,
+    "tf_data": tf_data,
+}
 
 
 def summary(times: list[float], batch_size: int) -> dict[str, Any]:
@@ -119,7 +132,8 @@ def run(
         "burn_in": burn_in,
         "cpus": os.cpu_count(),
         "runs": {},
-        "ratio_vs_tf_data": {},
+        "ratio_vs_tf_data": {},  # ours with N worker processes / tf.data with N
+        "ratio_threads_vs_tf_data": {},  # ours with N threads in one process / tf.data
     }
     for workers in workers_list:
         for name, make in PIPELINES.items():
@@ -128,11 +142,14 @@ def run(
             if hasattr(iterator, "close"):
                 iterator.close()
             results["runs"][f"{name}_{workers}"] = summary(times, config.batch_size)
-        ratio = (
-            results["runs"][f"ours_{workers}"]["images_per_s"]
-            / results["runs"][f"tf_data_{workers}"]["images_per_s"]
+        runs = results["runs"]
+        tf_speed = runs[f"tf_data_{workers}"]["images_per_s"]
+        results["ratio_vs_tf_data"][str(workers)] = (
+            runs[f"ours_{workers}"]["images_per_s"] / tf_speed
         )
-        results["ratio_vs_tf_data"][str(workers)] = ratio
+        results["ratio_threads_vs_tf_data"][str(workers)] = (
+            runs[f"ours_threads_{workers}"]["images_per_s"] / tf_speed
+        )
     return results
 
 
@@ -148,5 +165,7 @@ def report(results: dict[str, Any]) -> str:
             f"(median {run_['median_s']:.3f} s/batch)"
         )
     for workers, ratio in results["ratio_vs_tf_data"].items():
+        threads = results["ratio_threads_vs_tf_data"][workers]
         lines.append(f"ratio ours/tf.data with {workers} worker(s): {ratio:.2f}")
+        lines.append(f"ratio ours/tf.data with {workers} thread(s) in one process: {threads:.2f}")
     return "\n".join(lines)

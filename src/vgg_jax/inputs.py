@@ -254,7 +254,9 @@ class StreamInput:
         if self.iterator is None or self.next_step != global_step:
             # A fresh stream positioned at `global_step` (batches are indexed by step).
             self.close()
-            self.iterator = streaming.iterate(self.dataset[global_step:], self.config.input_workers)
+            self.iterator = streaming.iterate(
+                self.dataset[global_step:], self.config.input_workers, self.config.input_threads
+            )
             self.next_step = global_step
         return self.iterator
 
@@ -295,6 +297,7 @@ class StreamInput:
             self.local_eval_batch,
             self.config.image_size,
             self.config.input_workers,
+            self.config.input_threads,
         ):
             self.eval_skipped_files += int(local["skipped"].sum())
             yield (self.to_devices(local, global_rows),)
@@ -313,7 +316,9 @@ class StreamInput:
         import grain
         import orbax.checkpoint as ocp
 
-        iterator = streaming.iterate(self.dataset, self.config.input_workers)
+        iterator = streaming.iterate(
+            self.dataset, self.config.input_workers, self.config.input_threads
+        )
         try:
             manager.restore(
                 step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator))

@@ -328,19 +328,20 @@ def eval_dataset(
 NO_SHARED_MEMORY = grain.experimental.DatasetOptions(min_shm_size=2**62)
 
 
-# Read-ahead per process, in batches: grain's default (500 elements) would keep hundreds
-# of decoded batches in memory per worker and decode far past the end of a run. One
-# thread per worker process: the processes are the parallelism (threads would contend
-# for the GIL and the cores).
-READ_AHEAD = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
-READ_AHEAD_IN_PROCESS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+def read_ahead(threads: int) -> grain.ReadOptions:
+    """`threads` batches decoded at once per decoding process, and as many read ahead:
+    grain's default (500 elements) would keep hundreds of decoded batches in memory per
+    worker and decode far past the end of a run. Threads decode in parallel because
+    OpenCV releases the GIL while it decodes and resizes."""
+    return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2, threads))
 
 
-def iterate(dataset: grain.MapDataset, workers: int) -> grain.DatasetIterator:
-    """An iterator over `dataset` with `workers` decoding processes (0: in this one)."""
+def iterate(dataset: grain.MapDataset, workers: int, threads: int = 1) -> grain.DatasetIterator:
+    """An iterator over `dataset` with `workers` decoding processes (0: in this one), each
+    decoding with `threads` threads."""
     if workers < 0:
         workers = max(1, (os.cpu_count() or 2) - 1)
-    iterable = dataset.to_iter_dataset(READ_AHEAD if workers > 0 else READ_AHEAD_IN_PROCESS)
+    iterable = dataset.to_iter_dataset(read_ahead(threads))
     if workers > 0:
         # grain's workers read absl flags: in a notebook or test nothing parsed them.
         if not flags.FLAGS.is_parsed():
@@ -365,7 +366,12 @@ def padded(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
 
 
 def eval_batches(
-    dataset: grain.MapDataset, batches: int, local_batch: int, image_size: int, workers: int
+    dataset: grain.MapDataset,
+    batches: int,
+    local_batch: int,
+    image_size: int,
+    workers: int,
+    threads: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Exactly `batches` padded batches: this process's share, then empty ones."""
     empty = {
@@ -375,7 +381,7 @@ def eval_batches(
         "skipped": np.zeros((0,), np.int32),
         "index": np.zeros((0,), np.int64),
     }
-    iterator = iterate(dataset, workers) if len(dataset) else None
+    iterator = iterate(dataset, workers, threads) if len(dataset) else None
     try:
         for _ in range(batches):
             yield padded(next(iterator, empty) if iterator else empty, local_batch)
