@@ -7,7 +7,8 @@ the host by worker processes, a batch at a time.
     -> random_map: decode (OpenCV for JPEG, PIL otherwise) + augment, in the workers
        (uint8 goes to the devices; normalisation stays in the model)
     -> batch (this process's part of the global batch) -> to_iter_dataset
-    -> mp_prefetch (config.input_workers processes)
+    -> mp_prefetch (config.input_workers processes, config.input_threads threads each;
+       with no workers, the threads decode in the training process)
 
 Every batch is a deterministic function of (seed, step): the iterator's state, saved in
 the checkpoint beside the model (grain's orbax handler), resumes the same batches, so a
