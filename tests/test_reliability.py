@@ -476,6 +476,11 @@ def test_loading_and_predicting_never_import_tensorflow():
     assert modules_imported_by(line, ("tensorflow", "tensorflow_datasets")) == []
 
 
+def test_a_device_resident_run_does_not_load_the_streaming_libraries():
+    # grain and OpenCV cost every process half a second to import: only streaming needs them.
+    assert modules_imported_by("import vgg_jax.main, vgg_jax.train", ("grain", "cv2")) == []
+
+
 def test_tfds_without_tensorflow_names_the_extra():
     code = (
         "import sys; sys.modules['tensorflow'] = None\n"

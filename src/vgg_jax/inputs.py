@@ -20,7 +20,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vgg_jax import data_sources, input_pipeline, optim, streaming
+from vgg_jax import data_sources, input_pipeline, optim
+from vgg_jax.configuration import DEVICE_AUGMENTATIONS
 from vgg_jax.data_sources import DatasetInfo
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def choose(config: ml_collections.ConfigDict) -> tuple[str, str]:
     """'device' or 'stream', and why (the log says it)."""
     if config.input != "auto":
         return config.input, "config.input"
-    if config.augment in streaming.IMAGENET_STYLE:
+    if config.augment not in DEVICE_AUGMENTATIONS:
         return "stream", f"augment={config.augment!r} runs on the host"
     size = train_split_bytes(config)
     if size is None:
@@ -194,6 +195,8 @@ class StreamInput:
     kind = "stream"
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
+        from vgg_jax import streaming  # grain and OpenCV: only a streamed run loads them
+
         self.config, self.mesh = config, mesh
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         self.train_records = streaming.split_records(config, config.train_split)
@@ -231,6 +234,8 @@ class StreamInput:
         """Channel sums over a fixed sample of up to `count` training images (evaluation
         views): the data's own normalisation without reading all of it. Each process
         reads the part of the sample in its share."""
+        from vgg_jax import streaming
+
         sample = np.random.default_rng(0).choice(
             len(self.train_records), min(count, len(self.train_records)), replace=False
         )
@@ -251,6 +256,8 @@ class StreamInput:
             self.iterator = None
 
     def _iterator(self, global_step: int):
+        from vgg_jax import streaming
+
         if self.iterator is None or self.next_step != global_step:
             # A fresh stream positioned at `global_step` (batches are indexed by step).
             self.close()
@@ -282,6 +289,8 @@ class StreamInput:
             yield (batch,)
 
     def eval_steps(self) -> Iterator[tuple]:
+        from vgg_jax import streaming
+
         dataset, batches = streaming.eval_dataset(
             self.eval_records,
             local_batch=self.local_eval_batch,
@@ -315,6 +324,8 @@ class StreamInput:
         the step alone, which gives the same batches."""
         import grain
         import orbax.checkpoint as ocp
+
+        from vgg_jax import streaming
 
         iterator = streaming.iterate(
             self.dataset, self.config.input_workers, self.config.input_threads
