@@ -1,12 +1,18 @@
-"""Test set-up: eight fake CPU devices (set before jax is imported) and small helpers."""
+"""Test set-up: fake CPU devices (set before jax is initialised) and small helpers."""
 
 import os
 
-# Eight fake devices share 2 cores here, and collectives wait for all eight: on a busy
+# This process has eight fake CPU devices (the in-process sharding tests); the processes
+# the tests start (the CLIs) have two: still a sharded run, with gradients summed across
+# devices, for much less compile and start-up time than eight (experiments/RESULTS.md).
+# A test that needs another count sets JAX_NUM_CPU_DEVICES for its process.
+TEST_PROCESS_DEVICES = 8
+CLI_DEVICES = 2
+os.environ["JAX_NUM_CPU_DEVICES"] = str(CLI_DEVICES)
+# Fake devices share 2 cores here, and collectives wait for all of them: on a busy
 # machine one device's share can lag past XLA:CPU's 40 s rendezvous limit, so raise it.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8"
     + " --xla_cpu_collective_call_terminate_timeout_seconds=900"
     + " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300"
 ).strip()
@@ -29,6 +35,10 @@ atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILATION_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", TEST_PROCESS_DEVICES)
 
 import ast  # noqa: E402
 import pathlib  # noqa: E402

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CONFIGS, modules_imported_by, run_cli
+from conftest import CLI_DEVICES, CONFIGS, modules_imported_by, run_cli
 
 from vgg_jax import data_sources, models, profiling
 from vgg_jax.configuration import load_config_file
@@ -52,7 +52,7 @@ def test_cli_writes_every_number(tmp_path):
     assert {"config", "num_classes", "steps", "burn_in", "jax"} <= set(numbers)
     ours = numbers["jax"]
     assert {"parameters", "peak_flops", "peak_assumption", "devices", "conv_impl"} <= set(ours)
-    assert ours["devices"] == 8  # the training path's mesh over every (fake) device
+    assert ours["devices"] == CLI_DEVICES  # the training path's mesh over every device
     _check_figures(ours)
     assert ours["forward_backward"]["flops_per_image_xla"] > 0
 
@@ -63,8 +63,8 @@ def test_cli_rejects_bad_flags_in_one_line():
     assert result.returncode != 0
     assert result.stderr.strip().startswith("error: unknown config field")
     assert len(result.stderr.strip().splitlines()) == 1
-    result = run_cli("vgg_jax.benchmark", *TINY, "--config.batch_size=12")
-    assert result.returncode != 0 and "does not divide over 8 devices" in result.stderr
+    result = run_cli("vgg_jax.benchmark", *TINY, f"--config.batch_size={CLI_DEVICES + 1}")
+    assert result.returncode != 0 and f"does not divide over {CLI_DEVICES} devices" in result.stderr
 
 
 def test_benchmark_does_not_import_tensorflow():

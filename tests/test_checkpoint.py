@@ -161,7 +161,7 @@ def test_checkpoint_from_8_devices_restores_in_a_1_device_process(tiny_config, t
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"},
+        env={**os.environ, "JAX_NUM_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu"},
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["8", "10"]
@@ -208,8 +208,11 @@ def test_sigkill_in_epoch_2_then_rerun_ends_bitwise_equal(tmp_path):
     from vgg_jax.configuration import load_config_file
 
     command = _train_command(tmp_path / "killed")
+    # As many devices as the uninterrupted run in this process: bitwise equality holds
+    # for one device count (gradient sums across devices are reassociated otherwise).
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(jax.device_count())}
     log = open(tmp_path / "killed.log", "w")  # noqa: SIM115
-    process = subprocess.Popen(command, cwd=REPO, stderr=log)
+    process = subprocess.Popen(command, cwd=REPO, stderr=log, env=env)
     first_checkpoint = tmp_path / "killed" / "checkpoints" / "64"  # epoch 1 of 64 steps
     deadline = time.time() + 240
     while not first_checkpoint.is_dir() and time.time() < deadline:
@@ -218,7 +221,7 @@ def test_sigkill_in_epoch_2_then_rerun_ends_bitwise_equal(tmp_path):
     process.kill()  # SIGKILL: no handler runs, nothing is flushed
     process.wait(timeout=60)
     assert len(read_metrics(tmp_path / "killed")) == 1
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     assert "resuming from" in result.stderr
 

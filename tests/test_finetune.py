@@ -202,7 +202,7 @@ def test_readme_fine_tune_command_from_a_torchvision_file(tmp_path, image_folder
         "--config.num_epochs=1",
         "--config.warmup_epochs=0.5",
         "--config.progress_bar=False",
-        env={"XLA_FLAGS": ""},  # one device: what a laptop has
+        env={"JAX_NUM_CPU_DEVICES": "1"},  # one device: what a laptop has
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "classifier re-initialised: the source has 1000 classes, this dataset 3" in result.stderr

@@ -49,7 +49,7 @@ def test_small_session_runs_every_step_and_writes_its_results(tmp_path):
         "BUDGET_S": "900",
         "PYTHON": os.environ.get("PYTHON", "python"),
     }
-    env.pop("XLA_FLAGS", None)  # one CPU device, as on the GPU machine
+    env["JAX_NUM_CPU_DEVICES"] = "1"  # one device, as on the GPU machine
     result = subprocess.run(
         ["bash", "experiments/gpu_session.sh"],
         cwd=REPO,

@@ -4,7 +4,7 @@ mock data; and the one-line errors."""
 import json
 
 import pytest
-from conftest import CONFIGS, run_cli
+from conftest import CLI_DEVICES, CONFIGS, run_cli
 
 from vgg_jax.metrics_log import read_metrics
 
@@ -97,7 +97,10 @@ def test_unknown_override_is_one_line_naming_the_field(tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "expected"),
-    [("--config.batch_size=many", "batch_size"), ("--config.batch_size=12", "over 8 devices")],
+    [
+        ("--config.batch_size=many", "batch_size"),
+        (f"--config.batch_size={CLI_DEVICES + 1}", f"over {CLI_DEVICES} devices"),
+    ],
 )
 def test_bad_values_are_one_line_errors(tmp_path, override, expected):
     result = run_cli(

@@ -71,7 +71,7 @@ def _env(tmp_path, devices, reads=None):
     (hooks / "sitecustomize.py").write_text(READ_LOGGER)
     env = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_NUM_CPU_DEVICES": str(devices),
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join(
             [str(hooks), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]

@@ -26,7 +26,7 @@ def test_colab_notebook_runs_on_cpu(tmp_path):
             "WORKDIR": "",
             "MPLBACKEND": "Agg",
             "OUT_DIR": str(tmp_path),
-            "XLA_FLAGS": "",  # a notebook runtime has one device
+            "JAX_NUM_CPU_DEVICES": "1",  # a notebook runtime has one device
             "HOME": str(tmp_path),  # the demo workdir goes under /tmp; keep HOME clean
             "VGG_JAX_OFFLINE": "1",  # the ImageNet section falls back to random weights
         },
