@@ -153,6 +153,26 @@ def test_accelerator_backends_build_with_stock_flax_layers(tiny_config, monkeypa
     )
 
 
+def test_initialisation_compiled_for_one_run_gives_the_same_parameters(tiny_config, monkeypatch):
+    from vgg_jax import train
+
+    tiny_config.conv_impl = "xla"
+    model = models.build_model(tiny_config, INFO)
+    state = train.create_train_state(tiny_config, model, 16, lambda step: 0.1)
+    params_key, _ = jax.random.split(jax.random.key(tiny_config.seed))
+    images = jnp.zeros((1, 16, 16, 3), jnp.uint8)
+    fully_optimised = jax.jit(lambda: model.init(params_key, images, train=False))()
+    assert cpu.run_once_compiler_options()  # this is a CPU backend: the options apply
+    for ours, theirs in zip(
+        jax.tree.leaves((state.params, state.batch_stats)),
+        jax.tree.leaves((fully_optimised["params"], fully_optimised["batch_stats"])),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(ours, theirs)
+    monkeypatch.setattr(cpu, "backend", lambda: "gpu")
+    assert cpu.run_once_compiler_options() == {}
+
+
 @pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 5, 2)])
 def test_max_pool_2x2_equals_flax_max_pool(shape):
     """Same values as nn.max_pool (odd sizes drop the last row/column), and the same

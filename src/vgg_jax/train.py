@@ -87,7 +87,8 @@ def create_train_state(
         )
 
     out_shardings = NamedSharding(mesh, P()) if mesh is not None else None
-    return jax.jit(init, out_shardings=out_shardings)()
+    lowered = jax.jit(init, out_shardings=out_shardings).lower()
+    return lowered.compile(compiler_options=cpu.run_once_compiler_options())()
 
 
 def cross_entropy_loss(

@@ -6,7 +6,9 @@
 - `host_memory`: the CLIs restart once with glibc malloc settings that keep XLA:CPU's
   step buffers in the heap;
 - `serialise_steps`: a guard against a deadlock of queued collectives on fake CPU
-  devices.
+  devices;
+- `run_once_compiler_options`: XLA:CPU options for programs that run once (the
+  parameter initialisation).
 
 `models.build_model` asks `layers_for(config.conv_impl)` which layers to build with: these
 on a CPU backend ('auto') or everywhere ('matmul'), none (stock Flax) otherwise.
@@ -53,3 +55,11 @@ def serialise_steps() -> bool:
     import jax
 
     return backend() == "cpu" and jax.device_count() > 1
+
+
+def run_once_compiler_options() -> dict[str, Any]:
+    """XLA compiler options for a program that runs once per process (the parameter
+    initialisation). On CPU, LLVM's optimisation of the random-number generator for every
+    parameter is most of that program's compile time, and buys little for a single run;
+    the values are the same bit for bit (tests/test_cpu.py). Other backends: none."""
+    return {"xla_backend_optimization_level": 0} if backend() == "cpu" else {}
