@@ -392,6 +392,18 @@ def _torchvision_features(state: Mapping[str, Any], layout, batch_norm: bool):
     return params, batch_stats
 
 
+def _fc1_kernel(weight: np.ndarray, channels: int, block: int = 256) -> np.ndarray:
+    """torch's fc1 weight (out, C*H*W) as our kernel (H*W*C, out). The same values as
+    `weight.reshape(out, C, H, W).transpose(2, 3, 1, 0).reshape(-1, out)`, transposed a
+    block of rows at a time: in one piece, the strided copy of VGG16's 400 MB matrix
+    misses the cache on almost every element (experiments/RESULTS.md)."""
+    out = np.empty((POOL * POOL * channels, weight.shape[0]), weight.dtype)
+    for start in range(0, weight.shape[0], block):
+        rows = weight[start : start + block].reshape(-1, channels, POOL, POOL)
+        out[:, start : start + block] = rows.transpose(0, 2, 3, 1).reshape(len(rows), -1).T
+    return out
+
+
 def _torchvision_head(state: Mapping[str, Any], channels: int, what: str) -> dict[str, dict]:
     """fc1, fc2 and the classifier; fc1's inputs are reordered from torch's (C, H, W)
     flattening to ours (H, W, C)."""
@@ -405,12 +417,7 @@ def _torchvision_head(state: Mapping[str, Any], channels: int, what: str) -> dic
     if shapes != ((hidden[0], channels * POOL * POOL), (hidden[1], hidden[0])):
         raise WeightFormatError(f"{what}: classifier {shapes} is not torchvision's VGG head")
     return {
-        "fc1": {
-            "kernel": fc1.reshape(hidden[0], channels, POOL, POOL)
-            .transpose(2, 3, 1, 0)
-            .reshape(POOL * POOL * channels, hidden[0]),
-            "bias": get("classifier.0.bias"),
-        },
+        "fc1": {"kernel": _fc1_kernel(fc1, channels), "bias": get("classifier.0.bias")},
         "fc2": {"kernel": get("classifier.3.weight").T, "bias": get("classifier.3.bias")},
         "classifier": {
             "kernel": get("classifier.6.weight").T,
