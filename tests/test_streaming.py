@@ -260,3 +260,18 @@ def test_tfds_data_source_streams(tiny_config, tmp_path):
         train.train_and_evaluate(tiny_config, str(tmp_path))
     record = read_metrics(tmp_path)[-1]
     assert record["epoch"] == 1 and 0 <= record["test_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_jpeg_decodes_to_the_same_rgb_either_way(tmp_path, monkeypatch, mode):
+    """OpenCV's direct RGB decode (where it has one) and its BGR decode then conversion
+    give the same pixels, for colour and greyscale JPEGs."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (24, 40, 3) if mode == "RGB" else (24, 40), dtype=np.uint8)
+    Image.fromarray(pixels, mode).save(tmp_path / "a.jpg", quality=90)
+    element = (str(tmp_path / "a.jpg"), 0)
+    direct = streaming.decode(element)
+    monkeypatch.setattr(streaming, "_DECODE_RGB", None)
+    converted = streaming.decode(element)
+    assert direct.shape == converted.shape == (24, 40, 3) and direct.dtype == np.uint8
+    np.testing.assert_array_equal(direct, converted)

@@ -126,6 +126,9 @@ def split_records(config, split: str, class_names=None) -> Records:
 
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+# Newer OpenCV decodes JPEG straight to RGB (libjpeg-turbo's own order), saving a pass
+# over the full-size image; older versions decode to BGR, converted after.
+_DECODE_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
 def decode(element: Any) -> np.ndarray:
@@ -138,10 +141,10 @@ def decode(element: Any) -> np.ndarray:
         return data if data.shape[-1] == 3 else np.repeat(data[..., :1], 3, axis=-1)
     raw = np.fromfile(data, np.uint8) if isinstance(data, str) else np.frombuffer(data, np.uint8)
     if raw[:3].tobytes() == JPEG_MAGIC:
-        image = cv2.imdecode(raw, cv2.IMREAD_COLOR)
+        image = cv2.imdecode(raw, _DECODE_RGB or cv2.IMREAD_COLOR)
         if image is None:
             raise ValueError("not a decodable JPEG")
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return image if _DECODE_RGB else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     if raw.size == 0:
         raise ValueError("empty file")
     with Image.open(io.BytesIO(raw.tobytes())) as image:
