@@ -36,6 +36,7 @@ def write_archive(path, per_class=(8, 3)):
 
 
 @pytest.mark.slow
+@pytest.mark.gpu_session
 def test_small_session_runs_every_step_and_writes_its_results(tmp_path):
     archive = tmp_path / "tiny.npz"
     write_archive(archive)
