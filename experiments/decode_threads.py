@@ -1,0 +1,51 @@
+"""The streaming workers' per-image work (OpenCV decode, random-resized crop to 224,
+flip) in 1 and 2 threads, without grain: the ceiling for the threaded input pipeline,
+and OpenCV's direct RGB decode against BGR decode + conversion
+(experiments/RESULTS.md, "Streaming input").
+
+  python experiments/decode_threads.py [FOLDER] [COUNT]
+
+FOLDER holds JPEGs (any depth); the first 1,000 are read into memory once and COUNT
+(default 2,000) images are decoded and augmented per setting.
+"""
+
+import pathlib
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+
+from vgg_jax import streaming
+
+
+def main() -> None:
+    folder = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "/work/data/cifar400")
+    count = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
+    blobs = [np.fromfile(path, np.uint8) for path in sorted(folder.rglob("*.jpg"))[:1000]]
+    rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+    def one_image(index: int, direct_rgb: bool) -> np.ndarray:
+        raw = blobs[index % len(blobs)]
+        if direct_rgb:
+            image = cv2.imdecode(raw, rgb_flag)
+        else:
+            image = cv2.cvtColor(cv2.imdecode(raw, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        rng = np.random.default_rng(index)
+        image = streaming.random_resized_crop(image, rng, 224)
+        return cv2.flip(image, 1) if rng.random() < 0.5 else image
+
+    for threads in (1, 2):
+        for direct_rgb in (False, True) if rgb_flag is not None else (False,):
+            start = time.perf_counter()
+            with ThreadPoolExecutor(threads) as pool:
+                images = pool.map(one_image, range(count), [direct_rgb] * count, chunksize=32)
+                list(images)
+            rate = count / (time.perf_counter() - start)
+            decode = "direct RGB" if direct_rgb else "BGR + cvtColor"
+            print(f"threads {threads}, {decode}: {rate:.0f} images/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
