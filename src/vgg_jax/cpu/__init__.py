@@ -49,7 +49,7 @@ def layers_for(conv_impl: str) -> dict[str, Any]:
 @functools.cache
 def serialise_steps() -> bool:
     """Whether to wait for each step before dispatching the next. Only for several CPU
-    devices (xla_force_host_platform_device_count): XLA:CPU can deadlock in a collective
+    devices (jax_num_cpu_devices): XLA:CPU can deadlock in a collective
     when many multi-device programs are queued at once (seen on 2 cores with 8 fake
     devices). Real accelerators and a single CPU device keep fully asynchronous steps."""
     import jax
