@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
+from decode_speed import decode_with_opencv, decode_with_opencv_to_rgb  # this folder
 
 from vgg_jax import streaming
 
@@ -23,21 +24,18 @@ from vgg_jax import streaming
 def main() -> None:
     folder = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "/work/data/cifar400")
     count = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
-    blobs = [np.fromfile(path, np.uint8) for path in sorted(folder.rglob("*.jpg"))[:1000]]
-    rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)
+    blobs = [path.read_bytes() for path in sorted(folder.rglob("*.jpg"))[:1000]]
+    has_rgb_decode = hasattr(cv2, "IMREAD_COLOR_RGB")
 
     def one_image(index: int, direct_rgb: bool) -> np.ndarray:
-        raw = blobs[index % len(blobs)]
-        if direct_rgb:
-            image = cv2.imdecode(raw, rgb_flag)
-        else:
-            image = cv2.cvtColor(cv2.imdecode(raw, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        decode = decode_with_opencv_to_rgb if direct_rgb else decode_with_opencv
+        image = decode(blobs[index % len(blobs)])
         rng = np.random.default_rng(index)
         image = streaming.random_resized_crop(image, rng, 224)
         return cv2.flip(image, 1) if rng.random() < 0.5 else image
 
     for threads in (1, 2):
-        for direct_rgb in (False, True) if rgb_flag is not None else (False,):
+        for direct_rgb in (False, True) if has_rgb_decode else (False,):
             start = time.perf_counter()
             with ThreadPoolExecutor(threads) as pool:
                 images = pool.map(one_image, range(count), [direct_rgb] * count, chunksize=32)
