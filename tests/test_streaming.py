@@ -53,16 +53,15 @@ def _element(tmp_path, size=(300, 200)):
 @pytest.mark.parametrize("augment", ["random_resized_crop", "scale_jitter", "crop_flip", "none"])
 def test_every_augmentation_gives_uint8_squares(tmp_path, augment):
     element = _element(tmp_path)
-    rng = np.random.default_rng(0)
-    images = [streaming.train_image(element, rng, 32, augment) for _ in range(4)]
+    draws = streaming.random_draws(seed=0, step=0, count=4)
+    images = [streaming.train_image(element, row, 32, augment) for row in draws]
     assert all(image.shape == (32, 32, 3) and image.dtype == np.uint8 for image in images)
     if augment != "none":
         assert len({image.tobytes() for image in images}) > 1  # random views
 
 
 def test_random_resized_crop_respects_the_area_and_ratio_ranges():
-    rng = np.random.default_rng(0)
-    boxes = [streaming.crop_box(400, 300, rng) for _ in range(500)]
+    boxes = [streaming.crop_box(400, 300, row) for row in streaming.random_draws(0, 0, 500)]
     areas = [w * h / (400 * 300) for _, _, w, h in boxes]
     ratios = [w / h for _, _, w, h in boxes]
     assert min(areas) >= 0.08 - 0.01 and max(areas) <= 1.0 and max(areas) > 0.8
@@ -102,6 +101,29 @@ def test_process_shares_are_disjoint_and_cover_every_global_batch(tmp_path):
         read = [share[step]["index"] for share in shares]
         assert not set(read[0]) & set(read[1])
         assert sorted(np.concatenate(read)) == expected
+
+
+def test_an_images_random_view_does_not_depend_on_the_number_of_processes(tmp_path):
+    records = streaming.image_folder_records(str(_folder(tmp_path)), "train")
+
+    def dataset(process, count):
+        return streaming.train_dataset(
+            records,
+            seed=5,
+            local_batch=6 // count,
+            image_size=16,
+            augment="random_resized_crop",
+            process_index=process,
+            process_count=count,
+        )
+
+    for step in (0, 7):
+        whole = dataset(0, 1)[step]
+        for process in range(2):
+            share = dataset(process, 2)[step]
+            np.testing.assert_array_equal(share["index"], whole["index"][process::2])
+            np.testing.assert_array_equal(share["image"], whole["image"][process::2])
+    assert not np.array_equal(dataset(0, 1)[0]["image"], dataset(0, 1)[6]["image"])
 
 
 def _one_process_train_dataset(records, local_batch, image_size):

@@ -240,14 +240,14 @@ class StreamInput:
             len(self.train_records), min(count, len(self.train_records)), replace=False
         )
         mine = sample[sample % self.process_count == self.process_index]
-        transform = streaming.EvalTransform(
+        transform = streaming.EvalBatch(
             self.train_records, self.config.image_size, self.config.augment
         )
-        views = [transform.map(int(i)) for i in mine]
-        pixels = [view["image"] for view in views if view["mask"] > 0]
-        if not pixels:
+        views = transform.map(mine)
+        pixels = views["image"][views["mask"] > 0]
+        if not len(pixels):
             return np.zeros((3, 3))
-        return channel_sums(np.stack(pixels))
+        return channel_sums(pixels)
 
     def close(self) -> None:
         """Stops the worker processes."""

@@ -4,9 +4,9 @@ the host by worker processes, a batch at a time.
   records (image-folder paths or a TFDS ArrayRecord data source)
     -> MapDataset.source -> seed -> shuffle (a new permutation every epoch: repeat)
     -> this process's share (every process_count-th record)
-    -> random_map: decode (OpenCV for JPEG, PIL otherwise) + augment, in the workers
-       (uint8 goes to the devices; normalisation stays in the model)
-    -> batch (this process's part of the global batch) -> to_iter_dataset
+    -> batch (this process's part of the global batch)
+    -> map: decode (OpenCV for JPEG, PIL otherwise) + augment the batch, in the workers
+       (uint8 goes to the devices; normalisation stays in the model) -> to_iter_dataset
     -> mp_prefetch (config.input_workers processes, config.input_threads threads each;
        with no workers, the threads decode in the training process)
 
@@ -151,26 +151,45 @@ def decode(element: Any) -> np.ndarray:
         return data_sources.to_rgb_array(image, None)
 
 
-def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+def resize(image: np.ndarray, width: int, height: int, out: np.ndarray | None = None) -> np.ndarray:
     """Bilinear, as tf.image.resize; with an area filter where it shrinks by more than 2x
-    (bilinear alone would alias there)."""
+    (bilinear alone would alias there). Written into `out` when given."""
     shrink = image.shape[1] > 2 * width or image.shape[0] > 2 * height
     interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    return cv2.resize(image, (width, height), interpolation=interpolation)
+    if out is None:
+        return cv2.resize(image, (width, height), interpolation=interpolation)
+    cv2.resize(image, (width, height), dst=out, interpolation=interpolation)
+    return out
 
 
-def crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop box (left, top, width, height): area 8-100%,
-    aspect ratio 3/4-4/3 (log-uniform), 10 tries, else the central crop of the nearest
-    allowed ratio."""
+# Each training image's random view comes from a row of uniform [0, 1) numbers drawn for
+# its global batch at once (numpy's per-call cost, paid per image, was a large part of a
+# worker's Python time): ten tries of crop area and aspect ratio, the crop's left and top
+# offsets, the flip.
+_TRIES = 10
+_AREA, _RATIO, _LEFT, _TOP, _FLIP = 0, _TRIES, 2 * _TRIES, 2 * _TRIES + 1, 2 * _TRIES + 2
+DRAWS_PER_IMAGE = 2 * _TRIES + 3
+_LOG_RATIO_LOW, _LOG_RATIO_HIGH = math.log(3 / 4), math.log(4 / 3)
+
+
+def random_draws(seed: int, step: int, count: int) -> np.ndarray:
+    """The numbers behind the random views of global batch `step`: row j for the batch's
+    j-th image, whichever process reads it (float64, (count, DRAWS_PER_IMAGE))."""
+    return np.random.default_rng((seed, step)).random((count, DRAWS_PER_IMAGE))
+
+
+def crop_box(width: int, height: int, draws: Sequence[float]) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (left, top, width, height) from one row of
+    draws: area 8-100%, aspect ratio 3/4-4/3 (log-uniform), 10 tries, else the central
+    crop of the nearest allowed ratio."""
     area = width * height
-    for _ in range(10):
-        target = area * rng.uniform(0.08, 1.0)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        w = round(math.sqrt(target * ratio))
-        h = round(math.sqrt(target / ratio))
+    for attempt in range(_TRIES):
+        target = area * (0.08 + 0.92 * draws[_AREA + attempt])
+        log_ratio = _LOG_RATIO_LOW + (_LOG_RATIO_HIGH - _LOG_RATIO_LOW) * draws[_RATIO + attempt]
+        w = round(math.sqrt(target * math.exp(log_ratio)))
+        h = round(math.sqrt(target / math.exp(log_ratio)))
         if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+            return int(draws[_LEFT] * (width - w + 1)), int(draws[_TOP] * (height - h + 1)), w, h
     ratio = width / height
     if ratio < 3 / 4:
         w, h = width, round(width / (3 / 4))
@@ -179,11 +198,6 @@ def crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, in
     else:
         w, h = width, height
     return (width - w) // 2, (height - h) // 2, w, h
-
-
-def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
-    left, top, w, h = crop_box(image.shape[1], image.shape[0], rng)
-    return resize(image[top : top + h, left : left + w], size, size)
 
 
 def resize_shorter_side(image: np.ndarray, side: int) -> np.ndarray:
@@ -198,28 +212,38 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[top : top + size, left : left + size]
 
 
-def train_image(element: Any, rng: np.random.Generator, size: int, augment: str) -> np.ndarray:
-    """One training image, decoded and augmented: uint8 (size, size, 3)."""
+def train_image(
+    element: Any,
+    draws: Sequence[float],
+    size: int,
+    augment: str,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """One training image, decoded and augmented with one row of `random_draws`: uint8
+    (size, size, 3), written into `out` when given (a row of the batch)."""
     image = decode(element)
+    if out is None:
+        out = np.empty((size, size, 3), np.uint8)
     if augment == "random_resized_crop":
-        image = random_resized_crop(image, rng, size)
+        left, top, w, h = crop_box(image.shape[1], image.shape[0], draws)
+        resize(image[top : top + h, left : left + w], size, size, out)
     elif augment == "scale_jitter":
         # The paper's scale jittering: shorter side S in [256, 512] (at 224), random crop.
         low = round(size * EVAL_RESIZE_RATIO)
-        image = resize_shorter_side(image, int(rng.integers(low, 2 * low + 1)))
-        top = int(rng.integers(0, image.shape[0] - size + 1))
-        left = int(rng.integers(0, image.shape[1] - size + 1))
-        image = image[top : top + size, left : left + size]
-    else:
+        image = resize_shorter_side(image, low + int(draws[_AREA] * (low + 1)))
+        top = int(draws[_TOP] * (image.shape[0] - size + 1))
+        left = int(draws[_LEFT] * (image.shape[1] - size + 1))
+        out[...] = image[top : top + size, left : left + size]
+    elif augment == "crop_flip":
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
-        if augment == "crop_flip":
-            padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
-            top, left = rng.integers(0, 9, 2)
-            image = padded[top : top + size, left : left + size]
-    if augment != "none" and rng.random() < 0.5:
-        # cv2.flip: numpy's copy of a reversed (W, 3) uint8 view costs more than the crop.
-        image = cv2.flip(image, 1)
-    return np.ascontiguousarray(image)
+        padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
+        top, left = int(draws[_TOP] * 9), int(draws[_LEFT] * 9)
+        out[...] = padded[top : top + size, left : left + size]
+    else:
+        cv2.resize(image, (size, size), dst=out, interpolation=cv2.INTER_CUBIC)
+    if augment != "none" and draws[_FLIP] < 0.5:
+        cv2.flip(out, 1, dst=out)  # in place; numpy's reversed-view copy costs more
+    return out
 
 
 def eval_image(element: Any, size: int, augment: str) -> np.ndarray:
@@ -234,61 +258,87 @@ _UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, c
 cv2.setNumThreads(1)  # the parallelism is the worker processes
 
 
-class TrainTransform(grain.transforms.RandomMap):
-    """(index into the records) -> {'image', 'label', 'skipped', 'index'}: an unreadable
-    record is replaced by the next readable one, and counted."""
+# The transforms work a batch at a time: the images are decoded and resized straight into
+# the batch's array, and grain's per-element machinery (and a stack) is paid per batch,
+# not per image: in threads that Python time held the GIL the decoders need.
 
-    def __init__(self, records: Records, size: int, augment: str):
+
+class TrainBatch(grain.transforms.Map):
+    """(global positions, record indices) of one local batch -> {'image', 'label',
+    'skipped', 'index'}: an unreadable record is replaced by the next readable one, and
+    counted."""
+
+    def __init__(self, records: Records, size: int, augment: str, seed: int, global_batch: int):
         self.records, self.size, self.augment = records, size, augment
+        self.seed, self.global_batch = seed, global_batch
 
-    def random_map(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        skipped = 0
+    def map(self, batch: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+        positions, indices = batch
+        step = int(positions[0]) // self.global_batch
+        draws = random_draws(self.seed, step, self.global_batch)[positions % self.global_batch]
+        rows = len(indices)
+        images = np.empty((rows, self.size, self.size, 3), np.uint8)
+        labels, skipped = np.empty(rows, np.int32), np.empty(rows, np.int32)
+        read = np.empty(rows, np.int64)
+        for row in range(rows):
+            labels[row], skipped[row], read[row] = self._read_into(
+                images[row], int(indices[row]), draws[row].tolist()
+            )
+        # `index`: the records read (for the logs and tests).
+        return {"image": images, "label": labels, "skipped": skipped, "index": read}
+
+    def _read_into(self, out: np.ndarray, index: int, draws: list[float]) -> tuple[int, int, int]:
         for attempt in range(REPLACEMENT_TRIES):
             position = (index + attempt) % len(self.records)
             element = self.records.source[position]
             try:
-                image = train_image(element, rng, self.size, self.augment)
+                train_image(element, draws, self.size, self.augment, out)
             except _UNREADABLE as error:
                 logger.warning(
                     "skipping %s: unreadable image (%s)", self.records.name(position), error
                 )
-                skipped += 1
                 continue
-            return {
-                "image": image,
-                "label": np.int32(element[1]),
-                "skipped": np.int32(skipped),
-                "index": np.int64(position),  # the record read (for the logs and tests)
-            }
+            return element[1], attempt, position
         raise data_sources.DatasetUnavailableError(
             f"{REPLACEMENT_TRIES} unreadable images in a row from {self.records.name(index)} on"
         )
 
 
-class EvalTransform(grain.transforms.Map):
-    """(index) -> {'image', 'label', 'mask', 'skipped', 'index'}: an unreadable image is
-    masked out (zeros, mask 0) and counted."""
+class EvalBatch(grain.transforms.Map):
+    """Record indices -> {'image', 'label', 'mask', 'skipped', 'index'}: an unreadable
+    image is masked out (zeros, mask 0) and counted."""
 
     def __init__(self, records: Records, size: int, augment: str):
         self.records, self.size, self.augment = records, size, augment
 
-    def map(self, index: int) -> dict[str, np.ndarray]:
-        element = self.records.source[index]
-        try:
-            image, mask, skipped = eval_image(element, self.size, self.augment), 1.0, 0
-        except _UNREADABLE as error:
-            logger.warning("unreadable evaluation image %s (%s)", self.records.name(index), error)
-            image, mask, skipped = np.zeros((self.size, self.size, 3), np.uint8), 0.0, 1
+    def map(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        rows = len(indices)
+        images = np.zeros((rows, self.size, self.size, 3), np.uint8)
+        labels, mask = np.empty(rows, np.int32), np.ones(rows, np.float32)
+        for row, index in enumerate(indices.tolist()):
+            element = self.records.source[index]
+            labels[row] = element[1]
+            try:
+                images[row] = eval_image(element, self.size, self.augment)
+            except _UNREADABLE as error:
+                logger.warning(
+                    "unreadable evaluation image %s (%s)", self.records.name(index), error
+                )
+                mask[row] = 0.0
         return {
-            "image": image,
-            "label": np.int32(element[1]),
-            "mask": np.float32(mask),
-            "skipped": np.int32(skipped),
-            "index": np.int64(index),
+            "image": images,
+            "label": labels,
+            "mask": mask,
+            "skipped": (mask == 0).astype(np.int32),
+            "index": indices.astype(np.int64),
         }
 
 
 # ------------------------------------------------------------------------ the pipelines
+
+
+def _with_position(position: int, index: int) -> tuple[int, int]:
+    return position, index
 
 
 def train_dataset(
@@ -304,10 +354,12 @@ def train_dataset(
     """Batch k of this process: its share of global batch k of the endless, reshuffled
     every epoch, stream of record indices."""
     indices = grain.MapDataset.range(len(records)).seed(seed).shuffle().repeat()
-    # Augmented before the split into shares: each image's random view depends on its
-    # place in the global stream, not on the number of processes.
-    views = indices.random_map(TrainTransform(records, image_size, augment))
-    return views[process_index::process_count].batch(local_batch, drop_remainder=True)
+    # Each image's random view depends on its place in the global stream (its row of
+    # global batch k's draws), not on the number of processes.
+    positioned = indices.map_with_index(_with_position)
+    share = positioned[process_index::process_count].batch(local_batch, drop_remainder=True)
+    transform = TrainBatch(records, image_size, augment, seed, local_batch * process_count)
+    return share.map(transform)
 
 
 def eval_dataset(
@@ -323,7 +375,7 @@ def eval_dataset(
     every process must run (the last ones padded with masked-out examples)."""
     share = grain.MapDataset.range(len(records))[process_index::process_count]
     batches = -(-math.ceil(len(records) / process_count) // local_batch)
-    return share.map(EvalTransform(records, image_size, augment)).batch(local_batch), batches
+    return share.batch(local_batch).map(EvalBatch(records, image_size, augment)), batches
 
 
 # Batches come back from the workers through pipes rather than shared memory: grain's
