@@ -155,6 +155,33 @@ def test_the_same_seed_and_step_give_the_same_batch(tmp_path):
     np.testing.assert_array_equal(next(threaded)["image"], batch(4)["image"])
 
 
+def test_every_evaluation_pass_reads_the_whole_share_from_one_iterator(tmp_path):
+    records = streaming.image_folder_records(str(_folder(tmp_path)), "test")  # 12 images
+    dataset, batches = streaming.eval_dataset(
+        records,
+        local_batch=5,
+        image_size=8,
+        augment="none",
+        process_index=1,
+        process_count=2,
+    )
+    assert (len(dataset), batches) == (2, 2)  # 6 images in this share: 5 + 1 (padded)
+    passes = streaming.EvalPasses(dataset, batches, 5, 8, workers=0)
+
+    def one_pass():
+        return [batch["index"][batch["mask"] > 0].tolist() for batch in passes.one_pass()]
+
+    first = one_pass()
+    iterator = passes.iterator
+    assert sorted(sum(first, [])) == list(range(1, 12, 2))
+    assert one_pass() == first and passes.iterator is iterator  # no new decoding processes
+    stopped = passes.one_pass()
+    next(stopped)
+    stopped.close()  # an evaluation cut short: the next pass starts at the start again
+    assert one_pass() == first
+    passes.close()
+
+
 @pytest.mark.slow
 def test_streamed_run_stopped_mid_epoch_resumes_bitwise(
     stream_config, tmp_path, monkeypatch, caplog

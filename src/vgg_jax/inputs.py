@@ -225,7 +225,7 @@ class StreamInput:
             process_index=self.process_index,
             process_count=self.process_count,
         )
-        self.iterator = None
+        self.iterator, self.eval_passes = None, None
         self.next_step = 0
         self.sharding = NamedSharding(mesh, P(input_pipeline.DATA_AXIS))
         self.wait_seconds, self.skipped_files, self.eval_skipped_files = 0.0, 0, 0
@@ -251,6 +251,11 @@ class StreamInput:
 
     def close(self) -> None:
         """Stops the worker processes."""
+        self._close_train_stream()
+        if self.eval_passes is not None:
+            self.eval_passes.close()
+
+    def _close_train_stream(self) -> None:
         if self.iterator is not None:
             self.iterator.close()
             self.iterator = None
@@ -260,7 +265,7 @@ class StreamInput:
 
         if self.iterator is None or self.next_step != global_step:
             # A fresh stream positioned at `global_step` (batches are indexed by step).
-            self.close()
+            self._close_train_stream()
             self.iterator = streaming.iterate(
                 self.dataset[global_step:], self.config.input_workers, self.config.input_threads
             )
@@ -291,23 +296,25 @@ class StreamInput:
     def eval_steps(self) -> Iterator[tuple]:
         from vgg_jax import streaming
 
-        dataset, batches = streaming.eval_dataset(
-            self.eval_records,
-            local_batch=self.local_eval_batch,
-            image_size=self.config.image_size,
-            augment=self.config.augment,
-            process_index=self.process_index,
-            process_count=self.process_count,
-        )
+        if self.eval_passes is None:
+            dataset, batches = streaming.eval_dataset(
+                self.eval_records,
+                local_batch=self.local_eval_batch,
+                image_size=self.config.image_size,
+                augment=self.config.augment,
+                process_index=self.process_index,
+                process_count=self.process_count,
+            )
+            self.eval_passes = streaming.EvalPasses(
+                dataset,
+                batches,
+                self.local_eval_batch,
+                self.config.image_size,
+                self.config.input_workers,
+                self.config.input_threads,
+            )
         global_rows = self.local_eval_batch * self.process_count
-        for local in streaming.eval_batches(
-            dataset,
-            batches,
-            self.local_eval_batch,
-            self.config.image_size,
-            self.config.input_workers,
-            self.config.input_threads,
-        ):
+        for local in self.eval_passes.one_pass():
             self.eval_skipped_files += int(local["skipped"].sum())
             yield (self.to_devices(local, global_rows),)
 
@@ -338,7 +345,7 @@ class StreamInput:
             logger.info("stream position from the step (%s)", str(error).splitlines()[0][:120])
             iterator.close()
             return
-        self.close()
+        self._close_train_stream()
         self.iterator, self.next_step = iterator, step
 
     def take_epoch_counts(self) -> dict[str, float]:

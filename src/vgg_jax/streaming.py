@@ -421,26 +421,47 @@ def padded(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     }
 
 
-def eval_batches(
-    dataset: grain.MapDataset,
-    batches: int,
-    local_batch: int,
-    image_size: int,
-    workers: int,
-    threads: int = 1,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Exactly `batches` padded batches: this process's share, then empty ones."""
-    empty = {
-        "image": np.zeros((0, image_size, image_size, 3), np.uint8),
-        "label": np.zeros((0,), np.int32),
-        "mask": np.zeros((0,), np.float32),
-        "skipped": np.zeros((0,), np.int32),
-        "index": np.zeros((0,), np.int64),
-    }
-    iterator = iterate(dataset, workers, threads) if len(dataset) else None
-    try:
-        for _ in range(batches):
-            yield padded(next(iterator, empty) if iterator else empty, local_batch)
-    finally:
-        if iterator is not None:
-            iterator.close()
+class EvalPasses:
+    """Evaluation passes over this process's share, every one from the same iterator over
+    the repeated split: the decoding processes start once per run, not once per
+    evaluation (each start imports the libraries again: seconds per evaluation)."""
+
+    def __init__(
+        self,
+        dataset: grain.MapDataset,
+        batches: int,
+        local_batch: int,
+        image_size: int,
+        workers: int,
+        threads: int = 1,
+    ):
+        self.dataset, self.batches, self.local_batch = dataset, batches, local_batch
+        self.workers, self.threads = workers, threads
+        self.empty = {
+            "image": np.zeros((0, image_size, image_size, 3), np.uint8),
+            "label": np.zeros((0,), np.int32),
+            "mask": np.zeros((0,), np.float32),
+            "skipped": np.zeros((0,), np.int32),
+            "index": np.zeros((0,), np.int64),
+        }
+        self.iterator = None
+
+    def one_pass(self) -> Iterator[dict[str, np.ndarray]]:
+        """Exactly `batches` padded batches: this process's share, then empty ones."""
+        own = len(self.dataset)
+        if self.iterator is None and own:
+            self.iterator = iterate(self.dataset.repeat(), self.workers, self.threads)
+        finished = False
+        try:
+            for batch in range(self.batches):
+                local = next(self.iterator) if batch < own else self.empty
+                yield padded(local, self.local_batch)
+            finished = True
+        finally:
+            if not finished:  # stopped mid-pass: the next pass must start at its start
+                self.close()
+
+    def close(self) -> None:
+        if self.iterator is not None:
+            self.iterator.close()
+            self.iterator = None
