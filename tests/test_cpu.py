@@ -39,8 +39,9 @@ def _assert_close(actual, expected):
 def _assert_same_conv(ours, x, kernel):
     theirs = jax.jit(conv._xla_conv)
     _assert_close(ours(x, kernel), theirs(x, kernel))
-    our_grads = jax.grad(_loss(ours), argnums=(0, 1))(x, kernel)
-    their_grads = jax.grad(_loss(theirs), argnums=(0, 1))(x, kernel)
+    # Jitted whole: eager operations around the convolution would each compile alone.
+    our_grads = jax.jit(jax.grad(_loss(ours), argnums=(0, 1)))(x, kernel)
+    their_grads = jax.jit(jax.grad(_loss(theirs), argnums=(0, 1)))(x, kernel)
     for actual, expected in zip(our_grads, their_grads, strict=True):
         _assert_close(actual, expected)
 
@@ -78,29 +79,29 @@ def test_module_is_a_drop_in_for_nn_conv(use_bias):
     reference = nn.Conv(6, (3, 3), **kwargs)
     ours = conv.Conv(6, (3, 3), **kwargs)
     key = jax.random.key(3)
-    ref_vars, our_vars = reference.init(key, x), ours.init(key, x)
+    ref_vars, our_vars = jax.jit(reference.init)(key, x), jax.jit(ours.init)(key, x)
     assert jax.tree.structure(ref_vars) == jax.tree.structure(our_vars)
     for a, b in zip(jax.tree.leaves(ref_vars), jax.tree.leaves(our_vars), strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)  # same initialisers, same keys
-    _assert_close(ours.apply(ref_vars, x), reference.apply(ref_vars, x))
+    _assert_close(jax.jit(ours.apply)(ref_vars, x), jax.jit(reference.apply)(ref_vars, x))
 
 
 def test_module_bfloat16_and_strided_fallback():
     x, _ = _inputs((2, 6, 6, 4, 4))
     ours = conv.Conv(5, (3, 3), dtype=jnp.bfloat16)
     reference = nn.Conv(5, (3, 3), dtype=jnp.bfloat16)
-    variables = reference.init(jax.random.key(0), x)
-    out = ours.apply(variables, x)
+    variables = jax.jit(reference.init)(jax.random.key(0), x)
+    out = jax.jit(ours.apply)(variables, x)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(
         np.asarray(out, np.float32),
-        np.asarray(reference.apply(variables, x), np.float32),
+        np.asarray(jax.jit(reference.apply)(variables, x), np.float32),
         atol=0.05,
     )
     strided = conv.Conv(5, (3, 3), strides=2)
-    expected = nn.Conv(5, (3, 3), strides=2).apply(variables, x)
-    _assert_close(strided.apply(variables, x), expected)
+    expected = jax.jit(nn.Conv(5, (3, 3), strides=2).apply)(variables, x)
+    _assert_close(jax.jit(strided.apply)(variables, x), expected)
 
 
 INFO = data_sources.DatasetInfo(tuple("abc"), (120.0,) * 3, (60.0,) * 3, 16, 0, 0)
@@ -115,8 +116,8 @@ def test_vgg_with_cpu_layers_matches_stock_layers(tiny_config):
         tiny_config.conv_impl = impl
         built[impl] = models.build_model(tiny_config, INFO)
     assert built["matmul"].conv is conv.Conv and built["xla"].conv is nn.Conv
-    variables = built["xla"].init(jax.random.key(1), images)
-    other = built["matmul"].init(jax.random.key(1), images)
+    variables = jax.jit(built["xla"].init)(jax.random.key(1), images)
+    other = jax.jit(built["matmul"].init)(jax.random.key(1), images)
     assert jax.tree.structure(variables) == jax.tree.structure(other)
 
     def logits_and_gradients(model):
