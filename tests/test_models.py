@@ -69,10 +69,14 @@ def _tiny(**kwargs):
 def test_eval_mode_is_deterministic_and_ignores_the_rest_of_the_batch():
     model = _tiny()
     images = jax.random.randint(jax.random.key(1), (4, 16, 16, 3), 0, 256).astype(jnp.uint8)
-    variables = model.init(jax.random.key(0), images)
-    full = model.apply(variables, images)
-    again = model.apply(variables, images)
-    alone = model.apply(variables, images[:1])
+    # Jitted: op by op, every operation would compile on its own.
+    variables = jax.jit(model.init)(jax.random.key(0), images)
+    apply = jax.jit(model.apply)
+    full, again, alone = (
+        apply(variables, images),
+        apply(variables, images),
+        apply(variables, images[:1]),
+    )
     np.testing.assert_array_equal(full, again)
     # Running averages, not batch statistics: one image gives the same logits alone.
     np.testing.assert_allclose(full[:1], alone, rtol=1e-5, atol=1e-5)
@@ -81,8 +85,9 @@ def test_eval_mode_is_deterministic_and_ignores_the_rest_of_the_batch():
 def test_train_mode_uses_dropout_and_updates_batch_statistics():
     model = _tiny()
     images = jax.random.randint(jax.random.key(1), (8, 16, 16, 3), 0, 256).astype(jnp.uint8)
-    variables = model.init(jax.random.key(0), images)
+    variables = jax.jit(model.init)(jax.random.key(0), images)
 
+    @jax.jit
     def train_logits(key):
         return model.apply(
             variables, images, train=True, rngs={"dropout": key}, mutable=["batch_stats"]
@@ -99,15 +104,15 @@ def test_train_mode_uses_dropout_and_updates_batch_statistics():
 def test_bfloat16_compute_keeps_float32_parameters_and_statistics():
     model = _tiny(dtype=jnp.bfloat16)
     images = jnp.zeros((2, 16, 16, 3), jnp.uint8)
-    variables = model.init(jax.random.key(0), images)
+    variables = jax.jit(model.init)(jax.random.key(0), images)
     dtypes = {leaf.dtype for leaf in jax.tree.leaves(variables)}
     assert dtypes == {jnp.dtype(jnp.float32)}
-    assert model.apply(variables, images).dtype == jnp.float32
+    assert jax.jit(model.apply)(variables, images).dtype == jnp.float32
 
 
 def test_no_batch_norm_means_no_batch_stats_and_biases_on_convs():
     model = models.create_model("vgg_tiny", 3, batch_norm=False, head="tf_benchmark")
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3), jnp.uint8))
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3), jnp.uint8))
     assert "batch_stats" not in variables
     assert "bias" in variables["params"]["conv1_1"]
 
