@@ -245,7 +245,7 @@ def test_cifar_head_exports_for_the_torch_twin(tmp_path):
     batch = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     with torch.no_grad():
         theirs = twin.eval()(torch.from_numpy(batch)).numpy()
-    ours = np.asarray(model.apply(variables, batch))
+    ours = np.asarray(jax.jit(model.apply)(variables, batch))
     assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
     assert json.loads((tmp_path / "tiny.pth.json").read_text())["layout"] == "torch_reference"
 
@@ -276,7 +276,7 @@ def test_exported_vgg16_bn_loads_strictly_in_torchvision_and_gives_our_logits(tm
     model = models.vgg16_bn(7, head="torchvision", mean=mean, std=std)
     variables = random_variables(model, 32)
     batch = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    ours = np.asarray(model.apply(variables, batch))
+    ours = np.asarray(jax.jit(model.apply)(variables, batch))
     state, layout = pretrained.export_state_dict(model, variables, 32)
     assert layout == "torchvision"
     for file_format, name in (("torchvision", "out.pth"), ("safetensors", "out.safetensors")):
@@ -304,7 +304,7 @@ def test_export_cli_both_formats(tmp_path):
     variables = random_variables(models.build_model(config, info), 32)
     _write_checkpoint(tmp_path / "run", config, variables, info)
     batch = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    ours = np.asarray(models.build_model(config, info).apply(variables, batch))
+    ours = np.asarray(jax.jit(models.build_model(config, info).apply)(variables, batch))
     for file_format, name in (("torchvision", "out.pth"), ("safetensors", "out.safetensors")):
         workdir, out = f"--workdir={tmp_path / 'run'}", str(tmp_path / name)
         result = run_cli("vgg_jax.export", workdir, f"--format={file_format}", out)
