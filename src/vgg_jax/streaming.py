@@ -10,6 +10,9 @@ the host by worker processes, a batch at a time.
     -> mp_prefetch (config.input_workers processes, config.input_threads threads each;
        with no workers, the threads decode in the training process)
 
+`StreamInput` (at the end) is what the training loop reads from it, as it reads
+`inputs.DeviceInput` for data kept on the devices.
+
 Every batch is a deterministic function of (seed, step): the iterator's state, saved in
 the checkpoint beside the model (grain's orbax handler), resumes the same batches, so a
 stopped run ends with the parameters of one that never stopped.
@@ -27,16 +30,21 @@ import io
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import cv2
 import grain
+import jax
+import ml_collections
 import numpy as np
 from absl import flags
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from vgg_jax import data_sources
+from vgg_jax import data_sources, input_pipeline, inputs
 
 logger = logging.getLogger(__name__)
 
@@ -465,3 +473,156 @@ class EvalPasses:
         if self.iterator is not None:
             self.iterator.close()
             self.iterator = None
+
+
+# ------------------------------------------------- the training loop's input
+
+
+class StreamInput:
+    """A grain stream read by `config.input_workers` processes, a batch per step."""
+
+    kind = "stream"
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
+        self.config, self.mesh = config, mesh
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        self.train_records = split_records(config, config.train_split)
+        self.eval_records = split_records(config, config.eval_split, self.train_records.class_names)
+        inputs.check_batch_fits(config, len(self.train_records))
+        self.local_batch = config.batch_size // self.process_count
+        self.local_eval_batch = (config.eval_batch_size or config.batch_size) // self.process_count
+        mean, std = inputs.global_stats(self._sample_sums())
+        self.info = data_sources.DatasetInfo(
+            class_names=self.train_records.class_names,
+            mean=mean,
+            std=std,
+            image_size=config.image_size,
+            num_train_examples=len(self.train_records),
+            num_eval_examples=len(self.eval_records),
+        )
+        self.steps_per_epoch = inputs.limited_steps(config, len(self.train_records))
+        self.dataset = train_dataset(
+            self.train_records,
+            seed=config.seed,
+            local_batch=self.local_batch,
+            image_size=config.image_size,
+            augment=config.augment,
+            process_index=self.process_index,
+            process_count=self.process_count,
+        )
+        self.iterator, self.eval_passes = None, None
+        self.next_step = 0
+        self.sharding = NamedSharding(mesh, P(input_pipeline.DATA_AXIS))
+        self.wait_seconds, self.skipped_files, self.eval_skipped_files = 0.0, 0, 0
+
+    def _sample_sums(self, count: int = 512) -> np.ndarray:
+        """Channel sums over a fixed sample of up to `count` training images (evaluation
+        views): the data's own normalisation without reading all of it. Each process
+        reads the part of the sample in its share."""
+        sample = np.random.default_rng(0).choice(
+            len(self.train_records), min(count, len(self.train_records)), replace=False
+        )
+        mine = sample[sample % self.process_count == self.process_index]
+        transform = EvalBatch(self.train_records, self.config.image_size, self.config.augment)
+        views = transform.map(mine)
+        pixels = views["image"][views["mask"] > 0]
+        if not len(pixels):
+            return np.zeros((3, 3))
+        return inputs.channel_sums(pixels)
+
+    def close(self) -> None:
+        """Stops the worker processes."""
+        self._close_train_stream()
+        if self.eval_passes is not None:
+            self.eval_passes.close()
+
+    def _close_train_stream(self) -> None:
+        if self.iterator is not None:
+            self.iterator.close()
+            self.iterator = None
+
+    def _iterator(self, global_step: int):
+        if self.iterator is None or self.next_step != global_step:
+            # A fresh stream positioned at `global_step` (batches are indexed by step).
+            self._close_train_stream()
+            self.iterator = iterate(
+                self.dataset[global_step:], self.config.input_workers, self.config.input_threads
+            )
+            self.next_step = global_step
+        return self.iterator
+
+    def to_devices(self, local: dict[str, np.ndarray], global_rows: int) -> dict[str, jax.Array]:
+        return {
+            name: jax.make_array_from_process_local_data(
+                self.sharding, array, (global_rows, *array.shape[1:])
+            )
+            for name, array in local.items()
+            if name not in ("skipped", "index")
+        }
+
+    def train_steps(self, epoch: int, start: int) -> Iterator[tuple]:
+        """(device batch,) for each remaining step of `epoch`, read from the stream."""
+        iterator = self._iterator(epoch * self.steps_per_epoch + start)
+        for _ in range(start, self.steps_per_epoch):
+            began = time.perf_counter()
+            local = next(iterator)
+            batch = self.to_devices(local, self.config.batch_size)
+            self.wait_seconds += time.perf_counter() - began
+            self.skipped_files += int(local["skipped"].sum())
+            self.next_step += 1
+            yield (batch,)
+
+    def eval_steps(self) -> Iterator[tuple]:
+        if self.eval_passes is None:
+            dataset, batches = eval_dataset(
+                self.eval_records,
+                local_batch=self.local_eval_batch,
+                image_size=self.config.image_size,
+                augment=self.config.augment,
+                process_index=self.process_index,
+                process_count=self.process_count,
+            )
+            self.eval_passes = EvalPasses(
+                dataset,
+                batches,
+                self.local_eval_batch,
+                self.config.image_size,
+                self.config.input_workers,
+                self.config.input_threads,
+            )
+        global_rows = self.local_eval_batch * self.process_count
+        for local in self.eval_passes.one_pass():
+            self.eval_skipped_files += int(local["skipped"].sum())
+            yield (self.to_devices(local, global_rows),)
+
+    def checkpoint_items(self) -> dict[str, Any]:
+        if self.iterator is None:
+            return {}
+        return {"data": grain.checkpoint.CheckpointSave(self.iterator)}
+
+    def restore(self, manager, step: int) -> None:
+        """Restores the stream's position saved with `step` (grain's handler); where the
+        checkpoint has none for this number of processes, the stream is positioned by
+        the step alone, which gives the same batches."""
+        import orbax.checkpoint as ocp
+
+        iterator = iterate(self.dataset, self.config.input_workers, self.config.input_threads)
+        try:
+            manager.restore(
+                step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator))
+            )
+        except (ValueError, KeyError, FileNotFoundError) as error:
+            logger.info("stream position from the step (%s)", str(error).splitlines()[0][:120])
+            iterator.close()
+            return
+        self._close_train_stream()
+        self.iterator, self.next_step = iterator, step
+
+    def take_epoch_counts(self) -> dict[str, float]:
+        counts = {
+            "input_wait_seconds": self.wait_seconds,
+            "train_skipped_files": self.skipped_files,
+            "test_skipped_files": self.eval_skipped_files,
+        }
+        self.wait_seconds, self.skipped_files, self.eval_skipped_files = 0.0, 0, 0
+        return counts

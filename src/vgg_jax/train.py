@@ -12,7 +12,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax
 import jax
@@ -40,6 +40,9 @@ from vgg_jax import (
 from vgg_jax.metrics_log import MetricsLog
 from vgg_jax.preemption import Preempted, PreemptionGuard
 from vgg_jax.workdir_lock import WorkdirLock
+
+if TYPE_CHECKING:
+    from vgg_jax import streaming  # grain and OpenCV: loaded only by a streamed run
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +262,7 @@ class Run:
     mesh: Mesh
     manager: Any  # orbax CheckpointManager
     log: MetricsLog
-    input: inputs.DeviceInput | inputs.StreamInput
+    input: inputs.DeviceInput | streaming.StreamInput
     learning_rate_fn: optax.Schedule
     train_fn: Callable[..., Any]
     eval_fn: Callable[..., Any]
