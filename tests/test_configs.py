@@ -79,6 +79,7 @@ def test_every_preset_passes_the_check():
         ("log_every_steps", 0, "outside [1, inf)"),
         ("max_steps_per_epoch", -1, "outside [1, inf)"),
         ("stages", (8, 16), "is not channels per block"),
+        ("seed", -1, "outside [0, inf)"),
         ("synthetic_train_size", 0, "outside [1, inf)"),
         ("synthetic_classes", 0, "outside [2, inf)"),
         ("lr_decay_samples", 0, "outside [1, inf)"),

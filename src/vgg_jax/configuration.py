@@ -217,6 +217,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "device_input_budget_gb": NON_NEGATIVE,
     "input_workers": _number(-1),
     "input_threads": POSITIVE,
+    "seed": NON_NEGATIVE,  # numpy's and grain's seeds must not be negative
     "num_processes": _optional(POSITIVE),
     "process_id": _optional(NON_NEGATIVE),
     "synthetic_train_size": POSITIVE,
