@@ -31,9 +31,7 @@ def main() -> None:
         decode = decode_with_opencv_to_rgb if direct_rgb else decode_with_opencv
         image = decode(blobs[index % len(blobs)])
         draws = streaming.random_draws(0, index, 1)[0].tolist()
-        left, top, w, h = streaming.crop_box(image.shape[1], image.shape[0], draws)
-        image = streaming.resize(image[top : top + h, left : left + w], 224, 224)
-        return cv2.flip(image, 1) if draws[-1] < 0.5 else image
+        return streaming.augment_image(image, draws, 224, "random_resized_crop")
 
     for threads in (1, 2):
         for direct_rgb in (False, True) if has_rgb_decode else (False,):

@@ -229,7 +229,17 @@ def train_image(
 ) -> np.ndarray:
     """One training image, decoded and augmented with one row of `random_draws`: uint8
     (size, size, 3), written into `out` when given (a row of the batch)."""
-    image = decode(element)
+    return augment_image(decode(element), draws, size, augment, out)
+
+
+def augment_image(
+    image: np.ndarray,
+    draws: Sequence[float],
+    size: int,
+    augment: str,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """A decoded image's training view (`train_image` after the decode)."""
     if out is None:
         out = np.empty((size, size, 3), np.uint8)
     if augment == "random_resized_crop":
