@@ -47,18 +47,54 @@ def assert_parity(ours, theirs):
 # ------------------------------------------------------------------------- torchvision
 
 
+def narrow_stages(arch: str) -> tuple[tuple[int, ...], ...]:
+    """`arch`'s stages (the same convolutions per block) at a few channels each."""
+    widths = (8, 16, 24, 32, 32)
+    base = spec.STAGES[arch.removesuffix("_bn")]
+    return tuple((width,) * len(block) for width, block in zip(widths, base, strict=True))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_torchvision_parity_at_two_sizes(arch):
-    # The real architectures at small inputs: 64 pixels leave a 2x2 map that the adaptive
-    # pool spreads over 7x7 bins, 100 a 3x3 one (after dropping odd rows at 25 -> 12).
-    reference = random_torchvision(arch, seed=ARCHS.index(arch))
-    model, variables = pretrained.from_torchvision(reference.state_dict(), arch)
+    # Each variant's torchvision module (its layers, BN placement, adaptive pool and
+    # classifier) at a few channels per convolution: parity does not need the real widths,
+    # which the full-size test below runs for vgg16 and vgg16_bn. 64 pixels leave a 2x2
+    # map that the adaptive pool spreads over 7x7 bins, 100 a 3x3 one (after dropping
+    # odd rows at 25 -> 12).
+    stages, batch_norm = narrow_stages(arch), arch.endswith("_bn")
+    reference = tiny_torchvision(stages, batch_norm, 1000, seed=ARCHS.index(arch))
+    model, variables = pretrained.from_torchvision(reference.state_dict())
     assert model.head == "torchvision" and model.num_classes == 1000
-    assert model.batch_norm == arch.endswith("_bn")
+    assert model.stages == stages and model.batch_norm == batch_norm
     assert "num_batches_tracked" not in str(jax.tree_util.tree_structure(variables))
     for size in (64, 100):
         batch = images(size)
         assert_parity(jax.jit(model.apply)(variables, batch), torchvision_logits(reference, batch))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_torchvision_variant_has_the_layout_we_import(arch):
+    # The real modules' state dicts (on the meta device: shapes only, no weights) have
+    # exactly the keys and convolution shapes the import reads for the preset.
+    with torch.device("meta"):
+        state = getattr(torchvision.models, arch)().state_dict()
+    stages, batch_norm = spec.STAGES[arch.removesuffix("_bn")], arch.endswith("_bn")
+    widths = [width for block in stages for width in block]
+    expected, previous = {}, 3
+    for index, name in pretrained.torchvision_layout(stages, batch_norm):
+        if name.startswith("conv"):
+            width = widths.pop(0)
+            expected[f"features.{index}.weight"] = (width, previous, 3, 3)
+            expected[f"features.{index}.bias"] = (width,)
+            previous = width
+        else:
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                expected[f"features.{index}.{key}"] = (previous,)
+            expected[f"features.{index}.num_batches_tracked"] = ()
+    for index, (rows, columns) in {0: (4096, 512 * 49), 3: (4096, 4096), 6: (1000, 4096)}.items():
+        expected[f"classifier.{index}.weight"] = (rows, columns)
+        expected[f"classifier.{index}.bias"] = (rows,)
+    assert {key: tuple(value.shape) for key, value in state.items()} == expected
 
 
 @pytest.mark.slow
