@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CLI_DEVICES, CONFIGS, modules_imported_by, run_cli
+from conftest import CLI_DEVICES, CONFIGS, modules_imported_by, random_variables, run_cli
 
 from vgg_jax import data_sources, models, profiling
 from vgg_jax.configuration import load_config_file
@@ -86,19 +86,6 @@ def test_imagenet_config_is_the_tf_benchmark_shape():
     assert config.dataset == "synthetic" and len(info.class_names) == 1000
 
 
-def _random_variables(variables):
-    """He-scaled random weights and non-trivial BN statistics, so logits are O(1)."""
-    leaves, treedef = jax.tree.flatten(variables)
-    keys = jax.random.split(jax.random.key(7), len(leaves))
-    new = []
-    for key, leaf in zip(keys, leaves, strict=True):
-        fan_in = np.prod(leaf.shape[:-1]) if leaf.ndim > 1 else 1
-        scale = np.sqrt(2.0 / fan_in) if leaf.ndim > 1 else 0.1
-        value = jax.random.normal(key, leaf.shape) * scale
-        new.append(jnp.abs(value) + 0.5 if leaf.ndim == 1 else value)
-    return jax.tree.unflatten(treedef, new)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
@@ -117,12 +104,10 @@ def test_torch_twin_has_the_same_parameters_and_logits(overrides):
     for key, value in overrides.items():
         config[key] = value
     vgg = models.build_model(config, data_sources.DatasetInfo.without_data(config))
-    shape = (1, config.image_size, config.image_size, 3)
-    initial = jax.jit(vgg.init)(jax.random.key(0), jnp.zeros(shape, jnp.uint8))
-    variables = _random_variables(initial)
+    variables = random_variables(vgg, config.image_size)  # numpy draws: nothing to compile
     twin = torch_reference.build_torch_model(vgg, config.image_size)
     assert torch_reference.parameter_count(twin) == sum(
-        leaf.size for leaf in jax.tree.leaves(initial["params"])
+        leaf.size for leaf in jax.tree.leaves(variables["params"])
     )
     torch_reference.load_flax_variables(twin, variables)
     images = np.random.default_rng(0).integers(0, 256, (3, config.image_size, config.image_size, 3))
