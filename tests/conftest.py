@@ -200,3 +200,10 @@ def random_variables(model, image_size: int, seed: int = 0):
         return rng.uniform(low, high, leaf.shape).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests (end-to-end runs, tens of seconds each) first: pytest-xdist hands
+    tests out in this order, so the two workers end on short tests together instead of
+    one waiting for the other's last long one."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
