@@ -20,11 +20,12 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def _inputs(shape, kernel_size=(3, 3)):
+    # numpy draws: each jax.random call would compile a program of its own per shape.
     n, h, w, c_in, c_out = shape
-    x_key, k_key = jax.random.split(jax.random.key(sum(shape)))
-    x = jax.random.normal(x_key, (n, h, w, c_in))
-    kernel = jax.random.normal(k_key, (*kernel_size, c_in, c_out)) / np.sqrt(9 * c_in)
-    return x, kernel
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal((n, h, w, c_in), np.float32)
+    kernel = rng.standard_normal((*kernel_size, c_in, c_out), np.float32) / np.sqrt(9 * c_in)
+    return x, kernel.astype(np.float32)
 
 
 def _loss(conv_fn):
@@ -178,11 +179,13 @@ def test_initialisation_compiled_for_one_run_gives_the_same_parameters(tiny_conf
 def test_max_pool_2x2_equals_flax_max_pool(shape):
     """Same values as nn.max_pool (odd sizes drop the last row/column), and the same
     gradient where the maximum is unique (random floats)."""
-    x = jax.random.normal(jax.random.key(0), shape)
-    np.testing.assert_array_equal(layers.max_pool_2x2(x), models.max_pool_2x2(x))
-    weights = jax.random.normal(jax.random.key(1), models.max_pool_2x2(x).shape)
-    ours = jax.grad(lambda x: jnp.sum(layers.max_pool_2x2(x) * weights))(x)
-    theirs = jax.grad(lambda x: jnp.sum(models.max_pool_2x2(x) * weights))(x)
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal(shape, np.float32)
+    pooled = jax.jit(models.max_pool_2x2)(x)
+    np.testing.assert_array_equal(jax.jit(layers.max_pool_2x2)(x), pooled)
+    weights = rng.standard_normal(pooled.shape, np.float32)
+    ours = jax.jit(jax.grad(lambda x: jnp.sum(layers.max_pool_2x2(x) * weights)))(x)
+    theirs = jax.jit(jax.grad(lambda x: jnp.sum(models.max_pool_2x2(x) * weights)))(x)
     np.testing.assert_array_equal(ours, theirs)
 
 
