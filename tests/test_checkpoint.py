@@ -278,3 +278,13 @@ def test_checkpoints_of_the_previous_schema_still_load_and_resume(tiny_config, t
     state = train.train_and_evaluate(tiny_config, str(tmp_path))
     assert int(state.step) == 16
     assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_on_several_cpu_devices_replicated_arrays_are_saved_whole(tmp_path):
+    # Replica-parallel saving slices every replicated array once per device and save:
+    # pure overhead where the devices share the host's memory.
+    import orbax.checkpoint as ocp
+
+    assert jax.device_count() == 8 and jax.default_backend() == "cpu"
+    checkpoint.create_manager(str(tmp_path)).close()
+    assert ocp.type_handlers.get_type_handler(jax.Array)._use_replica_parallel is False

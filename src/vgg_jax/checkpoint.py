@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from vgg_jax import configuration
+from vgg_jax import configuration, cpu
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,8 @@ def create_manager(
         for name in os.listdir(directory) if os.path.isdir(directory) else ():
             if ".orbax-checkpoint-tmp" in name:
                 shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    if not read_only and cpu.several_cpu_devices():
+        cpu.save_replicated_arrays_whole()
     options = ocp.CheckpointManagerOptions(
         preservation_policy=None if read_only else policy,
         enable_async_checkpointing=async_save and not read_only,

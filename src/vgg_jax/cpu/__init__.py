@@ -8,7 +8,9 @@
 - `serialise_steps`: a guard against a deadlock of queued collectives on fake CPU
   devices;
 - `run_once_compiler_options`: XLA:CPU options for programs that run once (the
-  parameter initialisation).
+  parameter initialisation);
+- `save_replicated_arrays_whole`: orbax's checkpoint writer without its per-device
+  slicing of replicated arrays, on several CPU devices.
 
 `models.build_model` asks `layers_for(config.conv_impl)` which layers to build with: these
 on a CPU backend ('auto') or everywhere ('matmul'), none (stock Flax) otherwise.
@@ -46,15 +48,46 @@ def layers_for(conv_impl: str) -> dict[str, Any]:
     }
 
 
-@functools.cache
-def serialise_steps() -> bool:
-    """Whether to wait for each step before dispatching the next. Only for several CPU
-    devices (jax_num_cpu_devices): XLA:CPU can deadlock in a collective
-    when many multi-device programs are queued at once (seen on 2 cores with 8 fake
-    devices). Real accelerators and a single CPU device keep fully asynchronous steps."""
+def several_cpu_devices() -> bool:
+    """Whether this run is on several CPU devices (jax_num_cpu_devices, or one per
+    process of a multi-process CPU run)."""
     import jax
 
     return backend() == "cpu" and jax.device_count() > 1
+
+
+@functools.cache
+def serialise_steps() -> bool:
+    """Whether to wait for each step before dispatching the next. Only for several CPU
+    devices: XLA:CPU can deadlock in a collective
+    when many multi-device programs are queued at once (seen on 2 cores with 8 fake
+    devices). Real accelerators and a single CPU device keep fully asynchronous steps."""
+    return several_cpu_devices()
+
+
+@functools.cache
+def save_replicated_arrays_whole() -> None:
+    """Registers orbax's array writer without replica-parallel saving, for this process.
+
+    Orbax writes a replicated array in slices, one per device holding a copy, so that
+    accelerators share the copy to the host. CPU devices already share the host's
+    memory: there each slice is only an eager slicing operation, per array, device and
+    save (experiments/RESULTS.md). The files are the same kind either way: any orbax
+    reader restores them. Call only on several CPU devices."""
+    import logging
+
+    import jax
+    import orbax.checkpoint as ocp
+
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax warns that a handler is replaced
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+        )
+    finally:
+        absl_logger.setLevel(level)
 
 
 def run_once_compiler_options() -> dict[str, Any]:
