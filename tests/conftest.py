@@ -30,9 +30,19 @@ import tempfile  # noqa: E402
 # process: one persistent compilation cache for the session (this process and every
 # process the tests start) compiles each once. A cache hit runs the identical
 # executable, so bitwise comparisons between runs are unaffected.
-_COMPILATION_CACHE = tempfile.mkdtemp(prefix="vgg-jax-test-xla-cache-")
-atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILATION_CACHE)
+
+
+def _session_folder(variable: str, prefix: str) -> str:
+    """$variable, or a temporary folder made for this test session by its first pytest
+    process (pytest-xdist's workers inherit the controller's environment, so they share
+    it) and removed when that process exits."""
+    if variable not in os.environ:
+        os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+        atexit.register(shutil.rmtree, os.environ[variable], ignore_errors=True)
+    return os.environ[variable]
+
+
+_session_folder("JAX_COMPILATION_CACHE_DIR", "vgg-jax-test-xla-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
@@ -41,9 +51,12 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", TEST_PROCESS_DEVICES)
 
 import ast  # noqa: E402
+import fcntl  # noqa: E402
+import json  # noqa: E402
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -85,6 +98,58 @@ def smoke_training_command(workdir, *overrides: str) -> list[str]:
         f"--workdir={workdir}",
         *overrides,
     ]
+
+
+# Runs that several tests need as they are, made once per session for all its workers.
+SHARED_RUNS = pathlib.Path(_session_folder("VGG_JAX_TEST_SHARED_RUNS", "vgg-jax-test-runs-"))
+SMOKE_RUN = SHARED_RUNS / "smoke"
+
+
+def start_smoke_run() -> None:
+    """Starts the README's smoke command, `python -m vgg_jax.main
+    --config=configs/smoke.py --workdir=~/smoke` (HOME a folder of the session), in the
+    background, once per session whichever worker asks first: the worker goes on with
+    its tests meanwhile. A wrapper process records its exit status and stderr."""
+    with open(SHARED_RUNS / "smoke.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if SMOKE_RUN.exists():
+            return
+        (SMOKE_RUN / "home").mkdir(parents=True)
+        command = [sys.executable, "-m", "vgg_jax.main", f"--config={CONFIGS / 'smoke.py'}"]
+        record = """
+import json, os, subprocess, sys
+folder, command = sys.argv[1], sys.argv[2:]
+env = {**os.environ, "HOME": os.path.join(folder, "home")}
+result = subprocess.run(command, env=env, capture_output=True, text=True)
+with open(os.path.join(folder, "result.tmp"), "w") as out:
+    json.dump({"returncode": result.returncode, "stderr": result.stderr}, out)
+os.replace(os.path.join(folder, "result.tmp"), os.path.join(folder, "result.json"))
+"""
+        subprocess.Popen(
+            [sys.executable, "-c", record, str(SMOKE_RUN), *command, "--workdir=~/smoke"],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+
+@pytest.fixture(scope="session")
+def smoke_run() -> dict:
+    """The README's smoke command run to its end (see `start_smoke_run`): {"workdir",
+    "home", "returncode", "stderr"}. Its checkpoints are what that command leaves, so a
+    test may compare another run of it with them bitwise. Tests read it or copy it;
+    none writes to it."""
+    start_smoke_run()  # already under way if collection saw a test that needs it
+    result = SMOKE_RUN / "result.json"
+    deadline = time.monotonic() + 600
+    while not result.exists():
+        assert time.monotonic() < deadline, "the shared smoke run did not finish in 600 s"
+        time.sleep(0.2)
+    run = json.loads(result.read_text())
+    assert run["returncode"] == 0, run["stderr"][-3000:]
+    home = SMOKE_RUN / "home"
+    return {**run, "workdir": home / "smoke", "home": home}
 
 
 def make_tiny_config():
@@ -202,8 +267,12 @@ def random_variables(model, image_size: int, seed: int = 0):
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected
 def pytest_collection_modifyitems(config, items):
     """The slow tests (end-to-end runs, tens of seconds each) first: pytest-xdist hands
     tests out in this order, so the two workers end on short tests together instead of
-    one waiting for the other's last long one."""
+    one waiting for the other's last long one. And the shared smoke run starts now if a
+    selected test needs it."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    if any("smoke_run" in item.fixturenames for item in items):
+        start_smoke_run()

@@ -4,8 +4,9 @@ mock data; and the one-line errors."""
 import json
 
 import pytest
-from conftest import CLI_DEVICES, CONFIGS, run_cli
+from conftest import CLI_DEVICES, CONFIGS, REPO, run_cli
 
+import vgg_jax
 from vgg_jax.metrics_log import read_metrics
 
 REQUIRED_KEYS = {
@@ -32,17 +33,19 @@ with tfds.testing.mock_data(num_examples=64):
 
 
 @pytest.mark.slow
-def test_smoke_config_learns_from_the_command_line(tmp_path):
-    result = run_cli("vgg_jax.main", f"--config={CONFIGS / 'smoke.py'}", f"--workdir={tmp_path}")
-    assert result.returncode == 0, result.stderr
-    records = read_metrics(tmp_path)
+def test_smoke_config_learns_from_the_command_line(smoke_run):
+    # The README's command, with `~` in the workdir (expanded, no folder named "~").
+    workdir, stderr = smoke_run["workdir"], smoke_run["stderr"]
+    assert workdir == smoke_run["home"] / "smoke" and not (REPO / "~").exists()
+    records = read_metrics(workdir)
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     assert set(records[0]) >= REQUIRED_KEYS
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert records[-1]["test_accuracy"] > records[0]["test_accuracy"]
     assert records[-1]["test_accuracy"] > 0.5  # chance is 0.1
-    assert "epoch 4/4" in result.stderr
-    assert list(tmp_path.glob("events.out.tfevents*"))
+    assert "epoch 4/4" in stderr
+    assert list(workdir.glob("events.out.tfevents*"))
+    assert vgg_jax.load(workdir).step == 4 * 32
 
 
 @pytest.mark.slow

@@ -10,21 +10,13 @@ import pytest
 from conftest import run_cli
 from PIL import Image
 
-from vgg_jax import inference, train
+from vgg_jax import inference
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    from conftest import CONFIGS
-
-    from vgg_jax.configuration import load_config_file
-
-    config = load_config_file(CONFIGS / "smoke.py")
-    config.synthetic_train_size, config.synthetic_eval_size = 512, 64
-    config.num_epochs, config.batch_size, config.progress_bar = 2, 64, False
-    path = tmp_path_factory.mktemp("trained")
-    train.train_and_evaluate(config, str(path))
-    return path
+@pytest.fixture
+def workdir(smoke_run):
+    """The smoke config trained from the command line (shared by the session's tests)."""
+    return smoke_run["workdir"]
 
 
 def png_bomb(path, width=30000, height=30000):
@@ -65,7 +57,7 @@ def images(tmp_path_factory):
 def test_load_predict_accepts_paths_pil_images_and_arrays(workdir, images):
     folder, names = images
     model = inference.load(workdir)
-    assert model.step == 16 and len(model.class_names) == 10
+    assert model.step == 4 * 32 and len(model.class_names) == 10
     assert set(model.variables) == {"params", "batch_stats"}
     assert model.config.model == "vgg_tiny"
     pil = Image.open(folder / "rgb.png")

@@ -395,21 +395,6 @@ def test_a_class_added_between_runs_is_named(tiny_config, tmp_path):
         _train(tiny_config, tmp_path / "w", epochs=1)
 
 
-@pytest.mark.slow
-def test_home_in_the_workdir_is_expanded(tmp_path):
-    result = run_cli(
-        "vgg_jax.main",
-        f"--config={CONFIGS / 'smoke.py'}",
-        "--workdir=~/w",
-        "--config.num_epochs=1",
-        "--config.max_steps_per_epoch=1",
-        env={"HOME": str(tmp_path)},
-    )
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "w" / "metrics.jsonl").exists() and not (REPO / "~").exists()
-    assert vgg_jax.load(tmp_path / "w").step == 1
-
-
 def _start_training(workdir):
     return subprocess.Popen(
         smoke_training_command(workdir, "--config.progress_bar=False"),
@@ -501,9 +486,7 @@ def test_a_full_disk_stops_the_run_in_one_line(tmp_path):
     # away with the process.
     disk = tmp_path / "disk"
     disk.mkdir()
-    train = smoke_training_command(
-        disk / "w", "--config.num_epochs=8", "--config.progress_bar=False"
-    )
+    train = smoke_training_command(disk / "w", "--config.progress_bar=False")
     result = subprocess.run(
         [
             "unshare",
