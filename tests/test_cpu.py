@@ -111,15 +111,15 @@ INFO = data_sources.DatasetInfo(tuple("abc"), (120.0,) * 3, (60.0,) * 3, 16, 0, 
 @pytest.mark.slow
 def test_vgg_with_cpu_layers_matches_stock_layers(tiny_config):
     """The whole model: same parameter tree, same logits and gradients, either way."""
-    images = jax.random.randint(jax.random.key(0), (4, 16, 16, 3), 0, 256).astype(jnp.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     built = {}
     for impl in ("xla", "matmul"):
         tiny_config.conv_impl = impl
         built[impl] = models.build_model(tiny_config, INFO)
     assert built["matmul"].conv is conv.Conv and built["xla"].conv is nn.Conv
     variables = jax.jit(built["xla"].init)(jax.random.key(1), images)
-    other = jax.jit(built["matmul"].init)(jax.random.key(1), images)
-    assert jax.tree.structure(variables) == jax.tree.structure(other)
+    other = jax.eval_shape(built["matmul"].init, jax.random.key(1), images)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, other)
 
     def logits_and_gradients(model):
         def loss(params):

@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_variables
 
 from vgg_jax import models
 
@@ -68,9 +69,8 @@ def _tiny(**kwargs):
 
 def test_eval_mode_is_deterministic_and_ignores_the_rest_of_the_batch():
     model = _tiny()
-    images = jax.random.randint(jax.random.key(1), (4, 16, 16, 3), 0, 256).astype(jnp.uint8)
-    # Jitted: op by op, every operation would compile on its own.
-    variables = jax.jit(model.init)(jax.random.key(0), images)
+    images = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    variables = random_variables(model, 16)  # numpy draws: nothing to compile
     apply = jax.jit(model.apply)
     full, again, alone = (
         apply(variables, images),
@@ -84,8 +84,8 @@ def test_eval_mode_is_deterministic_and_ignores_the_rest_of_the_batch():
 
 def test_train_mode_uses_dropout_and_updates_batch_statistics():
     model = _tiny()
-    images = jax.random.randint(jax.random.key(1), (8, 16, 16, 3), 0, 256).astype(jnp.uint8)
-    variables = jax.jit(model.init)(jax.random.key(0), images)
+    images = np.random.default_rng(1).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    variables = random_variables(model, 16)
 
     @jax.jit
     def train_logits(key):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import types
 
 import jax
 import numpy as np
@@ -237,28 +238,37 @@ def test_checksums_cover_every_array(tiny_config):
 
 
 @pytest.mark.slow
-def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tiny_config, tmp_path):
+def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path):
     # Epoch 1 trains normally; the learning rate then jumps by 1e8 and the loss explodes.
-    tiny_config.schedule = "multistep"
-    tiny_config.lr_boundaries_epochs = (1,)
-    tiny_config.lr_decay_rate = 1e8
-    with pytest.raises(train.DivergedError, match="last checkpoint is step 8.*learning_rate"):
-        _train(tiny_config, tmp_path, epochs=3)
-    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == [8]
-    assert vgg_jax.load(tmp_path).step == 8
-    text = (tmp_path / "metrics.jsonl").read_text()
-    assert "NaN" not in text and "Infinity" not in text
     result = run_cli(
         "vgg_jax.main",
         f"--config={CONFIGS / 'smoke.py'}",
-        f"--workdir={tmp_path / 'cli'}",
-        "--config.learning_rate=1e6",
-        "--config.schedule=constant",
+        f"--workdir={tmp_path}",
+        "--config.num_epochs=3",
+        "--config.schedule=multistep",
+        "--config.lr_boundaries_epochs=(1,)",
+        "--config.lr_decay_rate=1e8",
+        "--config.progress_bar=False",
     )
-    assert result.returncode == 1
+    assert result.returncode == 1, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: training diverged") and "nothing was saved" in lines[-1]
+    assert lines[-1].startswith("error: training diverged")
+    assert "the last checkpoint is step 32" in lines[-1] and "learning_rate" in lines[-1]
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [32]
+    assert vgg_jax.load(tmp_path).step == 32
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+
+
+def test_divergence_before_any_checkpoint_says_nothing_was_saved():
+    run = types.SimpleNamespace(
+        manager=types.SimpleNamespace(all_steps=lambda: []),
+        config=types.SimpleNamespace(learning_rate=1e6),
+    )
+    with pytest.raises(train.DivergedError, match="by step 3; nothing was saved.*1000000"):
+        train.check_finite(float("nan"), 3, run)
+    train.check_finite(2.5, 3, run)  # a finite loss passes
 
 
 def test_metrics_are_valid_json_even_when_not_finite(tmp_path):

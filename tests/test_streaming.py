@@ -141,18 +141,21 @@ def _one_process_train_dataset(records, local_batch, image_size):
 def test_the_same_seed_and_step_give_the_same_batch(tmp_path):
     records = streaming.image_folder_records(str(_folder(tmp_path)), "train")
 
-    def batch(step):
+    def from_step(step, **how):
         dataset = _one_process_train_dataset(records, local_batch=4, image_size=16)
-        return next(streaming.iterate(dataset[step:], workers=1))
+        return streaming.iterate(dataset[step:], **how)
 
-    a, b = batch(3), batch(3)
-    np.testing.assert_array_equal(a["image"], b["image"])
-    assert not np.array_equal(batch(4)["image"], a["image"])
-    # Decoding threads in this process (input_workers=0, input_threads=3) read the same.
-    dataset = _one_process_train_dataset(records, local_batch=4, image_size=16)
-    threaded = streaming.iterate(dataset[3:], workers=0, threads=3)
+    # A decoding worker process (input_workers=1) and decoding threads in this process
+    # (input_workers=0, input_threads=3) read the same batches, again and again.
+    a = next(from_step(3, workers=1))
+    threaded = from_step(3, workers=0, threads=3)
     np.testing.assert_array_equal(next(threaded)["image"], a["image"])
-    np.testing.assert_array_equal(next(threaded)["image"], batch(4)["image"])
+    after = next(threaded)["image"]
+    assert not np.array_equal(after, a["image"])
+    again = from_step(3, workers=0, threads=2)
+    np.testing.assert_array_equal(next(again)["image"], a["image"])
+    np.testing.assert_array_equal(next(again)["image"], after)
+    np.testing.assert_array_equal(next(from_step(4, workers=0))["image"], after)
 
 
 def test_every_evaluation_pass_reads_the_whole_share_from_one_iterator(tmp_path):
@@ -189,8 +192,11 @@ def test_streamed_run_stopped_mid_epoch_resumes_bitwise(
     from test_checkpoint import SignalAfter, assert_trees_equal
 
     stream_config.num_epochs = 2
-    stream_config.input_workers = 1
+    # The uninterrupted run decodes in threads (input_workers=0: the same batches as
+    # worker processes); the stopped and resumed runs in a worker process, whose
+    # iterator state is what the checkpoint must carry.
     uninterrupted = train.train_and_evaluate(stream_config, str(tmp_path / "a"))
+    stream_config.input_workers = 1
     monkeypatch.setattr(train, "PreemptionGuard", lambda: SignalAfter(5))  # mid epoch 2
     with pytest.raises(Preempted):
         train.train_and_evaluate(stream_config, str(tmp_path / "b"))
