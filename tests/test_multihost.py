@@ -144,8 +144,11 @@ def _reads(prefix):
 def test_two_processes_train_like_one_process_of_four_devices(tmp_path, input_kind):
     data = _folder(tmp_path / "data")
     extra = [f"--config.input={input_kind}", "--config.input_workers=1"]
+    # The reference decodes in threads: the same batches as worker processes
+    # (tests/test_streaming.py), without starting any.
+    threads = [f"--config.input={input_kind}", "--config.input_workers=0"]
     single = subprocess.run(
-        _command(tmp_path / "single", data, extra),
+        _command(tmp_path / "single", data, threads),
         cwd=REPO,
         env=_env(tmp_path, 4),
         capture_output=True,
