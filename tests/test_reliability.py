@@ -313,7 +313,7 @@ def test_a_non_finite_state_is_never_saved(tiny_config, tmp_path):
 def test_a_second_trainer_on_a_workdir_stops_at_once_naming_the_holder(tiny_config, tmp_path):
     with WorkdirLock(str(tmp_path)):
         with pytest.raises(WorkdirBusyError, match=f"pid {os.getpid()}"):
-            _train(tiny_config, tmp_path, epochs=1)
+            _train(tiny_config, tmp_path)
         start = time.perf_counter()
         result = run_cli(
             "vgg_jax.main", f"--config={CONFIGS / 'smoke.py'}", f"--workdir={tmp_path}"
@@ -323,7 +323,7 @@ def test_a_second_trainer_on_a_workdir_stops_at_once_naming_the_holder(tiny_conf
             f"error: {tmp_path} is in use by another trainer (pid {os.getpid()} on "
             + result.stderr.split(" on ", 1)[1].strip()
         ]
-    _train(tiny_config, tmp_path, epochs=1)  # released: the workdir is free again
+    _train(tiny_config, tmp_path)  # released: the workdir is free again
 
 
 def test_the_lock_is_freed_when_its_holder_dies(tmp_path):
@@ -387,9 +387,9 @@ def test_a_partial_last_line_of_the_metrics_log_is_dropped_with_a_warning(tmp_pa
 
 @pytest.mark.slow
 def test_raising_num_epochs_under_one_cycle_is_refused(tiny_config, tmp_path):
-    _train(tiny_config, tmp_path, epochs=1)
-    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="num_epochs=1"):
-        _train(tiny_config, tmp_path, epochs=2)
+    _train(tiny_config, tmp_path, epochs=2)
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="num_epochs=2"):
+        _train(tiny_config, tmp_path, epochs=3)
 
 
 @pytest.mark.slow
