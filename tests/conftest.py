@@ -26,11 +26,6 @@ import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-# Most of a CLI test's time is XLA compiling the same small programs again in each new
-# process: one persistent compilation cache for the session (this process and every
-# process the tests start) compiles each once. A cache hit runs the identical
-# executable, so bitwise comparisons between runs are unaffected.
-
 
 def _session_folder(variable: str, prefix: str) -> str:
     """$variable, or a temporary folder made for this test session by its first pytest
@@ -42,6 +37,10 @@ def _session_folder(variable: str, prefix: str) -> str:
     return os.environ[variable]
 
 
+# Most of a CLI test's time is XLA compiling the same small programs again in each new
+# process: one persistent compilation cache for the session (this process and every
+# process the tests start) compiles each once. A cache hit runs the identical
+# executable, so bitwise comparisons between runs are unaffected.
 _session_folder("JAX_COMPILATION_CACHE_DIR", "vgg-jax-test-xla-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
