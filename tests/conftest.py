@@ -114,7 +114,6 @@ def start_smoke_run() -> None:
         if SMOKE_RUN.exists():
             return
         (SMOKE_RUN / "home").mkdir(parents=True)
-        command = [sys.executable, "-m", "vgg_jax.main", f"--config={CONFIGS / 'smoke.py'}"]
         record = """
 import json, os, subprocess, sys
 folder, command = sys.argv[1], sys.argv[2:]
@@ -125,7 +124,7 @@ with open(os.path.join(folder, "result.tmp"), "w") as out:
 os.replace(os.path.join(folder, "result.tmp"), os.path.join(folder, "result.json"))
 """
         subprocess.Popen(
-            [sys.executable, "-c", record, str(SMOKE_RUN), *command, "--workdir=~/smoke"],
+            [sys.executable, "-c", record, str(SMOKE_RUN), *smoke_training_command("~/smoke")],
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
