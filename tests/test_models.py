@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import random_variables
 
-from vgg_jax import models
+from vgg_jax import models, spec
 
 
 def count_params(model, image_size):
@@ -124,3 +124,24 @@ def test_linear_head_is_only_the_classifier():
     params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)["params"]
     assert [name for name in params if not name.startswith(("conv", "bn"))] == ["classifier"]
     assert params["classifier"]["kernel"].shape == (512, 10)
+
+
+@pytest.mark.parametrize("head", sorted(spec.HEADS))
+def test_every_head_applies_head_dropout_in_training(head):
+    # The linear head once ignored head_dropout (no hidden layer to put it after).
+    images = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+
+    def train_logits(rate, seed):
+        model = models.create_model("vgg_tiny", 5, head=head, head_dropout=rate)
+        variables = random_variables(model, 16)
+        logits, _ = model.apply(
+            variables,
+            images,
+            train=True,
+            rngs={"dropout": jax.random.key(seed)},
+            mutable=["batch_stats"],
+        )
+        return np.asarray(logits)
+
+    np.testing.assert_array_equal(train_logits(0.0, 2), train_logits(0.0, 3))
+    assert not np.allclose(train_logits(0.5, 2), train_logits(0.5, 3))

@@ -171,9 +171,9 @@ class VGG(nn.Module):
     def _head(self, x: jax.Array, train: bool) -> jax.Array:
         head = spec.HEADS[self.head]
         rate = head["dropout"] if self.head_dropout is None else self.head_dropout
+        if head["dropout_first"]:
+            x = self.dropout(rate, deterministic=not train)(x)
         for index, features in enumerate(head["hidden"]):
-            if head["dropout_first"]:
-                x = self.dropout(rate, deterministic=not train)(x)
             x = self._dense(features, f"fc{index + 1}")(x)
             if head["batch_norm"] and self.batch_norm:
                 x = self._batch_norm(f"fc_bn{index + 1}", train)(x)

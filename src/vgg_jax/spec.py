@@ -45,12 +45,12 @@ HEADS: dict[str, dict] = {
         "linear": (),
     },
     # Only the classifier on the flattened features (512 numbers for VGG at 32x32): the
-    # usual CIFAR VGG of PyTorch tutorials.
+    # usual CIFAR VGG of PyTorch tutorials; dropout (off by default) on its input.
     "linear": {
         "hidden": (),
         "batch_norm": False,
         "dropout": 0.0,
-        "dropout_first": False,
+        "dropout_first": True,
         "linear": (),
     },
     # torchvision's VGG head: AdaptiveAvgPool2d((7, 7)) on the last feature map (so any

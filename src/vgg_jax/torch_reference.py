@@ -80,9 +80,9 @@ def _head(vgg: models.VGG, in_features: int) -> list[tuple[str, nn.Module]]:
         layers.append(("avgpool", nn.AdaptiveAvgPool2d((head["pool"], head["pool"]))))
     layers.append(("flatten", FlattenNHWC()))
     width = in_features
+    if head["dropout_first"]:
+        layers.append(("fc_in_drop", nn.Dropout(rate)))
     for index, features in enumerate(head["hidden"]):
-        if head["dropout_first"]:
-            layers.append((f"fc_in_drop{index + 1}", nn.Dropout(rate)))
         layers.append((f"fc{index + 1}", nn.Linear(width, features)))
         if use_bn:
             layers.append((f"fc_bn{index + 1}", nn.BatchNorm1d(features, eps=1e-5, momentum=0.1)))
