@@ -64,6 +64,7 @@ def test_every_preset_passes_the_check():
         ("dtype", "float16", "is not one of float32, bfloat16"),
         ("schedule", "cosin", "is not one of"),
         ("augment", "flip", "is not one of"),
+        ("crop_padding", -1, "outside [0, inf)"),
         ("conv_impl", "fast", "is not one of"),
         ("image_size", 0, "outside [1, 1024]"),
         ("image_size", 100000, "outside [1, 1024]"),

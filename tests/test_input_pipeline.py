@@ -83,6 +83,31 @@ def test_crop_flip_returns_windows_of_the_padded_image():
     assert flipped_some and changed_some
 
 
+def test_crop_padding_sets_how_far_the_device_crop_moves():
+    # A bright top-left pixel in every image: where it lands (mirrored by a flip) is the
+    # crop's offset.
+    images = np.full((64, 8, 8, 3), 7, np.uint8)
+    images[:, 0, 0] = 255
+    mesh = input_pipeline.create_mesh()
+    data = input_pipeline.put_train_split(Split(images, np.zeros(64, np.int32), ("a",), 64), mesh)
+    for padding in (0, 1):
+        epoch = input_pipeline.epoch_batches(
+            data,
+            jax.random.key(0),
+            steps=4,
+            batch_size=16,
+            augment="crop_flip",
+            mesh=mesh,
+            crop_padding=padding,
+        )
+        _, rows, cols = np.nonzero(np.asarray(epoch["image"]).reshape(64, 8, 8, 3)[..., 0] == 255)
+        cols = np.minimum(cols, 7 - cols)
+        if padding == 0:
+            assert len(rows) == 64 and rows.max() == cols.max() == 0  # flips only
+        else:
+            assert rows.max() == cols.max() == padding  # moved, by at most the padding
+
+
 def test_unknown_augmentation_is_named():
     mesh = input_pipeline.create_mesh()
     data = input_pipeline.put_train_split(_split(16), mesh)

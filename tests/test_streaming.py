@@ -60,6 +60,23 @@ def test_every_augmentation_gives_uint8_squares(tmp_path, augment):
         assert len({image.tobytes() for image in images}) > 1  # random views
 
 
+@pytest.mark.parametrize("padding", [0, 2])
+def test_crop_padding_sets_how_far_the_host_crop_moves(padding):
+    # As on the devices (test_input_pipeline): the bright top-left pixel's place is the
+    # crop's offset, mirrored by a flip.
+    image = np.full((8, 8, 3), 7, np.uint8)
+    image[0, 0] = 255
+    draws = streaming.random_draws(seed=0, step=0, count=64)
+    places = []
+    for row in draws:
+        view = streaming.augment_image(image, row, 8, "crop_flip", crop_padding=padding)
+        places += [(r, min(c, 7 - c)) for r, c in zip(*np.nonzero(view[..., 0] == 255))]
+    if padding == 0:
+        assert places == [(0, 0)] * 64  # flips only
+    else:
+        assert max(max(place) for place in places) == padding
+
+
 def test_random_resized_crop_respects_the_area_and_ratio_ranges():
     boxes = [streaming.crop_box(400, 300, row) for row in streaming.random_draws(0, 0, 500)]
     areas = [w * h / (400 * 300) for _, _, w, h in boxes]

@@ -60,6 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.eval_split = "test"  # split to evaluate on after every epoch (all of it)
     config.image_size = 32  # images are resized to image_size x image_size if needed
     config.augment = "none"  # none | crop_flip | random_resized_crop | scale_jitter (README)
+    config.crop_padding = 4  # crop_flip: zero pixels added on each side before the random crop
     config.input = "auto"  # auto | device (splits on the devices) | stream (grain, host)
     config.device_input_budget_gb = 4.0  # auto: device-resident up to this many GiB of uint8
     config.input_workers = 2  # stream: decoding processes per host (0: none, -1: CPUs - 1)
@@ -213,6 +214,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "eval_split": _nonempty,
     "image_size": _number(1, MAX_IMAGE_SIZE, high_open=False),
     "augment": _one_of(AUGMENTATIONS),
+    "crop_padding": NON_NEGATIVE,
     "input": _one_of(INPUTS),
     "device_input_budget_gb": NON_NEGATIVE,
     "input_workers": _number(-1),

@@ -120,13 +120,15 @@ def random_crop_flip(images: jax.Array, key: jax.Array, padding: int = 4) -> jax
     return jnp.where(flips[:, None, None, None], cropped[:, :, ::-1], cropped)
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "batch_size", "augment", "mesh"))
-def _epoch_batches(images, labels, key, *, steps, batch_size, augment, mesh):
+@functools.partial(
+    jax.jit, static_argnames=("steps", "batch_size", "augment", "crop_padding", "mesh")
+)
+def _epoch_batches(images, labels, key, *, steps, batch_size, augment, crop_padding, mesh):
     order_key, augment_key = jax.random.split(key)
     order = jax.random.permutation(order_key, images.shape[0])[: steps * batch_size]
     images, labels = images[order], labels[order]
     if augment == "crop_flip":
-        images = random_crop_flip(images, augment_key)
+        images = random_crop_flip(images, augment_key, crop_padding)
     images = images.reshape(steps, batch_size, *images.shape[1:])
     labels = labels.reshape(steps, batch_size)
     sharding = NamedSharding(mesh, P(None, DATA_AXIS))
@@ -144,9 +146,11 @@ def epoch_batches(
     batch_size: int,
     augment: str,
     mesh: Mesh,
+    crop_padding: int = 4,
 ) -> dict[str, jax.Array]:
     """One epoch's shuffled, augmented batches: {'image': (steps, B, H, W, 3) uint8,
-    'label': (steps, B) int32}, batch axis sharded. Deterministic in `key`."""
+    'label': (steps, B) int32}, batch axis sharded. Deterministic in `key`.
+    `crop_padding`: crop_flip's zero padding on each side."""
     if augment not in DEVICE_AUGMENTATIONS:
         raise ValueError(f"augment {augment!r} is not one of {DEVICE_AUGMENTATIONS} on devices")
     return _epoch_batches(
@@ -156,5 +160,6 @@ def epoch_batches(
         steps=steps,
         batch_size=batch_size,
         augment=augment,
+        crop_padding=crop_padding,
         mesh=mesh,
     )

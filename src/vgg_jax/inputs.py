@@ -169,6 +169,7 @@ class DeviceInput:
             batch_size=self.config.batch_size,
             augment=self.config.augment,
             mesh=self.mesh,
+            crop_padding=self.config.crop_padding,
         )
         self.wait_seconds += time.perf_counter() - began
         for index in range(start, self.steps_per_epoch):

@@ -226,10 +226,11 @@ def train_image(
     size: int,
     augment: str,
     out: np.ndarray | None = None,
+    crop_padding: int = 4,
 ) -> np.ndarray:
     """One training image, decoded and augmented with one row of `random_draws`: uint8
     (size, size, 3), written into `out` when given (a row of the batch)."""
-    return augment_image(decode(element), draws, size, augment, out)
+    return augment_image(decode(element), draws, size, augment, out, crop_padding)
 
 
 def augment_image(
@@ -238,8 +239,10 @@ def augment_image(
     size: int,
     augment: str,
     out: np.ndarray | None = None,
+    crop_padding: int = 4,
 ) -> np.ndarray:
-    """A decoded image's training view (`train_image` after the decode)."""
+    """A decoded image's training view (`train_image` after the decode); `crop_padding`:
+    crop_flip's zero padding on each side."""
     if out is None:
         out = np.empty((size, size, 3), np.uint8)
     if augment == "random_resized_crop":
@@ -254,8 +257,9 @@ def augment_image(
         out[...] = image[top : top + size, left : left + size]
     elif augment == "crop_flip":
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
-        padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
-        top, left = int(draws[_TOP] * 9), int(draws[_LEFT] * 9)
+        pad, offsets = crop_padding, 2 * crop_padding + 1
+        padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+        top, left = int(draws[_TOP] * offsets), int(draws[_LEFT] * offsets)
         out[...] = padded[top : top + size, left : left + size]
     else:
         cv2.resize(image, (size, size), dst=out, interpolation=cv2.INTER_CUBIC)
@@ -286,9 +290,17 @@ class TrainBatch(grain.transforms.Map):
     'skipped', 'index'}: an unreadable record is replaced by the next readable one, and
     counted."""
 
-    def __init__(self, records: Records, size: int, augment: str, seed: int, global_batch: int):
+    def __init__(
+        self,
+        records: Records,
+        size: int,
+        augment: str,
+        seed: int,
+        global_batch: int,
+        crop_padding: int = 4,
+    ):
         self.records, self.size, self.augment = records, size, augment
-        self.seed, self.global_batch = seed, global_batch
+        self.seed, self.global_batch, self.crop_padding = seed, global_batch, crop_padding
 
     def map(self, batch: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
         positions, indices = batch
@@ -310,7 +322,7 @@ class TrainBatch(grain.transforms.Map):
             position = (index + attempt) % len(self.records)
             element = self.records.source[position]
             try:
-                train_image(element, draws, self.size, self.augment, out)
+                train_image(element, draws, self.size, self.augment, out, self.crop_padding)
             except _UNREADABLE as error:
                 logger.warning(
                     "skipping %s: unreadable image (%s)", self.records.name(position), error
@@ -368,6 +380,7 @@ def train_dataset(
     augment: str,
     process_index: int,
     process_count: int,
+    crop_padding: int = 4,
 ) -> grain.MapDataset:
     """Batch k of this process: its share of global batch k of the endless, reshuffled
     every epoch, stream of record indices."""
@@ -376,7 +389,8 @@ def train_dataset(
     # global batch k's draws), not on the number of processes.
     positioned = indices.map_with_index(_with_position)
     share = positioned[process_index::process_count].batch(local_batch, drop_remainder=True)
-    transform = TrainBatch(records, image_size, augment, seed, local_batch * process_count)
+    global_batch = local_batch * process_count
+    transform = TrainBatch(records, image_size, augment, seed, global_batch, crop_padding)
     return share.map(transform)
 
 
@@ -519,6 +533,7 @@ class StreamInput:
             augment=config.augment,
             process_index=self.process_index,
             process_count=self.process_count,
+            crop_padding=config.crop_padding,
         )
         self.iterator, self.eval_passes = None, None
         self.next_step = 0
