@@ -65,6 +65,8 @@ def test_every_preset_passes_the_check():
         ("schedule", "cosin", "is not one of"),
         ("augment", "flip", "is not one of"),
         ("crop_padding", -1, "outside [0, inf)"),
+        ("flip_only_last_epochs", -1, "outside [0, inf)"),
+        ("flip_only_last_epochs", 1, "applies to augment='crop_flip', not 'none'"),
         ("conv_impl", "fast", "is not one of"),
         ("image_size", 0, "outside [1, 1024]"),
         ("image_size", 100000, "outside [1, 1024]"),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vgg_jax import inputs, streaming, train
+from vgg_jax import input_pipeline, inputs, streaming, train
 from vgg_jax.metrics_log import read_metrics
 from vgg_jax.preemption import Preempted
 
@@ -70,7 +70,7 @@ def test_crop_padding_sets_how_far_the_host_crop_moves(padding):
     places = []
     for row in draws:
         view = streaming.augment_image(image, row, 8, "crop_flip", crop_padding=padding)
-        places += [(r, min(c, 7 - c)) for r, c in zip(*np.nonzero(view[..., 0] == 255))]
+        places += [(r, min(c, 7 - c)) for r, c in np.argwhere(view[..., 0] == 255).tolist()]
     if padding == 0:
         assert places == [(0, 0)] * 64  # flips only
     else:
@@ -93,6 +93,41 @@ def test_eval_view_is_the_centre_crop_after_resizing_the_shorter_side(tmp_path):
     decoded = np.asarray(Image.open(element[0]).convert("RGB"))
     full = cv2.resize(decoded, (512, 256), interpolation=cv2.INTER_LINEAR)
     np.testing.assert_allclose(view, full[16:240, 144:368], atol=2)
+
+
+@pytest.mark.parametrize("input_kind", ["device", "stream"])
+def test_the_last_epochs_flip_and_never_crop(tiny_config, tmp_path, input_kind):
+    # Every training image grey with a white top-left pixel (PNG: exact pixels), so where
+    # that pixel lands in a view, mirrored by a flip, is the view's crop offset.
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(8):
+                pixels = np.full((8, 8, 3), 100, np.uint8)
+                pixels[0, 0] = 255
+                Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.png")
+    config = tiny_config
+    config.dataset, config.data_dir, config.image_size = "image_folder", str(tmp_path), 8
+    config.input, config.input_workers, config.batch_size = input_kind, 0, 8
+    config.augment, config.crop_padding, config.num_epochs = "crop_flip", 2, 3
+    config.flip_only_last_epochs = 1
+    data = inputs.create(config, input_pipeline.create_mesh())
+    try:
+        unmoved = []
+        for epoch in range(3):
+            views = np.concatenate(
+                [
+                    np.asarray(args[0]["image"][args[1]] if len(args) == 2 else args[0]["image"])
+                    for args in data.train_steps(epoch, 0)
+                ]
+            )[..., 0]
+            assert len(views) == 16
+            corners = np.maximum(views[:, 0, 0], views[:, 0, -1])
+            unmoved.append(int((corners == 255).sum()))
+    finally:
+        data.close()
+    assert unmoved[0] < 16 and unmoved[1] < 16  # cropped
+    assert unmoved[2] == 16  # flipped at most
 
 
 # ---------------------------------------------------------------- the stream's batches

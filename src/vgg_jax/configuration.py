@@ -61,6 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.image_size = 32  # images are resized to image_size x image_size if needed
     config.augment = "none"  # none | crop_flip | random_resized_crop | scale_jitter (README)
     config.crop_padding = 4  # crop_flip: zero pixels added on each side before the random crop
+    config.flip_only_last_epochs = 0  # crop_flip: the last this many epochs flip, never crop
     config.input = "auto"  # auto | device (splits on the devices) | stream (grain, host)
     config.device_input_budget_gb = 4.0  # auto: device-resident up to this many GiB of uint8
     config.input_workers = 2  # stream: decoding processes per host (0: none, -1: CPUs - 1)
@@ -215,6 +216,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "image_size": _number(1, MAX_IMAGE_SIZE, high_open=False),
     "augment": _one_of(AUGMENTATIONS),
     "crop_padding": NON_NEGATIVE,
+    "flip_only_last_epochs": NON_NEGATIVE,
     "input": _one_of(INPUTS),
     "device_input_budget_gb": NON_NEGATIVE,
     "input_workers": _number(-1),
@@ -287,6 +289,10 @@ def _cross_field_problems(config: ml_collections.ConfigDict, device_count: int |
     if config.input == "device" and config.augment not in DEVICE_AUGMENTATIONS:
         found.append(
             f"augment: {config.augment!r} runs on the host: use --config.input=stream or auto"
+        )
+    if config.flip_only_last_epochs and config.augment != "crop_flip":
+        found.append(
+            f"flip_only_last_epochs: applies to augment='crop_flip', not {config.augment!r}"
         )
     if config.input == "stream" and config.dataset == "synthetic":
         found.append("input: the synthetic dataset is made in memory: use 'device' or 'auto'")

@@ -63,6 +63,20 @@ def global_stats(sums: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
+def first_flip_only_epoch(config: ml_collections.ConfigDict) -> int | None:
+    """The first epoch (from 0) of the last `config.flip_only_last_epochs`, in which
+    crop_flip flips and never crops, so that training ends on the test images' framing."""
+    if not config.flip_only_last_epochs:
+        return None
+    return max(0, config.num_epochs - config.flip_only_last_epochs)
+
+
+def crop_padding(config: ml_collections.ConfigDict, epoch: int) -> int:
+    """crop_flip's padding in `epoch` (from 0)."""
+    first = first_flip_only_epoch(config)
+    return 0 if first is not None and epoch >= first else config.crop_padding
+
+
 def check_batch_fits(config: ml_collections.ConfigDict, num_examples: int) -> None:
     if num_examples < config.batch_size:
         raise ValueError(
@@ -169,7 +183,7 @@ class DeviceInput:
             batch_size=self.config.batch_size,
             augment=self.config.augment,
             mesh=self.mesh,
-            crop_padding=self.config.crop_padding,
+            crop_padding=crop_padding(self.config, epoch),
         )
         self.wait_seconds += time.perf_counter() - began
         for index in range(start, self.steps_per_epoch):

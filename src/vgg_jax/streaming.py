@@ -298,31 +298,37 @@ class TrainBatch(grain.transforms.Map):
         seed: int,
         global_batch: int,
         crop_padding: int = 4,
+        flip_only_from_step: int | None = None,
     ):
         self.records, self.size, self.augment = records, size, augment
         self.seed, self.global_batch, self.crop_padding = seed, global_batch, crop_padding
+        self.flip_only_from_step = flip_only_from_step
 
     def map(self, batch: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
         positions, indices = batch
         step = int(positions[0]) // self.global_batch
         draws = random_draws(self.seed, step, self.global_batch)[positions % self.global_batch]
+        flip_only = self.flip_only_from_step is not None and step >= self.flip_only_from_step
+        padding = 0 if flip_only else self.crop_padding
         rows = len(indices)
         images = np.empty((rows, self.size, self.size, 3), np.uint8)
         labels, skipped = np.empty(rows, np.int32), np.empty(rows, np.int32)
         read = np.empty(rows, np.int64)
         for row in range(rows):
             labels[row], skipped[row], read[row] = self._read_into(
-                images[row], int(indices[row]), draws[row].tolist()
+                images[row], int(indices[row]), draws[row].tolist(), padding
             )
         # `index`: the records read (for the logs and tests).
         return {"image": images, "label": labels, "skipped": skipped, "index": read}
 
-    def _read_into(self, out: np.ndarray, index: int, draws: list[float]) -> tuple[int, int, int]:
+    def _read_into(
+        self, out: np.ndarray, index: int, draws: list[float], padding: int
+    ) -> tuple[int, int, int]:
         for attempt in range(REPLACEMENT_TRIES):
             position = (index + attempt) % len(self.records)
             element = self.records.source[position]
             try:
-                train_image(element, draws, self.size, self.augment, out, self.crop_padding)
+                train_image(element, draws, self.size, self.augment, out, padding)
             except _UNREADABLE as error:
                 logger.warning(
                     "skipping %s: unreadable image (%s)", self.records.name(position), error
@@ -381,16 +387,20 @@ def train_dataset(
     process_index: int,
     process_count: int,
     crop_padding: int = 4,
+    flip_only_from_step: int | None = None,
 ) -> grain.MapDataset:
     """Batch k of this process: its share of global batch k of the endless, reshuffled
-    every epoch, stream of record indices."""
+    every epoch, stream of record indices. From global step `flip_only_from_step` on,
+    crop_flip flips only (padding 0)."""
     indices = grain.MapDataset.range(len(records)).seed(seed).shuffle().repeat()
     # Each image's random view depends on its place in the global stream (its row of
     # global batch k's draws), not on the number of processes.
     positioned = indices.map_with_index(_with_position)
     share = positioned[process_index::process_count].batch(local_batch, drop_remainder=True)
     global_batch = local_batch * process_count
-    transform = TrainBatch(records, image_size, augment, seed, global_batch, crop_padding)
+    transform = TrainBatch(
+        records, image_size, augment, seed, global_batch, crop_padding, flip_only_from_step
+    )
     return share.map(transform)
 
 
@@ -534,11 +544,16 @@ class StreamInput:
             process_index=self.process_index,
             process_count=self.process_count,
             crop_padding=config.crop_padding,
+            flip_only_from_step=self._first_flip_only_step(),
         )
         self.iterator, self.eval_passes = None, None
         self.next_step = 0
         self.sharding = NamedSharding(mesh, P(input_pipeline.DATA_AXIS))
         self.wait_seconds, self.skipped_files, self.eval_skipped_files = 0.0, 0, 0
+
+    def _first_flip_only_step(self) -> int | None:
+        first = inputs.first_flip_only_epoch(self.config)
+        return None if first is None else first * self.steps_per_epoch
 
     def _sample_sums(self, count: int = 512) -> np.ndarray:
         """Channel sums over a fixed sample of up to `count` training images (evaluation
