@@ -115,6 +115,7 @@ def test_the_last_epochs_flip_and_never_crop(tiny_config, tmp_path, input_kind):
     try:
         unmoved = []
         for epoch in range(3):
+            # Device input yields (the epoch's batches, step index); the stream, (batch,).
             views = np.concatenate(
                 [
                     np.asarray(args[0]["image"][args[1]] if len(args) == 2 else args[0]["image"])
