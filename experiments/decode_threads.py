@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from decode_speed import decode_with_opencv, decode_with_opencv_to_rgb  # this folder
 
-from vgg_jax import streaming
+from vgg_jax.data import views
 
 
 def main() -> None:
@@ -30,8 +30,8 @@ def main() -> None:
     def one_image(index: int, direct_rgb: bool) -> np.ndarray:
         decode = decode_with_opencv_to_rgb if direct_rgb else decode_with_opencv
         image = decode(blobs[index % len(blobs)])
-        draws = streaming.random_draws(0, index, 1)[0].tolist()
-        return streaming.augment_image(image, draws, 224, "random_resized_crop")
+        draws = views.random_draws(0, index, 1)[0].tolist()
+        return views.train_view(image, draws, 224, "random_resized_crop")
 
     for threads in (1, 2):
         for direct_rgb in (False, True) if has_rgb_decode else (False,):

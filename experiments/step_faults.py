@@ -16,7 +16,8 @@ import resource
 from absl import app, flags
 from ml_collections import config_flags
 
-from vgg_jax import benchmark, cli, profiling
+from vgg_jax import cli
+from vgg_jax.bench import benchmark, profiling
 
 config_flags.DEFINE_config_file("config", None, "Path to a configuration file.", lock_config=True)
 flags.DEFINE_integer("steps", 10, "Timed steps.")

@@ -169,6 +169,28 @@ def tiny_config():
     return make_tiny_config()
 
 
+def load_split(
+    dataset: str,
+    split: str,
+    *,
+    data_dir=None,
+    image_size: int = 16,
+    class_names=None,
+    process_index: int = 0,
+    process_count: int = 1,
+    **fields,
+):
+    """One process's share of a split, decoded through the evaluation view of a config
+    with these fields, as the device input loads it."""
+    from vgg_jax.configuration import default_config
+    from vgg_jax.data import sources, views
+
+    config = default_config()
+    config.update(dataset=dataset, data_dir=data_dir, image_size=image_size, **fields)
+    source = sources.open_split(config, split, class_names)
+    return sources.load_split(source, views.eval_view(config), process_index, process_count)
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """A 3-class image folder: class k images are mostly colour channel k, as PNG and JPEG."""

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from conftest import CLI_DEVICES, CONFIGS, modules_imported_by, random_variables, run_cli
 
-from vgg_jax import data_sources, models, profiling
+from vgg_jax import models
+from vgg_jax.bench import profiling
 from vgg_jax.configuration import load_config_file
+from vgg_jax.data import DatasetInfo
 
 # vgg_tiny on 16x16 synthetic images: compiles and runs in seconds.
 TINY = (
@@ -95,7 +97,7 @@ def test_imagenet_config_is_the_tf_benchmark_shape():
     config = load_config_file(CONFIGS / "tf_benchmark.py")
     assert (config.image_size, config.batch_size, config.head) == (224, 128, "tf_benchmark")
     assert not config.batch_norm and config.conv_dropout == "none"
-    info = data_sources.DatasetInfo.without_data(config)
+    info = DatasetInfo.without_data(config)
     assert config.dataset == "synthetic" and len(info.class_names) == 1000
 
 
@@ -111,12 +113,12 @@ def test_imagenet_config_is_the_tf_benchmark_shape():
 )
 def test_torch_twin_has_the_same_parameters_and_logits(overrides):
     torch = pytest.importorskip("torch")
-    from vgg_jax import torch_reference
+    from vgg_jax.bench import torch_reference
 
     config = load_config_file(CONFIGS / "smoke.py")  # vgg_tiny: 3 blocks, 16 to 64 channels
     for key, value in overrides.items():
         config[key] = value
-    vgg = models.build_model(config, data_sources.DatasetInfo.without_data(config))
+    vgg = models.build_model(config, DatasetInfo.without_data(config))
     variables = random_variables(vgg, config.image_size)  # numpy draws: nothing to compile
     twin = torch_reference.build_torch_model(vgg, config.image_size)
     assert torch_reference.parameter_count(twin) == sum(

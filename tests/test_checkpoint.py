@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO, smoke_training_command
 
-from vgg_jax import checkpoint, inference, train
+from vgg_jax import checkpoint, configuration, inference, train
 from vgg_jax.metrics_log import read_metrics
 from vgg_jax.preemption import Preempted
 
@@ -217,9 +217,9 @@ def test_sigkill_mid_run_then_rerun_ends_bitwise_equal(tmp_path, smoke_run):
 def test_fields_added_in_a_later_version_do_not_block_a_resume(tiny_config):
     saved = checkpoint.config_to_json(tiny_config)
     del saved["ema_decay"]  # a checkpoint written before the field existed
-    assert checkpoint.config_differences(saved, tiny_config) == []
+    assert configuration.resume_differences(saved, tiny_config) == []
     saved["batch_size"] = 7
-    assert checkpoint.config_differences(saved, tiny_config) == ["batch_size: 7 -> 32"]
+    assert configuration.resume_differences(saved, tiny_config) == ["batch_size: 7 -> 32"]
 
 
 def _rewrite_json_items(step_dir, rewrite_meta, rewrite_config):

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import pytest
 from conftest import CONFIGS, run_cli
 
-from vgg_jax import configuration, data_sources, models
+from vgg_jax import configuration, models
 from vgg_jax.configuration import load_config_file
+from vgg_jax.data import DatasetInfo
 
 CONFIG_FILES = sorted(p for p in CONFIGS.glob("*.py"))
 
@@ -21,7 +22,7 @@ def test_config_builds_its_model_and_documents_its_command(path: pathlib.Path):
     default = load_config_file(CONFIGS / "default.py")
     assert set(config) == set(default)  # presets override; they never invent fields
     classes = config.synthetic_classes if config.dataset == "synthetic" else 10
-    info = data_sources.DatasetInfo(
+    info = DatasetInfo(
         tuple(map(str, range(classes))), (0.0,) * 3, (1.0,) * 3, config.image_size, 1, 1
     )
     model = models.build_model(config, info)

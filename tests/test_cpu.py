@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from conftest import REPO, run_cli
 
-from vgg_jax import cpu, data_sources, models
+from vgg_jax import cpu, models
 from vgg_jax.cpu import conv, host_memory, layers
 from vgg_jax.cpu.conv import Plan
+from vgg_jax.data import DatasetInfo
 
 # (N, H, W, Cin, Cout): 1x1, 2x2, 3x5 maps, an RGB stem, Winograd-sized maps (even, odd).
 SHAPES = [(2, 1, 1, 5, 4), (2, 2, 2, 8, 6), (2, 3, 5, 3, 7), (3, 6, 7, 20, 9), (2, 8, 8, 16, 8)]
@@ -105,7 +106,7 @@ def test_module_bfloat16_and_strided_fallback():
     _assert_close(jax.jit(strided.apply)(variables, x), expected)
 
 
-INFO = data_sources.DatasetInfo(tuple("abc"), (120.0,) * 3, (60.0,) * 3, 16, 0, 0)
+INFO = DatasetInfo(tuple("abc"), (120.0,) * 3, (60.0,) * 3, 16, 0, 0)
 
 
 @pytest.mark.slow

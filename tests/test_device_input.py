@@ -2,8 +2,8 @@ import jax
 import numpy as np
 import pytest
 
-from vgg_jax import input_pipeline
-from vgg_jax.data_sources import Split
+from vgg_jax.data import create_mesh, device, stats
+from vgg_jax.data.sources import Split
 
 
 def _split(count, size=8):
@@ -14,8 +14,8 @@ def _split(count, size=8):
 
 
 def test_eval_batches_cover_every_example_once_with_a_mask():
-    mesh = input_pipeline.create_mesh()
-    batches = input_pipeline.put_eval_batches(_split(37), 16, mesh)
+    mesh = create_mesh()
+    batches = device.put_eval_batches(_split(37), 16, mesh)
     assert batches["image"].shape == (3, 16, 8, 8, 3)
     mask = np.asarray(batches["mask"]).reshape(-1)
     labels = np.asarray(batches["label"]).reshape(-1)
@@ -25,21 +25,17 @@ def test_eval_batches_cover_every_example_once_with_a_mask():
 
 
 def test_epoch_is_a_deterministic_permutation_sharded_over_devices():
-    mesh = input_pipeline.create_mesh()
-    data = input_pipeline.put_train_split(_split(64), mesh)
+    mesh = create_mesh()
+    data = device.put_train_split(_split(64), mesh)
     key = jax.random.key(7)
-    epoch = input_pipeline.epoch_batches(
-        data, key, steps=4, batch_size=16, augment="none", mesh=mesh
-    )
+    epoch = device.epoch_batches(data, key, steps=4, batch_size=16, augment="none", mesh=mesh)
     labels = np.asarray(epoch["label"])
     assert sorted(labels.reshape(-1).tolist()) == list(range(64))
     # Images travel with their labels.
     np.testing.assert_array_equal(np.asarray(epoch["image"])[:, :, 0, 0, 0], labels)
-    again = input_pipeline.epoch_batches(
-        data, key, steps=4, batch_size=16, augment="none", mesh=mesh
-    )
+    again = device.epoch_batches(data, key, steps=4, batch_size=16, augment="none", mesh=mesh)
     np.testing.assert_array_equal(labels, np.asarray(again["label"]))
-    other = input_pipeline.epoch_batches(
+    other = device.epoch_batches(
         data, jax.random.key(8), steps=4, batch_size=16, augment="none", mesh=mesh
     )
     assert not np.array_equal(labels, np.asarray(other["label"]))
@@ -52,8 +48,8 @@ def test_epoch_order_does_not_depend_on_the_device_count():
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-        data = input_pipeline.put_train_split(split, mesh)
-        epoch = input_pipeline.epoch_batches(
+        data = device.put_train_split(split, mesh)
+        epoch = device.epoch_batches(
             data, key, steps=4, batch_size=16, augment="crop_flip", mesh=mesh
         )
         results.append(jax.device_get(epoch))
@@ -64,7 +60,7 @@ def test_epoch_order_does_not_depend_on_the_device_count():
 def test_crop_flip_returns_windows_of_the_padded_image():
     rng = np.random.default_rng(0)
     images = rng.integers(1, 255, (32, 8, 8, 3), dtype=np.uint8)
-    out = np.asarray(input_pipeline.random_crop_flip(images, jax.random.key(0), padding=2))
+    out = np.asarray(device.random_crop_flip(images, jax.random.key(0), padding=2))
     assert out.shape == images.shape
     padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
     flipped_some = changed_some = False
@@ -88,10 +84,10 @@ def test_crop_padding_sets_how_far_the_device_crop_moves():
     # crop's offset.
     images = np.full((64, 8, 8, 3), 7, np.uint8)
     images[:, 0, 0] = 255
-    mesh = input_pipeline.create_mesh()
-    data = input_pipeline.put_train_split(Split(images, np.zeros(64, np.int32), ("a",), 64), mesh)
+    mesh = create_mesh()
+    data = device.put_train_split(Split(images, np.zeros(64, np.int32), ("a",), 64), mesh)
     for padding in (0, 1):
-        epoch = input_pipeline.epoch_batches(
+        epoch = device.epoch_batches(
             data,
             jax.random.key(0),
             steps=4,
@@ -109,10 +105,10 @@ def test_crop_padding_sets_how_far_the_device_crop_moves():
 
 
 def test_unknown_augmentation_is_named():
-    mesh = input_pipeline.create_mesh()
-    data = input_pipeline.put_train_split(_split(16), mesh)
+    mesh = create_mesh()
+    data = device.put_train_split(_split(16), mesh)
     with pytest.raises(ValueError, match="mixup"):
-        input_pipeline.epoch_batches(
+        device.epoch_batches(
             data, jax.random.key(0), steps=1, batch_size=8, augment="mixup", mesh=mesh
         )
 
@@ -120,6 +116,6 @@ def test_unknown_augmentation_is_named():
 def test_channel_stats_are_in_pixel_units():
     images = np.zeros((2, 4, 4, 3), np.uint8)
     images[1] = 200
-    mean, std = input_pipeline.channel_stats(images)
+    mean, std = stats.global_normalisation(stats.channel_sums(images))
     assert mean == pytest.approx((100.0,) * 3)
     assert std == pytest.approx((100.0,) * 3)

@@ -14,7 +14,6 @@ from conftest import CONFIGS, random_variables, run_cli, tiny_torchvision, torch
 from vgg_jax import (
     checkpoint,
     configuration,
-    data_sources,
     inference,
     models,
     optim,
@@ -23,6 +22,7 @@ from vgg_jax import (
     train,
 )
 from vgg_jax.configuration import load_config_file
+from vgg_jax.data import DatasetInfo
 
 # ----------------------------------------------------------------------------- config
 
@@ -146,18 +146,18 @@ def test_merge_refuses_other_convolutions():
 # --------------------------------------------------------------------- init_from runs
 
 
-def _stored_info(workdir) -> data_sources.DatasetInfo:
+def _stored_info(workdir) -> DatasetInfo:
     located = checkpoint.locate(str(workdir))
     manager = checkpoint.create_manager(located.directory, read_only=True)
     meta = checkpoint.read_meta(manager, located.step)
     manager.close()
-    return data_sources.DatasetInfo.from_json(meta["dataset"])
+    return DatasetInfo.from_json(meta["dataset"])
 
 
 def test_fine_tune_from_another_workdir_on_an_image_folder(tmp_path, image_folder, caplog):
     config = load_config_file(CONFIGS / "smoke.py")
     names = tuple(f"class_{i}" for i in range(10))
-    source_info = data_sources.DatasetInfo(names, (90.0, 100.0, 110.0), (50.0,) * 3, 16, 1, 1)
+    source_info = DatasetInfo(names, (90.0, 100.0, 110.0), (50.0,) * 3, 16, 1, 1)
     source = random_variables(models.build_model(config, source_info), 16)
     _write_checkpoint(tmp_path / "source", config, source, source_info)
     config.update(
@@ -232,7 +232,7 @@ def test_readme_fine_tune_command_offline_fails_in_one_line(tmp_path, image_fold
 
 def test_cifar_head_exports_for_the_torch_twin(tmp_path):
     torch = pytest.importorskip("torch")
-    from vgg_jax import torch_reference
+    from vgg_jax.bench import torch_reference
 
     model = models.create_model("vgg_tiny", 3, head="cifar", mean=(100.0,) * 3, std=(50.0,) * 3)
     variables = random_variables(model, 16)
@@ -300,7 +300,7 @@ def test_export_cli_both_formats(tmp_path):
     pytest.importorskip("torchvision")
     config = load_config_file(CONFIGS / "smoke.py")
     config.update(head="torchvision", image_size=32)
-    info = data_sources.DatasetInfo(tuple("abcdefg"), (110.0, 120.0, 100.0), (60.0,) * 3, 32, 1, 1)
+    info = DatasetInfo(tuple("abcdefg"), (110.0, 120.0, 100.0), (60.0,) * 3, 32, 1, 1)
     variables = random_variables(models.build_model(config, info), 32)
     _write_checkpoint(tmp_path / "run", config, variables, info)
     batch = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)

@@ -24,8 +24,9 @@ REQUIRED_KEYS = {
 MOCKED_MAIN = """
 import sys
 import tensorflow_datasets as tfds
-from vgg_jax import data_sources, main
-data_sources.network_available = lambda *a, **k: True  # mock_data fakes the download
+from vgg_jax import main
+from vgg_jax.data import sources
+sources.network_available = lambda *a, **k: True  # mock_data fakes the download
 sys.argv = ["vgg_jax.main", *sys.argv[1:]]
 with tfds.testing.mock_data(num_examples=64):
     main.run()

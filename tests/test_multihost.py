@@ -21,28 +21,21 @@ from vgg_jax.metrics_log import read_metrics
 
 pytestmark = pytest.mark.slow
 
-# Every file an image is opened (PIL) or read (numpy.fromfile) from, appended per
+# Every image file read (in binary mode, as data/views.py reads them), appended per
 # process to $VGG_TEST_READS.<pid>; imported by every Python process started with it on
 # PYTHONPATH (grain's workers too).
 READ_LOGGER = """
+import builtins
 import os
 if os.environ.get("VGG_TEST_READS"):
-    from PIL import Image
-    _open = Image.open
-    def _logged_open(fp, *args, **kwargs):
-        if isinstance(fp, (str, os.PathLike)):
-            with open(f"{os.environ['VGG_TEST_READS']}.{os.getpid()}", "a") as log:
-                log.write(f"{os.fspath(fp)}\\n")
-        return _open(fp, *args, **kwargs)
-    Image.open = _logged_open
-    import numpy
-    _fromfile = numpy.fromfile
-    def _logged_fromfile(file, *args, **kwargs):  # how the streaming workers read files
-        if isinstance(file, (str, os.PathLike)):
-            with open(f"{os.environ['VGG_TEST_READS']}.{os.getpid()}", "a") as log:
-                log.write(f"{os.fspath(file)}\\n")
-        return _fromfile(file, *args, **kwargs)
-    numpy.fromfile = _logged_fromfile
+    _open = builtins.open
+    def _logged_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and "b" in mode and "r" in mode:
+            if os.fspath(file).endswith(".png"):
+                with _open(f"{os.environ['VGG_TEST_READS']}.{os.getpid()}", "a") as log:
+                    log.write(f"{os.fspath(file)}\\n")
+        return _open(file, mode, *args, **kwargs)
+    builtins.open = _logged_open
 """
 
 

@@ -86,8 +86,3 @@ def test_decoupled_weight_decay_skips_the_momentum_buffer(config):
     u2, _ = tx.update(jnp.array([0.0]), state, w + u1)
     # Nothing was accumulated in momentum, so step 2 is decay of the new weights only.
     np.testing.assert_allclose(u2, -0.1 * 0.5 * (w + u1), rtol=1e-6)
-
-
-def test_steps_per_epoch_drops_only_the_remainder():
-    assert optim.steps_per_epoch(50000, 128) == 390
-    assert optim.steps_per_epoch(50000, 100) == 500

@@ -83,7 +83,7 @@ def test_load_predict_accepts_paths_pil_images_and_arrays(workdir, images):
 def test_bad_files_raise_a_clear_image_error(images, name, reason):
     folder, _ = images
     with pytest.raises(inference.ImageError, match=reason) as error:
-        inference.to_model_input(folder / name, 16)
+        inference.read_image(folder / name)
     assert name in str(error.value)
 
 

@@ -20,6 +20,7 @@ from conftest import (
 from PIL import Image
 
 from vgg_jax import models, pretrained, spec
+from vgg_jax.data import views
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -268,13 +269,15 @@ def spec_convs(name):
     ]
 
 
-def test_keras_resize_is_load_img_s(keras, tmp_path):
+def test_keras_view_is_load_img_s(keras, tmp_path):
     picture = Image.fromarray(np.random.default_rng(3).integers(0, 256, (61, 83, 3), np.uint8))
     picture.save(tmp_path / "p.png")
     theirs = keras.utils.img_to_array(
         keras.utils.load_img(tmp_path / "p.png", target_size=(32, 32))
     )
-    np.testing.assert_array_equal(pretrained.keras_resize(picture, 32), theirs.astype(np.uint8))
+    np.testing.assert_array_equal(
+        views.keras_view(np.asarray(picture), 32), theirs.astype(np.uint8)
+    )
 
 
 # ---------------------------------------------------------------- classifying, class names
@@ -287,7 +290,7 @@ def test_imagenet_class_names_ship_with_the_package():
     assert names == tuple(torchvision.models.VGG16_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def test_torchvision_resize_is_its_eval_transform():
+def test_torchvision_view_is_its_eval_transform():
     from torchvision.transforms import functional
 
     rng = np.random.default_rng(0)
@@ -296,7 +299,7 @@ def test_torchvision_resize_is_its_eval_transform():
         # What torchvision's ImageClassification preset does to a PIL image before scaling.
         expected = functional.center_crop(functional.resize(picture, [256]), [224])
         expected = functional.pil_to_tensor(expected).permute(1, 2, 0).numpy()
-        np.testing.assert_array_equal(pretrained.torchvision_resize(picture, 224), expected)
+        np.testing.assert_array_equal(views.torchvision_view(np.asarray(picture), 224), expected)
 
 
 def test_predictor_prints_imagenet_names_and_matches_torchvision(tmp_path):

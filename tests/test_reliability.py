@@ -18,6 +18,7 @@ import pytest
 from conftest import (
     CONFIGS,
     REPO,
+    load_split,
     make_tiny_config,
     modules_imported_by,
     run_cli,
@@ -26,7 +27,9 @@ from conftest import (
 from PIL import Image
 
 import vgg_jax
-from vgg_jax import checkpoint, data_sources, train
+from vgg_jax import checkpoint, train
+from vgg_jax.data import sources
+from vgg_jax.data.info import DatasetUnavailableError
 from vgg_jax.metrics_log import MetricsLog, read_metrics
 from vgg_jax.workdir_lock import WorkdirBusyError, WorkdirLock
 
@@ -49,9 +52,7 @@ def _folder(tmp_path, train_classes, test_classes):
 
 
 def _load(root, split, class_names=None):
-    return data_sources.load_split(
-        "image_folder", split, data_dir=root, image_size=8, class_names=class_names
-    )
+    return load_split("image_folder", split, data_dir=root, image_size=8, class_names=class_names)
 
 
 def test_test_labels_index_the_training_classes(tmp_path):
@@ -71,14 +72,14 @@ def test_test_labels_index_the_training_classes(tmp_path):
 )
 def test_a_test_split_with_other_classes_stops_naming_them(tmp_path, test_classes, message):
     root = _folder(tmp_path, ("cat", "dog", "frog"), test_classes)
-    with pytest.raises(data_sources.DatasetUnavailableError, match=message):
+    with pytest.raises(DatasetUnavailableError, match=message):
         _load(root, "test", _load(root, "train").class_names)
 
 
 def test_an_empty_class_folder_is_refused(tmp_path):
     root = _folder(tmp_path, ("cat", "dog"), ("cat", "dog"))
     (tmp_path / "train" / "emu").mkdir()
-    with pytest.raises(data_sources.DatasetUnavailableError, match="without images: emu"):
+    with pytest.raises(DatasetUnavailableError, match="without images: emu"):
         _load(root, "train")
 
 
@@ -106,7 +107,7 @@ def test_a_class_with_no_readable_image_stops(tmp_path):
     root = _folder(tmp_path, ("cat", "dog"), ("cat", "dog"))
     for path in (tmp_path / "train" / "dog").iterdir():
         path.write_bytes(b"not a jpeg")
-    with pytest.raises(data_sources.DatasetUnavailableError, match="no readable image.*dog"):
+    with pytest.raises(DatasetUnavailableError, match="no readable image.*dog"):
         _load(root, "train")
 
 
@@ -451,9 +452,9 @@ def test_predict_refuses_bad_flags_in_one_line(tmp_path, flag, message):
 def test_a_wrong_cifar_tarball_is_one_line(tmp_path):
     manual = tmp_path / "downloads" / "manual"
     manual.mkdir(parents=True)
-    (manual / data_sources.CIFAR10_TARBALL).write_bytes(os.urandom(50_000))
-    with pytest.raises(data_sources.DatasetUnavailableError, match="official size and checksum"):
-        data_sources.load_split("cifar10", "train", data_dir=str(tmp_path), image_size=32)
+    (manual / sources.CIFAR10_TARBALL).write_bytes(os.urandom(50_000))
+    with pytest.raises(DatasetUnavailableError, match="official size and checksum"):
+        load_split("cifar10", "train", data_dir=str(tmp_path), image_size=32)
 
 
 # --------------------------------------------------------------------- TensorFlow (11)
@@ -479,10 +480,12 @@ def test_a_device_resident_run_does_not_load_the_streaming_libraries():
 def test_tfds_without_tensorflow_names_the_extra():
     code = (
         "import sys; sys.modules['tensorflow'] = None\n"
-        "from vgg_jax import data_sources\n"
+        "from vgg_jax.configuration import default_config\n"
+        "from vgg_jax.data import sources\n"
+        "from vgg_jax.data.info import DatasetUnavailableError\n"
         "try:\n"
-        "    data_sources.load_split('cifar10', 'train', data_dir='/nonexistent', image_size=32)\n"
-        "except data_sources.DatasetUnavailableError as error:\n"
+        "    sources.open_split(default_config(), 'train', data_dir='/nonexistent')\n"
+        "except DatasetUnavailableError as error:\n"
         "    print(error)\n"
     )
     result = run_cli("-c", code)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vgg_jax import input_pipeline, inputs, streaming, train
+from vgg_jax import data, train
+from vgg_jax.data import sources, stream, views
 from vgg_jax.metrics_log import read_metrics
 from vgg_jax.preemption import Preempted
 
@@ -53,8 +54,9 @@ def _element(tmp_path, size=(300, 200)):
 @pytest.mark.parametrize("augment", ["random_resized_crop", "scale_jitter", "crop_flip", "none"])
 def test_every_augmentation_gives_uint8_squares(tmp_path, augment):
     element = _element(tmp_path)
-    draws = streaming.random_draws(seed=0, step=0, count=4)
-    images = [streaming.train_image(element, row, 32, augment) for row in draws]
+    draws = views.random_draws(seed=0, step=0, count=4)
+    decoded = views.decode(element[0])
+    images = [views.train_view(decoded, row, 32, augment) for row in draws]
     assert all(image.shape == (32, 32, 3) and image.dtype == np.uint8 for image in images)
     if augment != "none":
         assert len({image.tobytes() for image in images}) > 1  # random views
@@ -62,14 +64,14 @@ def test_every_augmentation_gives_uint8_squares(tmp_path, augment):
 
 @pytest.mark.parametrize("padding", [0, 2])
 def test_crop_padding_sets_how_far_the_host_crop_moves(padding):
-    # As on the devices (test_input_pipeline): the bright top-left pixel's place is the
+    # As on the devices (test_device_input): the bright top-left pixel's place is the
     # crop's offset, mirrored by a flip.
     image = np.full((8, 8, 3), 7, np.uint8)
     image[0, 0] = 255
-    draws = streaming.random_draws(seed=0, step=0, count=64)
+    draws = views.random_draws(seed=0, step=0, count=64)
     places = []
     for row in draws:
-        view = streaming.augment_image(image, row, 8, "crop_flip", crop_padding=padding)
+        view = views.train_view(image, row, 8, "crop_flip", crop_padding=padding)
         places += [(r, min(c, 7 - c)) for r, c in np.argwhere(view[..., 0] == 255).tolist()]
     if padding == 0:
         assert places == [(0, 0)] * 64  # flips only
@@ -78,7 +80,7 @@ def test_crop_padding_sets_how_far_the_host_crop_moves(padding):
 
 
 def test_random_resized_crop_respects_the_area_and_ratio_ranges():
-    boxes = [streaming.crop_box(400, 300, row) for row in streaming.random_draws(0, 0, 500)]
+    boxes = [views.crop_box(400, 300, row) for row in views.random_draws(0, 0, 500)]
     areas = [w * h / (400 * 300) for _, _, w, h in boxes]
     ratios = [w / h for _, _, w, h in boxes]
     assert min(areas) >= 0.08 - 0.01 and max(areas) <= 1.0 and max(areas) > 0.8
@@ -88,7 +90,7 @@ def test_random_resized_crop_respects_the_area_and_ratio_ranges():
 
 def test_eval_view_is_the_centre_crop_after_resizing_the_shorter_side(tmp_path):
     element = _element(tmp_path, size=(224, 448))  # height 224, width 448
-    view = streaming.eval_image(element, 224, "random_resized_crop")
+    view = views.center_view(views.decode(element[0]), 224)
     assert view.shape == (224, 224, 3)
     decoded = np.asarray(Image.open(element[0]).convert("RGB"))
     full = cv2.resize(decoded, (512, 256), interpolation=cv2.INTER_LINEAR)
@@ -111,22 +113,18 @@ def test_the_last_epochs_flip_and_never_crop(tiny_config, tmp_path, input_kind):
     config.input, config.input_workers, config.batch_size = input_kind, 0, 8
     config.augment, config.crop_padding, config.num_epochs = "crop_flip", 2, 3
     config.flip_only_last_epochs = 1
-    data = inputs.create(config, input_pipeline.create_mesh())
+    batches = data.create(config, data.create_mesh())
     try:
         unmoved = []
         for epoch in range(3):
-            # Device input yields (the epoch's batches, step index); the stream, (batch,).
-            views = np.concatenate(
-                [
-                    np.asarray(args[0]["image"][args[1]] if len(args) == 2 else args[0]["image"])
-                    for args in data.train_steps(epoch, 0)
-                ]
+            images = np.concatenate(
+                [np.asarray(batch["image"]) for batch in batches.train_batches(epoch, 0)]
             )[..., 0]
-            assert len(views) == 16
-            corners = np.maximum(views[:, 0, 0], views[:, 0, -1])
+            assert len(images) == 16
+            corners = np.maximum(images[:, 0, 0], images[:, 0, -1])
             unmoved.append(int((corners == 255).sum()))
     finally:
-        data.close()
+        batches.close()
     assert unmoved[0] < 16 and unmoved[1] < 16  # cropped
     assert unmoved[2] == 16  # flipped at most
 
@@ -135,10 +133,10 @@ def test_the_last_epochs_flip_and_never_crop(tiny_config, tmp_path, input_kind):
 
 
 def test_process_shares_are_disjoint_and_cover_every_global_batch(tmp_path):
-    records = streaming.image_folder_records(str(_folder(tmp_path)), "train")
+    records = sources.image_folder_records(str(_folder(tmp_path)), "train")
     shares = []
     for process in range(2):
-        dataset = streaming.train_dataset(
+        dataset = stream.train_dataset(
             records,
             seed=3,
             local_batch=3,
@@ -148,7 +146,7 @@ def test_process_shares_are_disjoint_and_cover_every_global_batch(tmp_path):
             process_count=2,
         )
         shares.append(dataset)
-    indices = streaming.grain.MapDataset.range(len(records)).seed(3).shuffle().repeat()
+    indices = stream.grain.MapDataset.range(len(records)).seed(3).shuffle().repeat()
     for step in range(7):  # 36 records, global batch 6: crosses an epoch boundary
         expected = sorted(int(indices[step * 6 + k]) for k in range(6))
         read = [share[step]["index"] for share in shares]
@@ -157,10 +155,10 @@ def test_process_shares_are_disjoint_and_cover_every_global_batch(tmp_path):
 
 
 def test_an_images_random_view_does_not_depend_on_the_number_of_processes(tmp_path):
-    records = streaming.image_folder_records(str(_folder(tmp_path)), "train")
+    records = sources.image_folder_records(str(_folder(tmp_path)), "train")
 
     def dataset(process, count):
-        return streaming.train_dataset(
+        return stream.train_dataset(
             records,
             seed=5,
             local_batch=6 // count,
@@ -180,7 +178,7 @@ def test_an_images_random_view_does_not_depend_on_the_number_of_processes(tmp_pa
 
 
 def _one_process_train_dataset(records, local_batch, image_size):
-    return streaming.train_dataset(
+    return stream.train_dataset(
         records,
         seed=0,
         local_batch=local_batch,
@@ -192,11 +190,11 @@ def _one_process_train_dataset(records, local_batch, image_size):
 
 
 def test_the_same_seed_and_step_give_the_same_batch(tmp_path):
-    records = streaming.image_folder_records(str(_folder(tmp_path)), "train")
+    records = sources.image_folder_records(str(_folder(tmp_path)), "train")
 
     def from_step(step, **how):
         dataset = _one_process_train_dataset(records, local_batch=4, image_size=16)
-        return streaming.iterate(dataset[step:], **how)
+        return stream.iterate(dataset[step:], **how)
 
     # A decoding worker process (input_workers=1) and decoding threads in this process
     # (input_workers=0, input_threads=3) read the same batches, again and again.
@@ -212,17 +210,17 @@ def test_the_same_seed_and_step_give_the_same_batch(tmp_path):
 
 
 def test_every_evaluation_pass_reads_the_whole_share_from_one_iterator(tmp_path):
-    records = streaming.image_folder_records(str(_folder(tmp_path)), "test")  # 12 images
-    dataset, batches = streaming.eval_dataset(
+    records = sources.image_folder_records(str(_folder(tmp_path)), "test")  # 12 images
+    dataset, batches = stream.eval_dataset(
         records,
         local_batch=5,
+        view=lambda image: views.squash_view(image, 8),
         image_size=8,
-        augment="none",
         process_index=1,
         process_count=2,
     )
     assert (len(dataset), batches) == (2, 2)  # 6 images in this share: 5 + 1 (padded)
-    passes = streaming.EvalPasses(dataset, batches, 5, 8, workers=0)
+    passes = stream.EvalPasses(dataset, batches, 5, 8, workers=0)
 
     def one_pass():
         return [batch["index"][batch["mask"] > 0].tolist() for batch in passes.one_pass()]
@@ -290,12 +288,12 @@ def test_auto_input_streams_what_does_not_fit_and_says_why(stream_config, caplog
     stream_config.input = "auto"
     stream_config.augment = "crop_flip"
     stream_config.device_input_budget_gb = 1e-6  # a few KB
-    assert inputs.choose(stream_config)[0] == "stream"
+    assert data.choose(stream_config)[0] == "stream"
     stream_config.device_input_budget_gb = 1.0
-    kind, why = inputs.choose(stream_config)
+    kind, why = data.choose(stream_config)
     assert kind == "device" and "within the 1 GiB device budget" in why
     stream_config.augment = "random_resized_crop"
-    assert inputs.choose(stream_config) == (
+    assert data.choose(stream_config) == (
         "stream",
         "augment='random_resized_crop' runs on the host",
     )
@@ -305,12 +303,12 @@ def test_auto_input_streams_what_does_not_fit_and_says_why(stream_config, caplog
 def test_host_memory_stays_flat_while_streaming(tmp_path):
     """Two passes over 2,400 JPEGs: the peak RSS after the second equals the first's,
     i.e. memory does not grow with the number of files read."""
-    records = streaming.image_folder_records(
+    records = sources.image_folder_records(
         str(_folder(tmp_path, classes=tuple("abcdef"), per_class=(400, 1), size=(32, 32))),
         "train",
     )
     dataset = _one_process_train_dataset(records, local_batch=48, image_size=32)
-    iterator = streaming.iterate(dataset, workers=0)
+    iterator = stream.iterate(dataset, workers=0)
     steps = len(records) // 48
     peaks = []
     for _ in range(2):
@@ -378,8 +376,8 @@ def test_jpeg_decodes_to_the_same_rgb_either_way(tmp_path, monkeypatch, mode):
     pixels = rng.integers(0, 256, (24, 40, 3) if mode == "RGB" else (24, 40), dtype=np.uint8)
     Image.fromarray(pixels, mode).save(tmp_path / "a.jpg", quality=90)
     element = (str(tmp_path / "a.jpg"), 0)
-    direct = streaming.decode(element)
-    monkeypatch.setattr(streaming, "_DECODE_RGB", None)
-    converted = streaming.decode(element)
+    direct = views.decode(element[0])
+    monkeypatch.delattr(cv2, "IMREAD_COLOR_RGB", raising=False)
+    converted = views.decode(element[0])
     assert direct.shape == converted.shape == (24, 40, 3) and direct.dtype == np.uint8
     np.testing.assert_array_equal(direct, converted)

@@ -1,23 +1,29 @@
 import jax
 import numpy as np
 import pytest
+from conftest import load_split
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vgg_jax import configuration, data_sources, input_pipeline, models, optim, train
+from vgg_jax import configuration, models, optim, train
+from vgg_jax.data import DatasetInfo, create_mesh, device
 
 
 def _state_and_batches(config, mesh):
-    split = data_sources.load_split("synthetic", "train", data_dir=None, image_size=16)
-    info = data_sources.DatasetInfo(split.class_names, (120.0,) * 3, (60.0,) * 3, 16, 2048, 0)
+    split = load_split("synthetic", "train", image_size=16)
+    info = DatasetInfo(split.class_names, (120.0,) * 3, (60.0,) * 3, 16, 2048, 0)
     model = models.build_model(config, info)
     schedule = optim.create_learning_rate_schedule(config, 8)
     state = train.create_train_state(config, model, 16, schedule, mesh)
-    data = input_pipeline.put_train_split(split, mesh)
-    batches = input_pipeline.epoch_batches(
+    data = device.put_train_split(split, mesh)
+    batches = device.epoch_batches(
         data, jax.random.key(0), steps=2, batch_size=32, augment="crop_flip", mesh=mesh
     )
     return state, batches
+
+
+def _step(batches, index):
+    return jax.tree.map(lambda array: array[index], batches)
 
 
 @pytest.mark.slow
@@ -31,7 +37,7 @@ def test_sharded_step_on_8_devices_matches_1_device(tiny_config):
         train_at, _ = train.make_step_functions(tiny_config, mesh)
         losses = []
         for index in range(2):
-            state, metrics = train_at(state, batches, index)
+            state, metrics = train_at(state, _step(batches, index))
             losses.append(float(metrics["loss_sum"]))
         assert len(state.params["conv1_1"]["kernel"].sharding.device_set) == len(devices)
         results.append((losses, jax.device_get(state.params), jax.device_get(state.batch_stats)))
@@ -51,28 +57,26 @@ def test_sharded_step_on_8_devices_matches_1_device(tiny_config):
 
 @pytest.mark.slow
 def test_train_step_batch_is_sharded_and_state_replicated(tiny_config):
-    mesh = input_pipeline.create_mesh()
+    mesh = create_mesh()
     state, batches = _state_and_batches(tiny_config, mesh)
     assert batches["image"].sharding.is_equivalent_to(
         NamedSharding(mesh, P(None, "data")), batches["image"].ndim
     )
     train_at, _ = train.make_step_functions(tiny_config, mesh)
-    state, _ = train_at(state, batches, 0)
+    state, _ = train_at(state, _step(batches, 0))
     kernel = state.params["conv1_1"]["kernel"]
     assert kernel.sharding.is_fully_replicated and len(kernel.sharding.device_set) == 8
 
 
 def test_eval_counts_every_example_once(tiny_config):
-    mesh = input_pipeline.create_mesh()
+    mesh = create_mesh()
     state, _ = _state_and_batches(tiny_config, mesh)
-    split = data_sources.load_split(
-        "synthetic", "test", data_dir=None, image_size=16, synthetic_sizes=(8, 100)
-    )
-    eval_batches = input_pipeline.put_eval_batches(split, 64, mesh)
+    split = load_split("synthetic", "test", image_size=16, synthetic_eval_size=100)
+    eval_batches = device.put_eval_batches(split, 64, mesh)
     _, eval_at = train.make_step_functions(tiny_config, mesh)
     sums = None
     for index in range(eval_batches["label"].shape[0]):
-        sums = train.sum_metrics(sums, eval_at(state, eval_batches, index))
+        sums = train.sum_metrics(sums, eval_at(state, _step(eval_batches, index)))
     assert float(sums["count"]) == 100
 
 

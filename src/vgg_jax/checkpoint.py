@@ -41,27 +41,6 @@ OPTIONAL_ITEMS = ("data",)  # a streamed run's input position (grain's iterator 
 # Version of the meta item's layout. 1 (unversioned): the dataset's info under
 # "dataset_info"; 2: under "dataset", with "schema": 2.
 META_SCHEMA = 2
-# Fields that may change between a run and its resumption: they do not alter the
-# parameters' shapes, the data order or the optimisation path already taken.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "num_epochs",
-        "data_dir",
-        "progress_bar",
-        "log_every_steps",
-        "checkpoint_every_epochs",
-        "keep_checkpoints",
-        "eval_batch_size",
-        "distributed",
-        "coordinator_address",
-        "num_processes",
-        "process_id",
-        "input_workers",
-        "input_threads",
-        "conv_impl",
-        "async_checkpointing",
-    }
-)
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -347,22 +326,8 @@ def usable_steps(manager: ocp.CheckpointManager, move_damaged: bool = False) -> 
     return steps
 
 
-def config_differences(saved: dict[str, Any], current: ml_collections.ConfigDict) -> list[str]:
-    """'field: saved -> current' for every field that matters to resuming. Fields that
-    only one side has (added or removed in a later version) are not compared; values
-    renamed since are compared under their new names."""
-    saved_values = config_to_json(configuration.from_stored(saved))
-    current_values = config_to_json(current)
-    names = sorted((set(saved) & set(current_values)) - RESUMABLE_CHANGES)
-    return [
-        f"{name}: {saved_values.get(name)!r} -> {current_values.get(name)!r}"
-        for name in names
-        if saved_values.get(name) != current_values.get(name)
-    ]
-
-
 def check_compatible(saved: dict[str, Any], current: ml_collections.ConfigDict, where: str):
-    differences = config_differences(saved, current)
+    differences = configuration.resume_differences(saved, current)
     if differences:
         raise IncompatibleCheckpointError(
             f"{where} holds a run with a different config ({'; '.join(differences)}): "

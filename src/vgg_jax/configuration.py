@@ -8,6 +8,7 @@ any data is read or any device is touched.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import re
@@ -36,6 +37,30 @@ SYNTHETIC_SPLITS = ("train", "test")
 # becomes the source's.
 INIT_FROM_PREFIXES = ("torchvision:", "keras:")
 MAX_IMAGE_SIZE = 1024
+# Schedules shaped by the run's length: a warm-up, then a decay to 0 at the last step. A
+# run with one may not be resumed with another num_epochs (the rate would jump).
+LENGTH_DEPENDENT_SCHEDULES = ("cosine", "onecycle")
+# Fields that may change between a run and its resumption: they do not alter the
+# parameters' shapes, the data order or the optimisation path already taken.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "num_epochs",
+        "data_dir",
+        "progress_bar",
+        "log_every_steps",
+        "checkpoint_every_epochs",
+        "keep_checkpoints",
+        "eval_batch_size",
+        "distributed",
+        "coordinator_address",
+        "num_processes",
+        "process_id",
+        "input_workers",
+        "input_threads",
+        "conv_impl",
+        "async_checkpointing",
+    }
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -280,7 +305,7 @@ def _cross_field_problems(config: ml_collections.ConfigDict, device_count: int |
         for field in ("train_split", "eval_split"):
             if config[field] not in SYNTHETIC_SPLITS:
                 found.append(f"{field}: the synthetic dataset has only {SYNTHETIC_SPLITS}")
-    warmup_schedule = config.schedule in ("cosine", "onecycle")
+    warmup_schedule = config.schedule in LENGTH_DEPENDENT_SCHEDULES
     if warmup_schedule and config.warmup_epochs >= config.num_epochs > 0:
         found.append(
             f"warmup_epochs: {config.warmup_epochs} leaves nothing of "
@@ -369,3 +394,19 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config()
+
+
+def resume_differences(saved: dict[str, Any], current: ml_collections.ConfigDict) -> list[str]:
+    """What stops `current` from resuming a run stored with config `saved` (JSON values):
+    'field: saved -> current' for every changed field outside RESUMABLE_CHANGES (fields
+    only one side has, added or removed in a later version, are not compared; values
+    renamed since, under their new names). num_epochs, resumable in general, is not with
+    a LENGTH_DEPENDENT_SCHEDULES schedule: `resume` says so in its own words."""
+    saved_values = json.loads(from_stored(saved).to_json())
+    current_values = json.loads(current.to_json())
+    names = sorted((set(saved) & set(current_values)) - RESUMABLE_CHANGES)
+    return [
+        f"{name}: {saved_values.get(name)!r} -> {current_values.get(name)!r}"
+        for name in names
+        if saved_values.get(name) != current_values.get(name)
+    ]

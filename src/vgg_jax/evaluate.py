@@ -2,7 +2,10 @@
 
   python -m vgg_jax.evaluate --workdir=/tmp/vgg16 [--step=best] [--data_dir=DIR]
 
-Uses the dataset, split and image size stored with the checkpoint.
+Uses the dataset, split, image size and evaluation view stored with the checkpoint (its
+config), so it prints what training's log printed for that step: loss, top-1, top-5
+(more than 5 classes), flip-TTA (where the config asks). The split is streamed a batch
+at a time: host memory does not grow with its size.
 """
 
 from __future__ import annotations
@@ -12,16 +15,7 @@ from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vgg_jax import (
-    checkpoint,
-    cli,
-    configuration,
-    data_sources,
-    inference,
-    input_pipeline,
-    inputs,
-    train,
-)
+from vgg_jax import checkpoint, cli, configuration, data, inference, train
 from vgg_jax.cpu import host_memory
 from vgg_jax.metrics_log import to_json
 
@@ -29,7 +23,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ folder, or a step.")
 flags.DEFINE_string("step", "latest", "'latest', 'best' or a step number.")
 flags.DEFINE_string("data_dir", None, "Override the data_dir stored with the checkpoint.")
-flags.DEFINE_integer("batch_size", 0, "Evaluation batch (0: the training batch size).")
+flags.DEFINE_integer("batch_size", 0, "Evaluation batch (0: the stored config's evaluation batch).")
 flags.mark_flag_as_required("workdir")
 flags.register_validator("step", inference.valid_step, "--step must be latest, best or a number")
 flags.register_validator("batch_size", lambda value: value >= 0, "--batch_size must be >= 0")
@@ -38,33 +32,31 @@ flags.register_validator("batch_size", lambda value: value >= 0, "--batch_size m
 def evaluate_checkpoint(
     predictor: inference.Predictor, data_dir: str | None = None, batch_size: int = 0
 ) -> dict[str, float]:
-    """Test loss and accuracy of a loaded checkpoint, data-parallel over all devices."""
+    """Test metrics of a loaded checkpoint, data-parallel over this process's devices."""
     config = predictor.config
-    mesh = input_pipeline.create_mesh()
-    split = data_sources.load_split(
-        config.dataset,
-        config.eval_split,
-        class_names=predictor.class_names,
-        **inputs.source_kwargs(config, data_dir),
-    )
-    batch_size = batch_size or config.batch_size
+    mesh = data.create_mesh()
+    batch_size = batch_size or config.eval_batch_size or config.batch_size
     if batch_size % jax.device_count():
         raise configuration.ConfigError(
             f"--batch_size={batch_size} does not divide over {jax.device_count()} devices"
         )
-    batches = input_pipeline.put_eval_batches(split, batch_size, mesh)
+    replicated = NamedSharding(mesh, P())
     state = train.TrainState(
         step=0,
         apply_fn=predictor.model.apply,
-        params=jax.device_put(predictor.variables["params"], NamedSharding(mesh, P())),
-        batch_stats=jax.device_put(predictor.variables["batch_stats"], NamedSharding(mesh, P())),
+        params=jax.device_put(predictor.variables["params"], replicated),
+        batch_stats=jax.device_put(predictor.variables["batch_stats"], replicated),
         tx=None,
         opt_state=None,
         rng=None,
     )
     _, eval_fn = train.make_step_functions(config, mesh)
-    steps = ((batches, index) for index in range(batches["label"].shape[0]))
-    return train.evaluate(state, steps, eval_fn)
+    counts = {"test_skipped_files": 0}
+    batches = data.evaluation_batches(
+        config, mesh, batch_size, predictor.class_names, data_dir, counts
+    )
+    metrics = train.evaluate(state, batches, eval_fn)
+    return {**metrics, **{name: count for name, count in counts.items() if count}}
 
 
 def main(argv: list[str]) -> None:
@@ -74,7 +66,7 @@ def main(argv: list[str]) -> None:
     expected = (
         checkpoint.NoCheckpointError,
         checkpoint.DamagedCheckpointError,
-        data_sources.DatasetUnavailableError,
+        data.DatasetUnavailableError,
         ValueError,
     )
     try:

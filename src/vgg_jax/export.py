@@ -6,7 +6,7 @@
 Models with a head torchvision has ('torchvision'; 'imagenet' at 224 pixels) are written
 in torchvision's VGG layout: `torchvision.models.vgg16_bn(num_classes=N)` loads them with
 strict=True. Other heads ('cifar', 'tf_benchmark') are written in the layout of
-`vgg_jax.torch_reference.build_torch_model(model, image_size)`, the PyTorch twin, which
+`vgg_jax.bench.torch_reference.build_torch_model(model, image_size)`, the PyTorch twin, which
 takes uint8 NHWC images and normalises them itself (writing it needs torch). OUT.json,
 next to OUT, records the layout, the input normalisation and the class names.
 """
@@ -37,7 +37,9 @@ def main(argv: list[str]) -> None:
         if layout == "torchvision":
             constructor = pretrained.torchvision_constructor(model)
         else:
-            constructor = f"vgg_jax.torch_reference.build_torch_model(model, {info.image_size})"
+            constructor = (
+                f"vgg_jax.bench.torch_reference.build_torch_model(model, {info.image_size})"
+            )
         about = {
             "layout": layout,
             "constructor": constructor,

@@ -8,8 +8,7 @@ model.class_names[probs[0].argmax()]
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -18,59 +17,38 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from vgg_jax import checkpoint, data_sources, models
+from vgg_jax import checkpoint, models
+from vgg_jax.data import views
+from vgg_jax.data.info import DatasetInfo
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
-# A PIL image (any mode) and the model's input size -> uint8 RGB (size, size, 3).
-Resize = Callable[[Image.Image, int], np.ndarray]
 
 
 class ImageError(ValueError):
     """One input could not be read as an image; the message names it."""
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """Opens and fully decodes an image file, refusing decompression bombs (images with
-    more than PIL's MAX_IMAGE_PIXELS, about 89 megapixels)."""
+def read_image(image: ImageLike) -> np.ndarray:
+    """A path, a PIL image or an array -> uint8 RGB (H, W, 3), decoded as training
+    decodes (`views.decode`); a file that cannot be read raises ImageError naming it."""
+    if isinstance(image, np.ndarray) and image.dtype != np.uint8:
+        raise ImageError(f"arrays must be uint8 (0..255), got {image.dtype}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            image.load()
-        return image
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageError(
-            f"{path}: refused, too many pixels (decompression bomb?): {error}"
-        ) from None
+        return views.decode(image)
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory") from None
+        raise ImageError(f"{image}: no such file") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"{path}: truncated or corrupt image ({error})") from None
-
-
-def to_model_input(
-    image: ImageLike, image_size: int, resize: Resize = data_sources.to_rgb_array
-) -> np.ndarray:
-    """Any image -> uint8 RGB (image_size, image_size, 3). `resize` makes the picture
-    square: by default converted and resized exactly as the training inputs were (see
-    data_sources.to_rgb_array). A uint8 array of exactly that shape is taken as it is."""
-    if isinstance(image, str | os.PathLike):
-        with open_image(image) as opened:
-            return resize(opened, image_size)
-    if isinstance(image, Image.Image):
-        return resize(image, image_size)
-    array = np.asarray(image)
-    if array.dtype == np.uint8 and array.shape == (image_size, image_size, 3):
-        return array
-    if array.dtype != np.uint8:
-        raise ImageError(f"arrays must be uint8 (0..255), got {array.dtype}")
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    return resize(Image.fromarray(array), image_size)
+        raise ImageError(f"{image}: not an image file") from None
+    except Image.DecompressionBombError as error:
+        raise ImageError(
+            f"{image}: refused, too many pixels (decompression bomb?): {error}"
+        ) from None
+    except views.UNREADABLE as error:
+        if "decompression bomb" in str(error):
+            raise ImageError(f"{image}: refused, {error}") from None
+        if "regular file" in str(error):
+            raise ImageError(f"{image}: not a regular file (a folder, FIFO or device)") from None
+        raise ImageError(f"{image}: truncated or corrupt image ({error})") from None
 
 
 class Predictor:
@@ -80,19 +58,20 @@ class Predictor:
         self,
         config: ml_collections.ConfigDict,
         variables: dict[str, Any],
-        info: data_sources.DatasetInfo,
+        info: DatasetInfo,
         step: int,
         batch_size: int = 256,
-        resize: Resize = data_sources.to_rgb_array,
+        view: views.View | None = None,
     ):
-        """`resize`: how a picture becomes the model's square input (see
-        `to_model_input`); pretrained weights bring their source's recipe."""
+        """`view`: how a decoded picture becomes the model's input; by default the
+        evaluation view of `config`, the one training evaluated on (pretrained weights
+        bring their source's)."""
         self.config = config
         self.variables = variables
         self.info = info
         self.step = step
         self.batch_size = batch_size
-        self.resize = resize
+        self.view = view or views.eval_view(config)
         self.model = models.build_model(config, info)
         model = self.model
         self._probabilities = jax.jit(
@@ -113,11 +92,14 @@ class Predictor:
             images = list(images)
         elif isinstance(images, str | os.PathLike | Image.Image | np.ndarray):
             images = [images]
-        return np.stack([to_model_input(image, self.image_size, self.resize) for image in images])
+        return np.stack([self.view(read_image(image)) for image in images])
 
     def predict(self, images: ImageLike | Iterable[ImageLike]) -> np.ndarray:
         """Class probabilities, shape (N, num_classes), for the given images."""
-        batch = self.preprocess(images)
+        return self.predict_views(self.preprocess(images))
+
+    def predict_views(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities for a uint8 (N, size, size, 3) batch already viewed."""
         chunks = [
             self._probabilities(self.variables, jnp.asarray(batch[start : start + self.batch_size]))
             for start in range(0, len(batch), self.batch_size)
@@ -154,9 +136,7 @@ def load(path: str | os.PathLike, step: int | str = "latest") -> Predictor:
     manager = checkpoint.create_manager(located.directory, read_only=True)
     try:
         config = checkpoint.read_config(manager, located.step)
-        info = data_sources.DatasetInfo.from_json(
-            checkpoint.read_meta(manager, located.step)["dataset"]
-        )
+        info = DatasetInfo.from_json(checkpoint.read_meta(manager, located.step)["dataset"])
         model = models.build_model(config, info)
         images = jax.ShapeDtypeStruct((1, info.image_size, info.image_size, 3), jnp.uint8)
         shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
@@ -180,12 +160,12 @@ def predict_files(
     predictor: Predictor, paths: Sequence[str]
 ) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
     """Probabilities for every readable file, and one error line for every other."""
-    good, errors, inputs = [], [], []
+    good, errors, images = [], [], []
     for path in paths:
         try:
-            inputs.append(to_model_input(path, predictor.image_size, predictor.resize))
+            images.append(predictor.view(read_image(path)))
             good.append(path)
         except ImageError as error:
             errors.append(str(error))
-    probabilities = predictor.predict(np.stack(inputs)) if inputs else np.zeros((0,))
+    probabilities = predictor.predict_views(np.stack(images)) if images else np.zeros((0,))
     return list(zip(good, probabilities, strict=True)), errors

@@ -41,13 +41,16 @@ def main(argv: list[str]) -> None:
     cli.configure_logging()
     from vgg_jax import train  # imports JAX: only once the config has passed its check
     from vgg_jax.checkpoint import CheckpointWriteError
-    from vgg_jax.data_sources import DatasetUnavailableError
+    from vgg_jax.data import workers
+    from vgg_jax.data.info import DatasetUnavailableError
     from vgg_jax.pretrained import WeightsUnavailableError
     from vgg_jax.workdir_lock import WorkdirBusyError
 
+    workers.EXIT_ON_WORKER_DEATH = True  # one line and exit 1: a crash the rerun resumes
     expected = (
         CheckpointWriteError,
         DatasetUnavailableError,
+        workers.InputWorkerError,
         WeightsUnavailableError,
         WorkdirBusyError,
         FloatingPointError,

@@ -233,7 +233,7 @@ def create_model(
 
 
 def build_model(config: ml_collections.ConfigDict, info: Any) -> VGG:
-    """The VGG that `config` describes for a dataset (`data_sources.DatasetInfo`: its
+    """The VGG that `config` describes for a dataset (`data.DatasetInfo`: its
     class names and normalisation), with the CPU kernels where they apply."""
     from vgg_jax import cpu  # the one place the CPU speed work is injected
 

@@ -125,8 +125,3 @@ def param_groups(params: Any, freeze: str = "none") -> Any:
         label = group(layer)
         labels[layer] = jax.tree.map(lambda _, label=label: label, tree)
     return labels
-
-
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Full batches in one pass; the remainder is served by the next pass's shuffle."""
-    return max(1, math.floor(num_examples / batch_size))

@@ -26,8 +26,8 @@ files (h5py) do not. Nothing else is unpickled.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import importlib.resources
 import json
 import logging
 import os
@@ -43,9 +43,10 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
-from vgg_jax import data_sources, models, spec
+from vgg_jax import models, spec
+from vgg_jax.data import views
+from vgg_jax.data.info import DatasetInfo, imagenet_class_names
 
 if TYPE_CHECKING:
     from vgg_jax import inference
@@ -122,12 +123,6 @@ class WeightFormatError(ValueError):
 
 
 # ------------------------------------------------------------------------ class names
-
-
-def imagenet_class_names() -> tuple[str, ...]:
-    """ImageNet's 1000 class names in the order of the published classifiers."""
-    text = (importlib.resources.files("vgg_jax") / "data" / "imagenet_classes.txt").read_text()
-    return tuple(line for line in text.splitlines() if line)
 
 
 # ---------------------------------------------------------------------- getting files
@@ -646,37 +641,10 @@ def merge_variables(target: Mapping[str, Any], source: Mapping[str, Any]) -> tup
 # ------------------------------------------------------------------ classifying images
 
 
-def torchvision_resize(image: Image.Image, image_size: int) -> np.ndarray:
-    """torchvision's eval transform for its ImageNet weights (Resize(256) and
-    CenterCrop(224) at 224): the shorter side to image_size * 256 / 224, bilinear, then the
-    centre image_size square. RGB uint8 (image_size, image_size, 3)."""
-    image = data_sources.to_rgb(image)
-    shorter = round(image_size * 256 / 224)
-    width, height = image.size
-    if width <= height:
-        size = (shorter, int(shorter * height / width))
-    else:
-        size = (int(shorter * width / height), shorter)
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.BILINEAR)
-    left = int(round((size[0] - image_size) / 2.0))
-    top = int(round((size[1] - image_size) / 2.0))
-    return np.asarray(image.crop((left, top, left + image_size, top + image_size)), np.uint8)
-
-
-def keras_resize(image: Image.Image, image_size: int) -> np.ndarray:
-    """What keras.utils.load_img(path, target_size=(size, size)) does: the whole picture
-    resized to a square, nearest neighbour. RGB uint8 (image_size, image_size, 3)."""
-    image = data_sources.to_rgb(image)
-    if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.Resampling.NEAREST)
-    return np.asarray(image, np.uint8)
-
-
 def predictor(source: str | os.PathLike, arch: str | None = None) -> inference.Predictor:
     """An `inference.Predictor` (`predict`, `top_k` with ImageNet's class names) for
     anything `load` takes; pictures are resized and cropped as the source library does
-    for its weights (`torchvision_resize`, `keras_resize`)."""
+    for its weights (`views.torchvision_view`, `views.keras_view`)."""
     from vgg_jax import configuration, inference
 
     text = os.fspath(source)
@@ -706,11 +674,11 @@ def predictor(source: str | os.PathLike, arch: str | None = None) -> inference.P
         class_names = imagenet_class_names()
     else:
         class_names = tuple(str(i) for i in range(model.num_classes))
-    info = data_sources.DatasetInfo(
-        class_names, tuple(model.mean), tuple(model.std), image_size, 0, 0
+    info = DatasetInfo(class_names, tuple(model.mean), tuple(model.std), image_size, 0, 0)
+    view = views.keras_view if keras_source else views.torchvision_view
+    return inference.Predictor(
+        config, variables, info, step=0, view=functools.partial(view, size=image_size)
     )
-    resize = keras_resize if keras_source else torchvision_resize
-    return inference.Predictor(config, variables, info, step=0, resize=resize)
 
 
 # ----------------------------------------------------------------------------- export
@@ -726,7 +694,7 @@ def torchvision_state_dict(model: models.VGG, variables: Mapping[str, Any]) -> d
     if head["hidden"] != spec.HEADS["torchvision"]["hidden"] or head["linear"]:
         raise ValueError(
             f"head {model.head!r} is not torchvision's VGG head; export it with "
-            "vgg_jax.torch_reference.build_torch_model instead"
+            "vgg_jax.bench.torch_reference.build_torch_model instead"
         )
     params = jax.device_get(variables["params"])
     stats = jax.device_get(variables.get("batch_stats", {}))
@@ -798,10 +766,10 @@ def export_state_dict(
     except ValueError:
         pass
     try:
-        from vgg_jax import torch_reference
+        from vgg_jax.bench import torch_reference
     except ImportError:
         raise ImportError(
-            f"head {model.head!r} exports in the layout of vgg_jax.torch_reference, which "
+            f"head {model.head!r} exports in the layout of vgg_jax.bench.torch_reference, which "
             f"needs PyTorch: {TORCH_EXTRA_HINT}"
         ) from None
     twin = torch_reference.build_torch_model(model, image_size)

@@ -16,12 +16,10 @@ from typing import Any
 
 import ml_collections
 
-from vgg_jax import checkpoint, data_sources
+from vgg_jax import checkpoint, configuration
+from vgg_jax.data.info import DatasetInfo
 
 logger = logging.getLogger(__name__)
-
-# Schedules whose learning rate at a given step depends on the total number of steps.
-LENGTH_DEPENDENT_SCHEDULES = ("onecycle", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +50,7 @@ def find_resume_point(manager, config: ml_collections.ConfigDict) -> ResumePoint
 
 def check_schedule_length(saved: dict[str, Any], config: ml_collections.ConfigDict, where: str):
     before = saved.get("num_epochs", config.num_epochs)
-    if before != config.num_epochs and config.schedule in LENGTH_DEPENDENT_SCHEDULES:
+    if before != config.num_epochs and config.schedule in configuration.LENGTH_DEPENDENT_SCHEDULES:
         raise checkpoint.IncompatibleCheckpointError(
             f"{where} holds a run of {before} epochs whose {config.schedule} schedule is "
             f"shaped by that length; resuming it with num_epochs={config.num_epochs} would "
@@ -62,7 +60,7 @@ def check_schedule_length(saved: dict[str, Any], config: ml_collections.ConfigDi
 
 
 def check_same_data(
-    point: ResumePoint, info: data_sources.DatasetInfo, steps_per_epoch: int, where: str
+    point: ResumePoint, info: DatasetInfo, steps_per_epoch: int, where: str
 ) -> None:
     """The dataset's classes and the steps per epoch must be those of the checkpoint."""
     saved_classes = tuple(point.meta.get("dataset", {}).get("class_names", info.class_names))

@@ -12,7 +12,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import flax
 import jax
@@ -25,24 +25,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from vgg_jax import (
-    checkpoint,
-    configuration,
-    cpu,
-    data_sources,
-    input_pipeline,
-    inputs,
-    models,
-    optim,
-    pretrained,
-    resume,
-)
+from vgg_jax import checkpoint, configuration, cpu, data, models, optim, pretrained, resume
 from vgg_jax.metrics_log import MetricsLog
 from vgg_jax.preemption import Preempted, PreemptionGuard
 from vgg_jax.workdir_lock import WorkdirLock
-
-if TYPE_CHECKING:
-    from vgg_jax import streaming  # grain and OpenCV: loaded only by a streamed run
 
 logger = logging.getLogger(__name__)
 
@@ -193,23 +179,12 @@ def configured_train_step(config: ml_collections.ConfigDict) -> Callable[..., An
 def make_step_functions(
     config: ml_collections.ConfigDict, mesh: Mesh
 ) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """Jitted (train, eval) steps, the state donated. Called with a whole epoch's
-    device-resident batches plus an index (a step then moves nothing between host and
-    device), or with one streamed batch."""
+    """Jitted (train, eval) steps on one batch of global arrays, the state donated."""
     replicated = NamedSharding(mesh, P())
-    step = configured_train_step(config)
-
-    def pick(batches, index=None):
-        return batches if index is None else jax.tree.map(lambda a: a[index], batches)
-
-    @functools.partial(jax.jit, donate_argnums=0, out_shardings=replicated)
-    def train_fn(state, batches, index=None):
-        return step(state, pick(batches, index))
-
-    @functools.partial(jax.jit, out_shardings=replicated)
-    def eval_fn(state, batches, index=None):
-        return eval_step(state, pick(batches, index), config.eval_flip_tta)
-
+    train_fn = jax.jit(configured_train_step(config), donate_argnums=0, out_shardings=replicated)
+    eval_fn = jax.jit(
+        functools.partial(eval_step, flip_tta=config.eval_flip_tta), out_shardings=replicated
+    )
     return train_fn, eval_fn
 
 
@@ -242,12 +217,12 @@ def summarise(sums: dict[str, jax.Array], prefix: str) -> dict[str, float]:
     return summary
 
 
-def evaluate(state: TrainState, eval_steps, eval_fn) -> dict[str, float]:
-    """Loss and accuracy over every evaluation example; `eval_steps` yields the
-    arguments of `eval_fn` after the state."""
+def evaluate(state: TrainState, batches, eval_fn) -> dict[str, float]:
+    """Loss and accuracy over every evaluation example: `batches` are padded, masked
+    evaluation batches."""
     sums = None
-    for args in eval_steps:
-        sums = sum_metrics(sums, eval_fn(state, *args))
+    for batch in batches:
+        sums = sum_metrics(sums, eval_fn(state, batch))
     return summarise(sums, "test")
 
 
@@ -262,7 +237,7 @@ class Run:
     mesh: Mesh
     manager: Any  # orbax CheckpointManager
     log: MetricsLog
-    input: inputs.DeviceInput | streaming.StreamInput
+    input: data.Input
     learning_rate_fn: optax.Schedule
     train_fn: Callable[..., Any]
     eval_fn: Callable[..., Any]
@@ -270,7 +245,7 @@ class Run:
     lock: WorkdirLock | None = None  # held by process 0 for the whole run
 
     @property
-    def info(self) -> data_sources.DatasetInfo:
+    def info(self) -> data.DatasetInfo:
         return self.input.info
 
     @property
@@ -293,7 +268,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainSt
             process_id=config.process_id,
         )
     configuration.validate(config, jax.device_count())
-    mesh = input_pipeline.create_mesh()
+    mesh = data.create_mesh()
     lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
     try:
         manager = checkpoint.create_manager(
@@ -316,11 +291,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainSt
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manager):
     point = resume.find_resume_point(manager, config)
-    data = inputs.create(config, mesh)
-    source_variables = None
-    if config.init_from:
-        data.info, source_variables = starting_point(config, data.info, point)
-    info, steps_per_epoch = data.info, data.steps_per_epoch
+    normalisation, source_variables = starting_point(config, point)
+    batches = data.create(config, mesh, normalisation)
+    info, steps_per_epoch = batches.info, batches.steps_per_epoch
     logger.info(
         "%s: %d train / %d eval examples, %d classes; %d devices, %d steps of %d per epoch",
         config.dataset,
@@ -341,7 +314,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manage
         resume.check_same_data(point, info, steps_per_epoch, str(manager.directory))
         state, meta = resume.restore_newest_intact(manager, point, state, NamedSharding(mesh, P()))
         if meta is not None:
-            data.restore(manager, int(state.step))
+            batches.restore(manager, int(state.step))
     log = MetricsLog(workdir, enabled=jax.process_index() == 0)
     # Epochs logged but not checkpointed are redone (all of them without a checkpoint).
     log.truncate_after(meta["epoch"] if meta else 0)
@@ -351,7 +324,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manage
         mesh=mesh,
         manager=manager,
         log=log,
-        input=data,
+        input=batches,
         learning_rate_fn=learning_rate_fn,
         train_fn=train_fn,
         eval_fn=eval_fn,
@@ -360,22 +333,21 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manage
     return run, state
 
 
-def starting_point(
-    config: ml_collections.ConfigDict,
-    info: data_sources.DatasetInfo,
-    point: resume.ResumePoint | None,
-) -> tuple[data_sources.DatasetInfo, dict | None]:
-    """For `config.init_from`: the dataset info with the source's input normalisation
-    (the weights expect it), and the source's variables (None when resuming: the
-    checkpoint holds the weights, and its meta the normalisation)."""
+def starting_point(config: ml_collections.ConfigDict, point: resume.ResumePoint | None):
+    """The input normalisation to use instead of the data's own, and the variables to
+    start from: when resuming, the checkpoint's normalisation (its meta) and no variables
+    (the checkpoint holds them); with `config.init_from`, the source's normalisation (its
+    weights expect it) and variables; otherwise (None, None)."""
     if point is not None:
         saved = point.meta["dataset"]
-        return dataclasses.replace(info, mean=tuple(saved["mean"]), std=tuple(saved["std"])), None
+        return (tuple(saved["mean"]), tuple(saved["std"])), None
+    if not config.init_from:
+        return None, None
     source_model, variables = pretrained.load(config.init_from)
     mean = tuple(float(m) for m in source_model.mean)
     std = tuple(float(s) for s in source_model.std)
     logger.info("init_from %s: its input normalisation mean=%s std=%s", config.init_from, mean, std)
-    return dataclasses.replace(info, mean=mean, std=std), variables
+    return (mean, std), variables
 
 
 def start_from(state: TrainState, variables: dict, name: str, mesh: Mesh) -> TrainState:
@@ -457,8 +429,8 @@ def train_epoch(
     running_loss = None
     in_flight = collections.deque()
     with progress_bar(config, epoch, steps, start) as bar:
-        for index, args in enumerate(run.input.train_steps(epoch, start), start):
-            state, metrics = run.train_fn(state, *args)
+        for index, batch in enumerate(run.input.train_batches(epoch, start), start):
+            state, metrics = run.train_fn(state, batch)
             sums = sum_metrics(sums, metrics)
             # At most two steps queued ahead of the device: streamed batches waiting on
             # the device would otherwise pile up in its memory.
@@ -577,7 +549,7 @@ def train_loop(run: Run, state: TrainState, guard: PreemptionGuard) -> TrainStat
         record.update(summarise(sums, "train"))
         check_finite(record["train_loss"], record["step"], run)
         training_seconds = time.perf_counter() - epoch_start
-        record.update(evaluate(state, run.input.eval_steps(), run.eval_fn))
+        record.update(evaluate(state, run.input.eval_batches(), run.eval_fn))
         record["learning_rate"] = float(run.learning_rate_fn(int(state.step) - 1))
         record["epoch_seconds"] = time.perf_counter() - epoch_start
         counts = run.input.take_epoch_counts()

@@ -1,5 +1,5 @@
 """Speed of the forward pass and of the full training step on random data (or, with
---input=DIR, of the host input pipeline against tf.data: vgg_jax/input_speed.py).
+--input=DIR, of the host input pipeline against tf.data: bench/input_speed.py).
 
   python -m vgg_jax.benchmark --config=configs/vgg16.py [--config.batch_size=256] \
       [--steps=20] [--burn_in=10] [--compare=torch] [--json=FILE]
@@ -37,16 +37,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from vgg_jax import (
-    cli,
-    configuration,
-    data_sources,
-    input_pipeline,
-    models,
-    optim,
-    profiling,
-    train,
-)
+from vgg_jax import cli, configuration, data, models, optim, train
+from vgg_jax.bench import profiling
 from vgg_jax.cpu import host_memory
 
 FLAGS = flags.FLAGS
@@ -125,9 +117,9 @@ def _figure(
 
 def setup(config: ml_collections.ConfigDict) -> tuple[Mesh, models.VGG, train.TrainState, dict]:
     """The mesh, model, initial train state and one random batch a benchmark times."""
-    mesh = input_pipeline.create_mesh()
+    mesh = data.create_mesh()
     configuration.validate(config, jax.device_count())
-    info = data_sources.DatasetInfo.without_data(config)
+    info = data.DatasetInfo.without_data(config)
     model = models.build_model(config, info)
     schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=1000)
     state = train.create_train_state(config, model, config.image_size, schedule, mesh)
@@ -293,7 +285,7 @@ def run_benchmark(
             key: config[key]
             for key in ("model", "width", "dtype", "batch_size", "image_size", "head")
         },
-        "num_classes": len(data_sources.DatasetInfo.without_data(config).class_names),
+        "num_classes": len(data.DatasetInfo.without_data(config).class_names),
         "steps": steps,
         "burn_in": burn_in,
         "host": platform.node(),
@@ -304,7 +296,7 @@ def run_benchmark(
     if on_jax_done is not None:
         on_jax_done(results)
     if compare == "torch":
-        from vgg_jax import torch_reference  # torch is optional: import it only here
+        from vgg_jax.bench import torch_reference  # torch is optional: import it only here
 
         results["torch"] = torch_reference.benchmark_torch(config, steps, burn_in, torch_compile)
         results["ratio"] = ratios(results["jax"], results["torch"])
@@ -332,12 +324,15 @@ def main(argv: list[str]) -> None:
             write_json(results)
 
     if FLAGS.input:
-        from vgg_jax import input_speed  # tf.data is imported only for this
+        from vgg_jax.bench import input_speed  # tf.data is imported only for this
+        from vgg_jax.data import workers
+
+        workers.EXIT_ON_WORKER_DEATH = True  # a dead worker: one line, not a hang
 
         try:
             workers = [int(w) for w in FLAGS.input_workers]
             results = input_speed.run(config, FLAGS.input, workers, FLAGS.steps, FLAGS.burn_in)
-        except (ValueError, data_sources.DatasetUnavailableError) as error:
+        except (ValueError, data.DatasetUnavailableError) as error:
             sys.exit(f"error: {cli.one_line(error)}")
         print(input_speed.report(results), flush=True)
         write_json(results)
@@ -346,7 +341,7 @@ def main(argv: list[str]) -> None:
         results = run_benchmark(
             config, FLAGS.steps, FLAGS.burn_in, FLAGS.compare, FLAGS.torch_compile, jax_done
         )
-    except (ValueError, ImportError, data_sources.DatasetUnavailableError) as error:
+    except (ValueError, ImportError, data.DatasetUnavailableError) as error:
         sys.exit(f"error: {cli.one_line(error)}")
     # With --compare our figures are printed already.
     print(report_torch(results) if "torch" in results else report(results, config), flush=True)

@@ -24,7 +24,7 @@ from typing import Any
 
 import ml_collections
 
-from vgg_jax import streaming
+from vgg_jax.data import sources, stream
 
 
 def time_batches(batches: Iterator[Any], steps: int, burn_in: int) -> list[float]:
@@ -42,8 +42,8 @@ def time_batches(batches: Iterator[Any], steps: int, burn_in: int) -> list[float
 def ours(
     config: ml_collections.ConfigDict, root: str, workers: int, threads: int = 1
 ) -> Iterator[Any]:
-    records = streaming.image_folder_records(root, "train")
-    dataset = streaming.train_dataset(
+    records = sources.image_folder_records(root, "train")
+    dataset = stream.train_dataset(
         records,
         seed=config.seed,
         local_batch=config.batch_size,
@@ -52,7 +52,7 @@ def ours(
         process_index=0,
         process_count=1,
     )
-    return streaming.iterate(dataset, workers, threads)
+    return stream.iterate(dataset, workers, threads)
 
 
 def ours_threads(config: ml_collections.ConfigDict, root: str, threads: int) -> Iterator[Any]:
@@ -60,10 +60,8 @@ def ours_threads(config: ml_collections.ConfigDict, root: str, threads: int) -> 
 
 
 def tf_data(config: ml_collections.ConfigDict, root: str, workers: int) -> Iterator[Any]:
-    from vgg_jax import data_sources
-
-    tf = data_sources.import_tensorflow()
-    files, _ = data_sources.list_image_folder(root, "train")
+    tf = sources.import_tensorflow()
+    files, _ = sources.list_image_folder(root, "train")
     paths = [str(path) for path, _ in files]
     labels = [label for _, label in files]
     size = config.image_size

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from vgg_jax import data_sources, models, optim, profiling, spec
+from vgg_jax import models, optim, spec
+from vgg_jax.bench import profiling
+from vgg_jax.data.info import DatasetInfo
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +241,7 @@ def benchmark_torch(
 ) -> dict[str, Any]:
     """Times the twin's forward and train step like `benchmark.benchmark_jax` does."""
     device = _device()
-    info = data_sources.DatasetInfo.without_data(config)
+    info = DatasetInfo.without_data(config)
     vgg = models.build_model(config, info)
     torch.manual_seed(config.seed)
     model = build_torch_model(vgg, config.image_size).to(device)

@@ -1,5 +1,5 @@
-"""Host uint8 splits -> device-resident, sharded arrays; per-epoch shuffle and
-augmentation on the device; padded and masked evaluation batches.
+"""The device input: splits that fit stay on the devices, each epoch shuffled and
+augmented there by one jit; evaluation batches padded and masked.
 
 Layout: a split lives on the devices once, its rows sharded over the mesh's `data`
 axis. Each epoch one jitted call permutes it with a key derived from (seed, epoch),
@@ -11,32 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vgg_jax.configuration import DEVICE_AUGMENTATIONS
-from vgg_jax.data_sources import Split
-
-DATA_AXIS = "data"
-
-
-def create_mesh() -> Mesh:
-    """A one-axis mesh over every device of every process: pure data parallelism.
-
-    Auto axes: XLA propagates shardings from the inputs and the constraints below."""
-    return jax.make_mesh(
-        (jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
-    )
-
-
-def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and standard deviation, in 0..255 units."""
-    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64)
-    return tuple(pixels.mean(0).tolist()), tuple(pixels.std(0).tolist())
+from vgg_jax.data import sources, stats, views
+from vgg_jax.data.info import DatasetInfo
+from vgg_jax.data.sharding import DATA_AXIS, check_batch_fits, limited_steps
+from vgg_jax.data.sources import Split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,3 +153,83 @@ def epoch_batches(
         crop_padding=crop_padding,
         mesh=mesh,
     )
+
+
+@jax.jit
+def _take(batches: dict[str, jax.Array], index: jax.Array) -> dict[str, jax.Array]:
+    return jax.tree.map(lambda array: array[index], batches)
+
+
+def load(config: ml_collections.ConfigDict, normalisation=None) -> tuple[Split, Split, DatasetInfo]:
+    """Both splits of this process as evaluation views, in host memory, and the dataset's
+    info (`normalisation`: (mean, std) to use instead of the data's own)."""
+    view = views.eval_view(config)
+    index, count = jax.process_index(), jax.process_count()
+    train_source = sources.open_split(config, config.train_split)
+    eval_source = sources.open_split(config, config.eval_split, train_source.class_names)
+    train_split = sources.load_split(train_source, view, index, count)
+    eval_split = sources.load_split(eval_source, view, index, count)
+    if normalisation is None:
+        sample = np.isin(train_split.indices, stats.sample_indices(train_source.size))
+        normalisation = stats.global_normalisation(stats.channel_sums(train_split.images[sample]))
+    info = DatasetInfo(
+        class_names=train_source.class_names,
+        mean=tuple(normalisation[0]),
+        std=tuple(normalisation[1]),
+        image_size=config.image_size,
+        num_train_examples=train_source.size,
+        num_eval_examples=eval_source.size,
+    )
+    return train_split, eval_split, info
+
+
+class DeviceInput:
+    """Both splits on the devices once; each epoch permuted and augmented by one jit."""
+
+    kind = "device"
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, normalisation=None):
+        self.config, self.mesh = config, mesh
+        train_split, eval_split, self.info = load(config, normalisation)
+        check_batch_fits(config, train_split.num_examples_global)
+        self.train_data = put_train_split(train_split, mesh)
+        eval_batch_size = config.eval_batch_size or config.batch_size
+        self.eval_data = put_eval_batches(eval_split, eval_batch_size, mesh)
+        self.steps_per_epoch = limited_steps(config, self.train_data.num_examples)
+        self.data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+        self.skipped_files = len(train_split.skipped)  # counted once, at load
+        self.wait_seconds = 0.0
+
+    def train_batches(self, epoch: int, start: int) -> Iterator[dict[str, jax.Array]]:
+        """The batches of the remaining steps of `epoch`, from step `start`."""
+        began = time.perf_counter()
+        batches = epoch_batches(
+            self.train_data,
+            jax.random.fold_in(self.data_key, epoch),
+            steps=self.steps_per_epoch,
+            batch_size=self.config.batch_size,
+            augment=self.config.augment,
+            mesh=self.mesh,
+            crop_padding=views.crop_padding(self.config, epoch),
+        )
+        self.wait_seconds += time.perf_counter() - began
+        for index in range(start, self.steps_per_epoch):
+            yield _take(batches, np.int32(index))
+
+    def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
+        for index in range(self.eval_data["label"].shape[0]):
+            yield _take(self.eval_data, np.int32(index))
+
+    def checkpoint_items(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, manager, step: int) -> None:
+        """Nothing to restore: the data order is a function of (seed, epoch)."""
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+    def take_epoch_counts(self) -> dict[str, float]:
+        counts = {"input_wait_seconds": self.wait_seconds}
+        self.wait_seconds = 0.0
+        return counts

@@ -1,8 +1,11 @@
-"""Datasets -> host uint8 arrays: TFDS, an image folder, or a synthetic learnable set.
+"""Where images come from: TFDS, an image folder, or a synthetic learnable set.
 
-Every loader returns this process's share of a split as `(images, labels)`, with
-images uint8 NHWC at the configured size and labels int32. TensorFlow is imported
-only on the TFDS path, so the image-folder and synthetic paths run without it.
+`open_split` gives a split as a `Source`: its class names, its size, and its elements
+(encoded image or decoded array, label) read in order and lazily, so that a split of any
+size can be streamed through. `records` gives random access for the grain stream (image
+folders; TFDS prepared as ArrayRecord). `load_split` decodes this process's share of a
+split into host memory through a view (the device input). TensorFlow is imported only on
+the TFDS path.
 """
 
 from __future__ import annotations
@@ -11,128 +14,149 @@ import dataclasses
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import ml_collections
 import numpy as np
-from PIL import Image
 
-from vgg_jax import spec
+from vgg_jax.data import views
+from vgg_jax.data.info import DatasetUnavailableError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 CIFAR10_TARBALL = "cifar-10-binary.tar.gz"
-
-
-class DatasetUnavailableError(RuntimeError):
-    """The dataset is neither prepared nor obtainable; the message says what to do."""
-
-
-# Class counts of well-known TFDS datasets: what the benchmark needs without any data.
-KNOWN_CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "imagenet2012": 1000}
+# What image folders call their evaluation split: any of these stands for the others.
+EVAL_SPLIT_NAMES = ("validation", "val", "test")
+TFDS_EXTRA_HINT = "pip install 'vgg-jax[tfds]' (TensorFlow and tensorflow-datasets)"
 
 
 @dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """What a model and a predictor need to know about the training data."""
+class Source:
+    """A split: `read(start, end)` yields its elements [start, end) in order, each
+    (image file path, encoded bytes or decoded array; label); `name(i)` says where
+    element i comes from."""
 
     class_names: tuple[str, ...]
-    mean: tuple[float, ...]  # per-channel, 0..255 units
-    std: tuple[float, ...]
-    image_size: int
-    num_train_examples: int
-    num_eval_examples: int
+    size: int
+    read: Callable[[int, int], Iterator[tuple[Any, int]]]
+    name: Callable[[int], str]
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_json(cls, values: dict) -> DatasetInfo:
-        names = {field.name for field in dataclasses.fields(cls)}
-        return cls(
-            **{
-                name: tuple(value) if isinstance(value, list) else value
-                for name, value in values.items()
-                if name in names
-            }
-        )
+@dataclasses.dataclass(frozen=True)
+class Records:
+    """A split with random access (the grain stream): `source[i]` is element i."""
 
-    @classmethod
-    def without_data(cls, config) -> DatasetInfo:
-        """ImageNet statistics and numbered classes: for timing a model, not training."""
-        if config.dataset == "synthetic":
-            classes = config.synthetic_classes
-        elif config.dataset in KNOWN_CLASS_COUNTS:
-            classes = KNOWN_CLASS_COUNTS[config.dataset]
-        else:
-            raise DatasetUnavailableError(
-                f"the class count of dataset {config.dataset!r} is not known without its "
-                "data; use --config.dataset=synthetic --config.synthetic_classes=N"
-            )
-        return cls(
-            tuple(str(i) for i in range(classes)),
-            spec.IMAGENET_MEAN,
-            spec.IMAGENET_STD,
-            config.image_size,
-            0,
-            0,
-        )
+    source: Sequence[tuple[Any, int]]
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def name(self, index: int) -> str:
+        data = self.source[index][0]
+        return str(data) if isinstance(data, str) else f"record {index}"
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """One process's share of one split, in host memory."""
+    """One process's share of one split, decoded, in host memory."""
 
     images: np.ndarray  # uint8 (N, H, W, 3)
     labels: np.ndarray  # int32 (N,)
     class_names: tuple[str, ...]
-    num_examples_global: int  # rows in the whole split, over all processes
+    num_examples_global: int  # elements in the whole split, over all processes
     skipped: tuple[str, ...] = ()  # this process's unreadable files, left out
+    indices: np.ndarray | None = None  # each row's element index in the split
 
 
 def process_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
-    """The [start, end) rows of a split that one process loads (contiguous, near-equal)."""
+    """The [start, end) elements of a split that one process loads (contiguous, near-equal)."""
     per_process = -(-num_examples // process_count)
     start = min(num_examples, process_index * per_process)
     return start, min(num_examples, start + per_process)
 
 
-def load_split(
-    dataset: str,
+def open_split(
+    config: ml_collections.ConfigDict,
     split: str,
-    *,
-    data_dir: str | None,
-    image_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    synthetic_sizes: Sequence[int] = (2048, 512),
-    synthetic_classes: int = 10,
     class_names: Sequence[str] | None = None,
-) -> Split:
-    """Loads this process's part of `split` of `dataset` (a TFDS name, 'image_folder',
-    or 'synthetic'). `class_names`: the training split's classes, which an evaluation
-    split's labels must index (an image folder's test classes are mapped through them)."""
-    if dataset == "synthetic":
-        loaded = load_synthetic(
-            split, image_size, synthetic_sizes, synthetic_classes, process_index, process_count
-        )
-    elif dataset == "image_folder":
-        if not data_dir:
-            raise DatasetUnavailableError(
-                "dataset='image_folder' needs --config.data_dir=DIR holding "
-                "DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg"
-            )
-        root = os.path.expanduser(data_dir)
-        return load_image_folder(root, split, image_size, process_index, process_count, class_names)
+    data_dir: str | None = None,
+) -> Source:
+    """`split` of `config.dataset`. `class_names`: the training split's, which an
+    evaluation split's labels must index."""
+    data_dir = data_dir or config.data_dir
+    if config.dataset == "synthetic":
+        images, labels, names = synthetic_split(config, split)
+        source = array_source(images, labels, names)
+    elif config.dataset == "image_folder":
+        source = records_source(image_folder_records(data_dir, split, class_names))
     else:
-        loaded = load_tfds(dataset, split, data_dir, image_size, process_index, process_count)
-    if class_names is not None and tuple(class_names) != loaded.class_names:
+        source = tfds_source(config.dataset, split, data_dir)
+    if class_names is not None and tuple(class_names) != source.class_names:
         raise DatasetUnavailableError(
-            f"{dataset} split {split!r} has classes {loaded.class_names}, expected "
+            f"{config.dataset} split {split!r} has classes {source.class_names}, expected "
             f"{tuple(class_names)}"
         )
-    return loaded
+    if not source.size:
+        raise DatasetUnavailableError(f"split {split!r} of {config.dataset} is empty")
+    return source
+
+
+def records_source(records: Records) -> Source:
+    def read(start: int, end: int) -> Iterator[tuple[Any, int]]:
+        for index in range(start, end):
+            yield records.source[index]
+
+    return Source(records.class_names, len(records), read, records.name)
+
+
+def array_source(images: np.ndarray, labels: np.ndarray, class_names) -> Source:
+    def read(start: int, end: int) -> Iterator[tuple[Any, int]]:
+        for index in range(start, end):
+            yield images[index], int(labels[index])
+
+    return Source(tuple(class_names), len(labels), read, lambda index: f"record {index}")
+
+
+def load_split(
+    source: Source, view: views.View, process_index: int = 0, process_count: int = 1
+) -> Split:
+    """This process's share of `source`, each image decoded and viewed. An unreadable
+    file is left out with one warning naming it; a class left with no readable image
+    at all (on one process) stops here."""
+    start, end = process_range(source.size, process_index, process_count)
+    images, labels, indices, skipped, seen = [], [], [], [], set()
+    for index, (data, label) in enumerate(source.read(start, end), start):
+        seen.add(label)
+        try:
+            images.append(view(views.decode(data)))
+        except views.UNREADABLE as error:
+            logger.warning("skipping %s: unreadable image (%s)", source.name(index), error)
+            skipped.append(source.name(index))
+            continue
+        labels.append(label)
+        indices.append(index)
+    if skipped:
+        logger.warning("skipped %d unreadable file(s)", len(skipped))
+    if process_count == 1:
+        empty = sorted(seen - set(labels))
+        if empty:
+            raise DatasetUnavailableError(
+                "no readable image in class(es) " + ", ".join(source.class_names[i] for i in empty)
+            )
+    if not images:
+        raise DatasetUnavailableError("no readable image in this process's share of the split")
+    return Split(
+        np.stack(images),
+        np.asarray(labels, np.int32),
+        source.class_names,
+        source.size,
+        tuple(skipped),
+        np.asarray(indices, np.int64),
+    )
 
 
 # ---------------------------------------------------------------------------- image folder
@@ -144,15 +168,13 @@ def _visible(path: Path) -> bool:
 
 
 def _images_in(folder: Path) -> list[Path]:
+    """The entries of a folder named like images (one that is not a regular file, a
+    FIFO say, is refused when read, with a warning naming it)."""
     return sorted(
         path
         for path in folder.iterdir()
         if _visible(path) and path.suffix.lower() in IMAGE_SUFFIXES
     )
-
-
-# What image folders call their evaluation split: any of these stands for the others.
-EVAL_SPLIT_NAMES = ("validation", "val", "test")
 
 
 def split_folder(root: str, split: str) -> Path:
@@ -174,12 +196,17 @@ def list_image_folder(
 ) -> tuple[list[tuple[Path, int]], tuple[str, ...]]:
     """(path, label) for every image under root/split/<class>/ and the class names,
     sorted by name. With `class_names` (the training split's), the split must have
-    exactly those classes and labels index them. A class folder without images stops
-    here, naming it."""
+    exactly those classes and labels index them; without, at least two classes (a
+    classifier of one class learns nothing). A class folder without images stops here."""
     split_dir = split_folder(root, split)
     folders = {p.name: p for p in split_dir.iterdir() if _visible(p) and p.is_dir()}
     if not folders:
         raise DatasetUnavailableError(f"image folder {split_dir} has no class sub-folders")
+    if class_names is None and len(folders) < 2:
+        raise DatasetUnavailableError(
+            f"image folder {split_dir} has one class ({', '.join(folders)}): a classifier "
+            "needs at least two class folders"
+        )
     images = {name: _images_in(folder) for name, folder in sorted(folders.items())}
     empty = [name for name, paths in images.items() if not paths]
     if empty:
@@ -191,124 +218,56 @@ def list_image_folder(
     unknown = sorted(set(images) - set(names))
     missing = sorted(set(names) - set(images))
     if unknown or missing:
+        parts = [
+            unknown and f"classes not in training: {', '.join(unknown)}",
+            missing and f"training classes with no {split} images: {', '.join(missing)}",
+        ]
         raise DatasetUnavailableError(
             f"image folder {split_dir} does not have the training classes: "
-            + "; ".join(
-                part
-                for part in (
-                    unknown and f"classes not in training: {', '.join(unknown)}",
-                    missing and f"training classes with no {split} images: {', '.join(missing)}",
-                )
-                if part
-            )
+            + "; ".join(part for part in parts if part)
         )
     files = [(path, names.index(name)) for name, paths in images.items() for path in paths]
     return files, names
 
 
-def read_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """One image file -> uint8 (image_size, image_size, 3) RGB, resized with bicubic."""
-    with Image.open(path) as image:
-        return to_rgb_array(image, image_size)
-
-
-def to_rgb_array(image: Image.Image, image_size: int | None) -> np.ndarray:
-    """A PIL image of any mode -> uint8 RGB (image_size, image_size, 3); at its own size
-    when `image_size` is None."""
-    image = to_rgb(image)
-    if image_size is not None and image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """A PIL image of any mode as RGB: 16/32-bit grayscale scaled to 8 bits,
-    transparency composited on white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grayscale: scale to 8 bits rather than clipping.
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray((array / top * 255.0).round().astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Composite transparency on white, as a viewer shows it.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
-
-
-def load_image_folder(
-    root: str,
-    split: str,
-    image_size: int,
-    process_index: int,
-    process_count: int,
-    class_names: Sequence[str] | None = None,
-) -> Split:
-    """This process's share of an image folder split, decoded. An unreadable file
-    (truncated, corrupt, empty, not an image) is left out with one warning naming it;
-    a class left with no readable image at all stops the run."""
-    files, names = list_image_folder(root, split, class_names)
-    start, end = process_range(len(files), process_index, process_count)
-    images, labels, skipped = [], [], []
-    for path, label in files[start:end]:
-        try:
-            images.append(read_image(path, image_size))
-            labels.append(label)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            logger.warning("skipping %s: unreadable image (%s)", path, error)
-            skipped.append(str(path))
-    if skipped:
-        logger.warning("%s split: skipped %d unreadable file(s)", split, len(skipped))
-    if process_count == 1:
-        empty = sorted(set(range(len(names))) - set(labels))
-        if empty:
-            raise DatasetUnavailableError(
-                f"image folder {Path(root) / split}: no readable image in class(es) "
-                + ", ".join(names[i] for i in empty)
-            )
-    if not images:
-        raise DatasetUnavailableError(f"no readable image in this process's share of {split}")
-    return Split(np.stack(images), np.asarray(labels, np.int32), names, len(files), tuple(skipped))
+def image_folder_records(root: str, split: str, class_names=None) -> Records:
+    if not root:
+        raise DatasetUnavailableError(
+            "dataset='image_folder' needs --config.data_dir=DIR holding "
+            "DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg"
+        )
+    files, names = list_image_folder(os.path.expanduser(root), split, class_names)
+    return Records([(str(path), label) for path, label in files], names)
 
 
 # ------------------------------------------------------------------------------- synthetic
 
 
-def load_synthetic(
-    split: str,
-    image_size: int,
-    sizes: Sequence[int],
-    num_classes: int,
-    process_index: int,
-    process_count: int,
-) -> Split:
+def synthetic_split(config: ml_collections.ConfigDict, split: str):
     """A small learnable dataset made offline: each class is a fixed coarse colour
     pattern; every example is its class's pattern, shifted by up to 3 pixels, with
-    random contrast and Gaussian noise. A tiny VGG learns it in a few epochs."""
-    num_examples = sizes[0] if split == "train" else sizes[1]
+    random contrast and Gaussian noise. A tiny VGG learns it in a few epochs.
+    Returns (images, labels, class names)."""
+    size, num_classes = config.image_size, config.synthetic_classes
+    train = split == "train"
+    num_examples = config.synthetic_train_size if train else config.synthetic_eval_size
     pattern_rng = np.random.default_rng(1234)  # the same classes for every split
     coarse = pattern_rng.uniform(0, 255, (num_classes, 4, 4, 3))
-    repeat = -(-image_size // 4)
-    patterns = coarse.repeat(repeat, 1).repeat(repeat, 2)[:, :image_size, :image_size]
-    rng = np.random.default_rng(0 if split == "train" else 1)
+    repeat = -(-size // 4)
+    patterns = coarse.repeat(repeat, 1).repeat(repeat, 2)[:, :size, :size]
+    rng = np.random.default_rng(0 if train else 1)
     labels = rng.integers(0, num_classes, num_examples).astype(np.int32)
     shifts = rng.integers(-3, 4, (num_examples, 2))
     contrast = rng.uniform(0.3, 1.0, (num_examples, 1, 1, 1))
-    noise = rng.normal(0, 96, (num_examples, image_size, image_size, 3))
+    noise = rng.normal(0, 96, (num_examples, size, size, 3))
     images = np.stack(
         [np.roll(patterns[y], tuple(s), axis=(0, 1)) for y, s in zip(labels, shifts, strict=True)]
     )
     images = np.clip((images - 128) * contrast + 128 + noise, 0, 255).astype(np.uint8)
-    start, end = process_range(num_examples, process_index, process_count)
-    names = tuple(f"class_{i}" for i in range(num_classes))
-    return Split(images[start:end], labels[start:end], names, num_examples)
+    return images, labels, tuple(f"class_{i}" for i in range(num_classes))
 
 
 # ------------------------------------------------------------------------------------ TFDS
-
-
-TFDS_EXTRA_HINT = "pip install 'vgg-jax[tfds]' (TensorFlow and tensorflow-datasets)"
 
 
 def import_tensorflow():
@@ -347,11 +306,12 @@ def prepare_tfds(builder, name: str, data_dir: str) -> None:
 
     manual_dir = os.path.join(data_dir, "downloads", "manual")
     has_manual_files = os.path.isdir(manual_dir) and bool(os.listdir(manual_dir))
+    cifar = name.startswith("cifar10")
+    official = f"https://www.cs.toronto.edu/~kriz/{CIFAR10_TARBALL}"
     if not has_manual_files and not network_available():
         hint = (
-            f"put {CIFAR10_TARBALL} (from https://www.cs.toronto.edu/~kriz/{CIFAR10_TARBALL}) "
-            f"in {manual_dir}/ and rerun"
-            if name.startswith("cifar10")
+            f"put {CIFAR10_TARBALL} (from {official}) in {manual_dir}/ and rerun"
+            if cifar
             else f"put the files it downloads in {manual_dir}/ and rerun"
         )
         raise DatasetUnavailableError(
@@ -366,23 +326,13 @@ def prepare_tfds(builder, name: str, data_dir: str) -> None:
         raise DatasetUnavailableError(
             f"a file TFDS read for {name!r} (in {manual_dir}/ or downloaded) does not have "
             "the official size and checksum: delete it and download it again"
-            + (
-                f" from https://www.cs.toronto.edu/~kriz/{CIFAR10_TARBALL}"
-                if name.startswith("cifar10")
-                else ""
-            )
+            + (f" from {official}" if cifar else "")
         ) from None
 
 
-def load_tfds(
-    name: str,
-    split: str,
-    data_dir: str | None,
-    image_size: int,
-    process_index: int,
-    process_count: int,
-) -> Split:
-    tf = import_tensorflow()
+def tfds_source(name: str, split: str, data_dir: str | None) -> Source:
+    """A TFDS split read in order through tf.data, a few thousand examples at a time."""
+    import_tensorflow()
     import tensorflow_datasets as tfds
 
     data_dir = resolved_data_dir(data_dir)
@@ -398,32 +348,68 @@ def load_tfds(
             f"TFDS dataset {name!r} has no split {split!r}; it has {sorted(known_splits)}"
         )
     if known_splits:
-        num_examples = known_splits[split].num_examples
-        start, end = process_range(num_examples, process_index, process_count)
-        dataset = builder.as_dataset(split=f"{split}[{start}:{end}]", shuffle_files=False)
-    else:
-        # A builder without split metadata (tfds.testing.mock_data): size unknown ahead.
-        dataset = builder.as_dataset(split=split, shuffle_files=False)
-        num_examples = None
+        size = known_splits[split].num_examples
+    else:  # a builder without split metadata (tfds.testing.mock_data): count it
+        size = int(builder.as_dataset(split=split).reduce(0, lambda count, _: count + 1))
 
-    def to_rgb_uint8(example):
-        image = example["image"]
-        if image.shape[-1] == 1:
-            image = tf.image.grayscale_to_rgb(image)
-        if image.shape[0] != image_size or image.shape[1] != image_size:
-            image = tf.image.resize(image, (image_size, image_size), method="bicubic")
-            image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-        return image, tf.cast(example["label"], tf.int32)
+    def read(start: int, end: int) -> Iterator[tuple[Any, int]]:
+        if known_splits:  # TFDS reads only the files that hold the range
+            dataset = builder.as_dataset(split=f"{split}[{start}:{end}]", shuffle_files=False)
+        else:
+            dataset = builder.as_dataset(split=split, shuffle_files=False)
+            dataset = dataset.skip(start).take(end - start)
+        dataset = dataset.batch(1024).prefetch(1)
+        for batch in tfds.as_numpy(dataset.map(lambda e: (e["image"], e["label"]))):
+            yield from zip(batch[0], batch[1].astype(int).tolist(), strict=True)
 
-    dataset = dataset.map(to_rgb_uint8, num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
-    images, labels = [], []
-    for image_batch, label_batch in tfds.as_numpy(dataset):
-        images.append(image_batch)
-        labels.append(label_batch)
     class_names = tuple(builder.info.features["label"].names)
-    images, labels = np.concatenate(images), np.concatenate(labels)
-    if num_examples is None:
-        num_examples = len(labels)
-        start, end = process_range(num_examples, process_index, process_count)
-        images, labels = images[start:end], labels[start:end]
-    return Split(images, labels, class_names, num_examples)
+    return Source(class_names, size, read, lambda index: f"{name} {split}[{index}]")
+
+
+class _TfdsRecords(Sequence):
+    """A TFDS data source as (image array, label) pairs (decoded where read: in the
+    workers)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index):
+        example = self.source[index]
+        return example["image"], int(example["label"])
+
+
+def tfds_records(name: str, split: str, data_dir: str | None) -> Records:
+    """A TFDS dataset prepared as ArrayRecord (`file_format="array_record"`), read
+    through `tfds.data_source` (random access, no TensorFlow graph)."""
+    import_tensorflow()
+    import tensorflow_datasets as tfds
+
+    data_dir = resolved_data_dir(data_dir)
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as error:  # noqa: BLE001 - TFDS raises many kinds here
+        raise DatasetUnavailableError(
+            f"TFDS dataset {name!r} split {split!r} cannot be read as a data source from "
+            f"{data_dir} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            "prepare it with file_format='array_record' (see the README, 'Data')"
+        ) from None
+    class_names = tuple(source.dataset_info.features["label"].names)
+    return Records(_TfdsRecords(source), class_names)
+
+
+def records(config: ml_collections.ConfigDict, split: str, class_names=None) -> Records:
+    """`split` with random access, for the stream: an image folder, or TFDS as ArrayRecord."""
+    if config.dataset == "image_folder":
+        found = image_folder_records(config.data_dir, split, class_names)
+    else:
+        found = tfds_records(config.dataset, split, config.data_dir)
+        if class_names is not None and found.class_names != tuple(class_names):
+            raise DatasetUnavailableError(
+                f"{config.dataset} split {split!r} has other classes than the training split"
+            )
+    if not len(found):
+        raise DatasetUnavailableError(f"split {split!r} of {config.dataset} is empty")
+    return found

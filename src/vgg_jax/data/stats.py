@@ -1,0 +1,44 @@
+"""The one input-normalisation policy, for both inputs: per-channel mean and standard
+deviation over the evaluation views of a fixed, seeded sample of the training split.
+
+A sample, because a streamed split (ImageNet) cannot be read whole just to normalise it;
+fixed (seed 0, by record index), so the device input and the stream, on any number of
+processes, pick the same images, view them the same way (`views.eval_view`) and store
+the same numbers. The sums are exact (integer pixel values in float64), so the order in
+which processes add them does not matter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SAMPLE_SIZE = 1024  # training images: the mean to within a fraction of a level
+
+
+def sample_indices(num_examples: int, count: int = SAMPLE_SIZE) -> np.ndarray:
+    """The sorted record indices of the training images the statistics are taken over."""
+    chosen = np.random.default_rng(0).choice(num_examples, min(count, num_examples), replace=False)
+    return np.sort(chosen)
+
+
+def channel_sums(images: np.ndarray) -> np.ndarray:
+    """(3, channels): per-channel sum, sum of squares and count of the pixels."""
+    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64)
+    return np.stack([pixels.sum(0), (pixels**2).sum(0), np.full(pixels.shape[1], len(pixels))])
+
+
+def global_normalisation(local_sums: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation (0..255 units) from every process's sums."""
+    import jax
+
+    sums = local_sums
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        sums = np.asarray(multihost_utils.process_allgather(local_sums)).sum(0)
+    total, squares, count = sums
+    if not count.all():
+        raise ValueError("no readable training image in the normalisation sample")
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    return tuple(mean.tolist()), tuple(std.tolist())

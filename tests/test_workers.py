@@ -1,0 +1,100 @@
+"""The stream's worker processes: a dead worker ends the run in one line (and the rerun
+resumes), no process of ours outlives its trainer, nothing is left in /dev/shm."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO, smoke_training_command
+from PIL import Image
+
+from vgg_jax.data import workers
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("unshare") is None, reason="needs unshare (util-linux) for a private /dev/shm"
+)
+
+
+def _folder(root):
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 96), ("test", 16)):
+        for label, name in enumerate("abc"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 90, (40, 48, 3), dtype=np.uint8)
+                pixels[..., label] += 150
+                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    return root
+
+
+def _command(tmp_path):
+    root = tmp_path / "data"
+    if not root.exists():
+        _folder(root)
+    return smoke_training_command(
+        tmp_path / "run",
+        "--config.dataset=image_folder",
+        f"--config.data_dir={root}",
+        "--config.input=stream",
+        "--config.input_workers=2",
+        "--config.augment=random_resized_crop",
+        "--config.batch_size=8",
+        "--config.num_epochs=3",
+        "--config.progress_bar=False",
+    )
+
+
+def _run_with_fault(tmp_path, fault: str) -> dict:
+    """The training command under tests/stream_faults.py, in a private mount namespace
+    whose /dev/shm is a fresh tmpfs: what is left there is this run's."""
+    driver = [sys.executable, str(REPO / "tests" / "stream_faults.py"), fault, "--"]
+    result = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--map-root-user",
+            "sh",
+            "-c",
+            'mount -t tmpfs tmpfs /dev/shm && exec "$@"',
+            "sh",
+            *driver,
+            *_command(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_a_killed_worker_ends_the_run_in_one_line_and_the_rerun_resumes(tmp_path):
+    report = _run_with_fault(tmp_path, "kill_worker")
+    assert report["workers_seen"] >= 2
+    assert report["returncode"] == 1, report
+    last = report["stderr_tail"][-1]
+    assert last.startswith("error: input worker process") and "SIGKILL" in last, report
+    assert report["seconds_to_stop"] < 30, report
+    assert report["survivors"] == [] and report["shm"] == [], report
+    rerun = _run_with_fault(tmp_path, "none")
+    assert rerun["returncode"] == 0, rerun
+    assert rerun["survivors"] == [] and rerun["shm"] == [], rerun
+
+
+@pytest.mark.slow
+def test_nothing_of_a_killed_trainer_survives_it(tmp_path):
+    report = _run_with_fault(tmp_path, "kill_trainer")
+    assert report["workers_seen"] >= 2
+    assert report["returncode"] == -9
+    assert report["survivors"] == [] and report["shm"] == [], report
+
+
+def test_exit_descriptions_name_the_signal():
+    assert workers.describe_exit(-9) == "killed by signal 9 (SIGKILL)"
+    assert workers.describe_exit(3) == "exit code 3"
