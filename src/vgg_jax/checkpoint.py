@@ -56,6 +56,8 @@ RESUMABLE_CHANGES = frozenset(
         "coordinator_address",
         "num_processes",
         "process_id",
+        "distributed_init_timeout_seconds",
+        "distributed_heartbeat_timeout_seconds",
         "input_workers",
         "input_threads",
         "conv_impl",

@@ -30,6 +30,7 @@ from vgg_jax import (
     configuration,
     cpu,
     data_sources,
+    distributed,
     input_pipeline,
     inputs,
     models,
@@ -282,16 +283,13 @@ class DivergedError(FloatingPointError):
     """The training loss became NaN or infinite; nothing after it was saved."""
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainState]:
-    """Devices, checkpoint manager, data on the devices, model and state (restored when
-    the workdir holds a checkpoint), metrics log and step functions, in that order."""
-    if config.distributed:
-        # None fields are auto-detected (Slurm, Open MPI, cloud TPU/GPU environments).
-        jax.distributed.initialize(
-            coordinator_address=config.coordinator_address,
-            num_processes=config.num_processes,
-            process_id=config.process_id,
-        )
+def setup(
+    config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard | None = None
+) -> tuple[Run, TrainState]:
+    """The other processes (a distributed run; `guard` ends the wait for them), devices,
+    checkpoint manager, data on the devices, model and state (restored when the workdir
+    holds a checkpoint), metrics log and step functions, in that order."""
+    distributed.start(config, guard)
     configuration.validate(config, jax.device_count())
     mesh = input_pipeline.create_mesh()
     lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
@@ -545,7 +543,7 @@ def train_and_evaluate(
         # answered after the first step, with a checkpoint.
         with PreemptionGuard() as guard:
             return train_and_evaluate(config, workdir, guard)
-    run, state = setup(config, workdir)
+    run, state = setup(config, workdir, guard)
     try:
         state = train_loop(run, state, guard)
     except Preempted:
