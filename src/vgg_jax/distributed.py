@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -34,6 +35,9 @@ logger = logging.getLogger(__name__)
 # The line this process writes to the watcher once JAX knows its process index (the
 # index is auto-detected on Slurm): the watcher names the process in its message.
 WATCH_CONTROL = b"\0vgg-jax-process "
+
+# A start-up wait longer than this is said, once, by every waiting process.
+WAIT_NOTICE_SECONDS = 5.0
 
 _process_index: int | None = None
 _watcher: subprocess.Popen | None = None
@@ -56,7 +60,7 @@ def process_label() -> str:
 def lost_peer_message(error: BaseException) -> str | None:
     """The one line for an error of a collective operation in a distributed run (a peer
     died: its connections closed), else None."""
-    if _process_index is None or not isinstance(error, RuntimeError):
+    if _process_index is None:
         return None
     text = " ".join(str(error).split())
     if not re.search(r"gloo|nccl|connection (closed|reset)|collective|UNAVAILABLE", text, re.I):
@@ -78,14 +82,11 @@ def start(config: ml_collections.ConfigDict, guard: PreemptionGuard | None = Non
     _watch_stderr(config)
     import jax
 
-    where = config.coordinator_address or "auto-detected"
-    logger.info(
-        "distributed: connecting to the coordinator (%s); waiting up to %d s for every process",
-        where,
-        config.distributed_init_timeout_seconds,
-    )
     _initialize_interruptibly(
         guard,
+        f"waiting for every process to connect to the coordinator "
+        f"({config.coordinator_address or 'auto-detected'}), up to "
+        f"{config.distributed_init_timeout_seconds} s (distributed_init_timeout_seconds)",
         # None fields are auto-detected (Slurm, Open MPI, cloud TPU/GPU environments).
         coordinator_address=config.coordinator_address,
         num_processes=config.num_processes,
@@ -100,9 +101,10 @@ def start(config: ml_collections.ConfigDict, guard: PreemptionGuard | None = Non
         quiet.setLevel(max(quiet.getEffectiveLevel(), logging.WARNING))
 
 
-def _initialize_interruptibly(guard: PreemptionGuard | None, **arguments) -> None:
+def _initialize_interruptibly(guard: PreemptionGuard | None, waiting: str, **arguments) -> None:
     """Runs `jax.distributed.initialize` in a thread: the wait for the other processes is
-    one blocking C++ call, during which this thread could not answer a signal."""
+    one blocking C++ call, during which this thread could not answer a signal. Says
+    `waiting` once the wait is long enough to be noticed."""
     import jax
 
     failure: list[BaseException] = []
@@ -115,8 +117,12 @@ def _initialize_interruptibly(guard: PreemptionGuard | None, **arguments) -> Non
 
     thread = threading.Thread(target=initialize, name="jax-distributed-initialize", daemon=True)
     thread.start()
+    started = time.monotonic()
     while thread.is_alive():
         thread.join(0.2)
+        if waiting and time.monotonic() - started > WAIT_NOTICE_SECONDS:
+            logger.info("distributed: %s", waiting)
+            waiting = ""
         if guard is not None and guard.requested and thread.is_alive():
             from vgg_jax.preemption import Preempted
 

@@ -64,7 +64,8 @@ def main(argv: list[str]) -> None:
         message = str(error) if error.exit_code in (0, 130) else f"error: {error}"
         cli.exit_with_error(message, error.exit_code)
     except expected as error:  # train_and_evaluate has closed the run: nothing is pending
-        cli.exit_with_error(f"error: {error}")
+        # A failed save or read can be a collective whose peer died: say that.
+        cli.exit_with_error(f"error: {distributed.lost_peer_message(error) or error}")
     except OSError as error:  # a full disk, a read-only workdir, ...
         cli.exit_with_error(f"error: {error.strerror or error}: {error.filename or FLAGS.workdir}")
     except RuntimeError as error:
