@@ -51,11 +51,13 @@ class Watch:
         for line in lines:
             self._line(line + b"\n", now)
         # An unfinished line (a progress bar's carriage-return update) passes at once,
-        # unless it may be the start of a C++ error line.
+        # unless it may be the start of a C++ error line or of a control line.
         passing = not self.held and self.fatal is None and not self.done
         if self.tail and passing and self.tail[:1] not in (b"E", b"F"):
-            self.write(self.tail)
-            self.tail = b""
+            cut = self.tail.find(CONTROL[:1])
+            cut = len(self.tail) if cut < 0 else cut
+            self.write(self.tail[:cut])
+            self.tail = self.tail[cut:]
 
     def tick(self, now: float) -> None:
         if self.held and now - self.held_since >= HOLD_SECONDS:
