@@ -2,6 +2,7 @@
 its command."""
 
 import pathlib
+import re
 import time
 
 import jax
@@ -97,6 +98,36 @@ def test_each_bad_value_is_named(field, value, message):
     with pytest.raises(configuration.ConfigError) as error:
         configuration.validate(config)
     assert f"{field}: " in str(error.value) and message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"coordinator_address": "notahost"}, "coordinator_address: 'notahost' is not HOST:PORT"),
+        ({"coordinator_address": "10.0.0.1:99999"}, "is not HOST:PORT (a port 1-65535)"),
+        ({"coordinator_address": ":1234"}, "':1234' is not HOST:PORT"),
+        ({"distributed_init_timeout_seconds": 0}, "distributed_init_timeout_seconds: 0 is below 1"),
+        ({"distributed_heartbeat_timeout_seconds": -5}, "-5 is below 1"),
+    ],
+)
+def test_bad_distributed_settings_are_named(overrides, message):
+    config = _smoke()
+    config.distributed = True
+    config.update(overrides)
+    with pytest.raises(configuration.ConfigError, match=re.escape(message)):
+        configuration.validate(config)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("process_id", 1), ("num_processes", 2), ("coordinator_address", "h:1")]
+)
+def test_distributed_fields_without_distributed_are_refused(field, value):
+    config = _smoke()
+    config[field] = value
+    with pytest.raises(configuration.ConfigError, match=f"{field}: is set, but distributed=False"):
+        configuration.validate(config)
+    config.distributed = True
+    configuration.validate(config)  # with it, they are fine
 
 
 def test_every_problem_is_reported_at_once_and_fast():

@@ -13,7 +13,7 @@ from typing import NoReturn
 from absl import flags
 from absl import logging as absl_logging
 
-from vgg_jax import configuration
+from vgg_jax import configuration, distributed
 
 FLAGS = flags.FLAGS
 
@@ -22,7 +22,7 @@ def configure_logging(level: int = logging.INFO) -> None:
     """Our lines from `level` up with a short timestamp; other libraries (orbax, JAX)
     only from WARNING up, unless --verbosity asks for more."""
     absl_logging.get_absl_handler().setFormatter(
-        logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+        ProcessFormatter("%(asctime)s %(message)s", "%H:%M:%S")
     )
     if "verbosity" in FLAGS and FLAGS["verbosity"].present:
         return
@@ -32,6 +32,17 @@ def configure_logging(level: int = logging.INFO) -> None:
     # tracebacks; the error that matters reaches our code and is reported in one line.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     sys.unraisablehook = _quiet_unraisable
+
+
+class ProcessFormatter(logging.Formatter):
+    """Prefixes '[process N] ' to the lines of every process but the first of a
+    distributed run (all of them write to one terminal or job log under Slurm)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        label = distributed.process_label()
+        if label:
+            record = logging.makeLogRecord({**record.__dict__, "message": label + record.message})
+        return super().formatMessage(record)
 
 
 def _quiet_unraisable(unraisable) -> None:
@@ -50,7 +61,7 @@ def exit_with_error(message: str, code: int = 1) -> NoReturn:
     interpreter's teardown, where orbax's and tensorstore's abandoned reads and writes are
     collected, each printing a long 'Exception ignored in ...' traceback after the line
     that matters (seen after a failed checkpoint read and after a full disk)."""
-    print(message, file=sys.stderr)
+    print(distributed.process_label() + message, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

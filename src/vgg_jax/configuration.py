@@ -55,6 +55,8 @@ RESUMABLE_CHANGES = frozenset(
         "coordinator_address",
         "num_processes",
         "process_id",
+        "distributed_init_timeout_seconds",
+        "distributed_heartbeat_timeout_seconds",
         "input_workers",
         "input_threads",
         "conv_impl",
@@ -129,6 +131,11 @@ def default_config() -> ml_collections.ConfigDict:
     config.coordinator_address = config_dict.placeholder(str)  # HOST:PORT (None: auto-detect)
     config.num_processes = config_dict.placeholder(int)  # processes in all (None: auto-detect)
     config.process_id = config_dict.placeholder(int)  # this process, 0.. (None: auto-detect)
+    # distributed: how long every process waits for all to connect (schedulers may start
+    # them minutes apart), and how long a silent peer (dead, or its host unreachable) may
+    # go unnoticed before every process stops with one line.
+    config.distributed_init_timeout_seconds = 300
+    config.distributed_heartbeat_timeout_seconds = 60
 
     # Checkpoints (WORKDIR/checkpoints; rerunning the same command resumes).
     config.checkpoint_every_epochs = 1  # save after every this many epochs (and the last)
@@ -222,6 +229,26 @@ def _nonempty(value):
     return None if isinstance(value, str) and value else "must be a non-empty name"
 
 
+def _host_port(value):
+    if not isinstance(value, str):
+        return f"{value!r} is not HOST:PORT"
+    host, colon, port = value.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"{value!r} is not HOST:PORT (a port 1-65535), e.g. 10.0.0.1:1234"
+    return None
+
+
+def _whole(low: int):
+    """A whole number from `low` up (JAX takes its timeouts as whole seconds)."""
+
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"{value!r} is not a whole number"
+        return None if value >= low else f"{value!r} is below {low}"
+
+    return check
+
+
 POSITIVE = _number(1)
 FRACTION = _number(0, 1)
 NON_NEGATIVE = _number(0)
@@ -247,6 +274,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "input_workers": _number(-1),
     "input_threads": POSITIVE,
     "seed": NON_NEGATIVE,  # numpy's and grain's seeds must not be negative
+    "coordinator_address": _optional(_host_port),
     "num_processes": _optional(POSITIVE),
     "process_id": _optional(NON_NEGATIVE),
     "synthetic_train_size": POSITIVE,
@@ -271,6 +299,8 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "warmup_epochs": NON_NEGATIVE,
     "label_smoothing": FRACTION,
     "ema_decay": FRACTION,
+    "distributed_init_timeout_seconds": _whole(1),
+    "distributed_heartbeat_timeout_seconds": _whole(1),
     "log_every_steps": POSITIVE,
     "checkpoint_every_epochs": POSITIVE,
     "keep_checkpoints": POSITIVE,
@@ -321,6 +351,12 @@ def _cross_field_problems(config: ml_collections.ConfigDict, device_count: int |
         )
     if config.input == "stream" and config.dataset == "synthetic":
         found.append("input: the synthetic dataset is made in memory: use 'device' or 'auto'")
+    if not config.distributed:
+        for field in ("coordinator_address", "num_processes", "process_id"):
+            if config[field] is not None:
+                found.append(
+                    f"{field}: is set, but distributed=False: add --config.distributed=True"
+                )
     ids = (config.process_id, config.num_processes)
     if all(isinstance(v, int) for v in ids) and ids[0] >= ids[1]:
         found.append(f"process_id: {ids[0]} is not below num_processes={ids[1]}")

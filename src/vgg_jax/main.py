@@ -24,7 +24,7 @@ import sys  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vgg_jax import cli  # noqa: E402
+from vgg_jax import cli, distributed  # noqa: E402
 from vgg_jax.cpu import host_memory  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -61,12 +61,22 @@ def main(argv: list[str]) -> None:
     try:
         train.train_and_evaluate(FLAGS.config, os.path.expanduser(FLAGS.workdir), _guard)
     except Preempted as stopped:
-        print(stopped, file=sys.stderr)
+        print(f"{distributed.process_label()}{stopped}", file=sys.stderr)
         sys.exit(stopped.exit_code)
+    except distributed.DistributedStartError as error:  # a wait abandoned in a thread
+        message = str(error) if error.exit_code in (0, 130) else f"error: {error}"
+        cli.exit_with_error(message, error.exit_code)
     except expected as error:  # train_and_evaluate has closed the run: nothing is pending
-        cli.exit_with_error(f"error: {error}")
+        # A failed save or read can be a collective whose peer died: say that.
+        cli.exit_with_error(f"error: {distributed.lost_peer_message(error) or error}")
     except OSError as error:  # a full disk, a read-only workdir, ...
         cli.exit_with_error(f"error: {error.strerror or error}: {error.filename or FLAGS.workdir}")
+    except RuntimeError as error:
+        # os._exit also skips JAX's shutdown barrier, which a dead peer never reaches.
+        message = distributed.lost_peer_message(error)
+        if message is None:
+            raise
+        cli.exit_with_error(f"error: {message}")
 
 
 def run() -> None:

@@ -25,7 +25,17 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from vgg_jax import checkpoint, configuration, cpu, data, models, optim, pretrained, resume
+from vgg_jax import (
+    checkpoint,
+    configuration,
+    cpu,
+    data,
+    distributed,
+    models,
+    optim,
+    pretrained,
+    resume,
+)
 from vgg_jax.metrics_log import MetricsLog
 from vgg_jax.preemption import Preempted, PreemptionGuard
 from vgg_jax.workdir_lock import WorkdirLock
@@ -257,16 +267,13 @@ class DivergedError(FloatingPointError):
     """The training loss became NaN or infinite; nothing after it was saved."""
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainState]:
-    """Devices, checkpoint manager, data on the devices, model and state (restored when
-    the workdir holds a checkpoint), metrics log and step functions, in that order."""
-    if config.distributed:
-        # None fields are auto-detected (Slurm, Open MPI, cloud TPU/GPU environments).
-        jax.distributed.initialize(
-            coordinator_address=config.coordinator_address,
-            num_processes=config.num_processes,
-            process_id=config.process_id,
-        )
+def setup(
+    config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard | None = None
+) -> tuple[Run, TrainState]:
+    """The other processes (a distributed run; `guard` ends the wait for them), devices,
+    checkpoint manager, data on the devices, model and state (restored when the workdir
+    holds a checkpoint), metrics log and step functions, in that order."""
+    distributed.start(config, guard)
     configuration.validate(config, jax.device_count())
     mesh = data.create_mesh()
     lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
@@ -517,7 +524,7 @@ def train_and_evaluate(
         # answered after the first step, with a checkpoint.
         with PreemptionGuard() as guard:
             return train_and_evaluate(config, workdir, guard)
-    run, state = setup(config, workdir)
+    run, state = setup(config, workdir, guard)
     try:
         state = train_loop(run, state, guard)
     except Preempted:
