@@ -16,9 +16,32 @@ from typing import Any
 
 import ml_collections
 
-from vgg_jax import checkpoint, data_sources
+from vgg_jax import checkpoint, configuration, data_sources
 
 logger = logging.getLogger(__name__)
+
+# Fields that may change between a run and its resumption: they do not alter the
+# parameters' shapes, the data order or the optimisation path already taken.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "num_epochs",
+        "data_dir",
+        "progress_bar",
+        "log_every_steps",
+        "checkpoint_every_epochs",
+        "keep_checkpoints",
+        "eval_batch_size",
+        "distributed",
+        "coordinator_address",
+        "num_processes",
+        "process_id",
+        "input_workers",
+        "input_threads",
+        "conv_impl",
+        "async_checkpointing",
+    }
+)
+
 
 # Schedules whose learning rate at a given step depends on the total number of steps.
 LENGTH_DEPENDENT_SCHEDULES = ("onecycle", "cosine")
@@ -36,18 +59,44 @@ def find_resume_point(manager, config: ml_collections.ConfigDict) -> ResumePoint
     belongs to this run; None if the workdir holds none."""
     for step in checkpoint.usable_steps(manager, move_damaged=True):
         try:
-            saved = checkpoint.read_json_item(manager, step, "config")
+            saved = checkpoint.read_stored_config(manager, step)
             meta = checkpoint.read_meta(manager, step)
         except checkpoint.IncompatibleCheckpointError:
             raise
+        except checkpoint.DamagedCheckpointError as error:
+            checkpoint.quarantine(manager, step, error.reason)
+            continue
         except (OSError, ValueError, KeyError) as error:
             checkpoint.quarantine(manager, step, f"unreadable config or meta ({error})")
             continue
         where = str(manager.directory)
-        checkpoint.check_compatible(saved, config, where)
+        check_compatible(saved, config, where)
         check_schedule_length(saved, config, where)
         return ResumePoint(step, meta, saved)
     return None
+
+
+def config_differences(saved: dict[str, Any], current: ml_collections.ConfigDict) -> list[str]:
+    """'field: saved -> current' for every field that matters to resuming. Fields that
+    only one side has (added or removed in a later version) are not compared; values
+    renamed since are compared under their new names."""
+    saved_values = checkpoint.config_to_json(configuration.from_stored(saved))
+    current_values = checkpoint.config_to_json(current)
+    names = sorted((set(saved) & set(current_values)) - RESUMABLE_CHANGES)
+    return [
+        f"{name}: {saved_values.get(name)!r} -> {current_values.get(name)!r}"
+        for name in names
+        if saved_values.get(name) != current_values.get(name)
+    ]
+
+
+def check_compatible(saved: dict[str, Any], current: ml_collections.ConfigDict, where: str):
+    differences = config_differences(saved, current)
+    if differences:
+        raise checkpoint.IncompatibleCheckpointError(
+            f"{where} holds a run with a different config ({'; '.join(differences)}): "
+            "rerun with the same settings to resume, or use a new --workdir"
+        )
 
 
 def check_schedule_length(saved: dict[str, Any], config: ml_collections.ConfigDict, where: str):
