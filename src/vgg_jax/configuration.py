@@ -323,8 +323,8 @@ def _cross_field_problems(config: ml_collections.ConfigDict, device_count: int |
 def _width_problems(config: ml_collections.ConfigDict, stages) -> list[str]:
     """A width whose convolution kernels alone (float32) outgrow this machine's memory:
     refused before any data is read, rather than failing in the first allocation."""
-    if not stages or _number(0, low_open=True)(config.width) is not None:
-        return []
+    if not stages or _stages(config.stages) or CHECKS["width"](config.width):
+        return []  # those are reported as they are
     scaled = spec.scaled_stages(stages, config.width)
     channels = [3, *(c for block in scaled for c in block)]
     kernel_bytes = 4 * 9 * sum(a * b for a, b in zip(channels, channels[1:], strict=False))

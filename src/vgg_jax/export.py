@@ -22,13 +22,21 @@ from absl import app, flags
 from vgg_jax import checkpoint, cli, inference, pretrained
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ folder, or a step.")
-flags.DEFINE_string("step", "latest", "'latest', 'best' or a step number.")
-flags.DEFINE_enum(
-    "format", "torchvision", ["torchvision", "safetensors"], "A torch .pth or .safetensors."
-)
-flags.mark_flag_as_required("workdir")
-flags.register_validator("step", inference.valid_step, "--step must be latest, best or a number")
+
+
+def define_flags() -> None:
+    """The command's flags, defined by `run` only: importing this module for
+    `export_checkpoint` defines none (absl refuses a flag name defined twice, and the
+    other commands define --workdir and --step too)."""
+    flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ folder, or a step.")
+    flags.DEFINE_string("step", "latest", "'latest', 'best' or a step number.")
+    flags.DEFINE_enum(
+        "format", "torchvision", ["torchvision", "safetensors"], "A torch .pth or .safetensors."
+    )
+    flags.mark_flag_as_required("workdir")
+    flags.register_validator(
+        "step", inference.valid_step, "--step must be latest, best or a number"
+    )
 
 
 class ExportError(ValueError):
@@ -113,6 +121,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+    define_flags()
     app.run(main, flags_parser=cli.parse_flags)
 
 
