@@ -163,7 +163,17 @@ def test_half_deleted_latest_step_is_moved_aside_and_the_run_finishes(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["flipped byte", "deleted manifest", "truncated chunk"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "flipped byte",
+        "deleted manifest",
+        "truncated chunk",
+        "deleted data file",
+        "a digit of the mean",
+        "a config value",
+    ],
+)
 def test_bit_rot_is_detected_on_load_and_resume_falls_back(
     tiny_config, tmp_path, damage, finished_run
 ):
@@ -174,11 +184,20 @@ def test_bit_rot_is_detected_on_load_and_resume_falls_back(
         _flip_a_byte(model_dir)
     elif damage == "deleted manifest":
         (model_dir / "manifest.ocdbt").unlink()
-    else:
+    elif damage == "truncated chunk":
         chunk = max(model_dir.rglob("*/d/*"), key=lambda p: p.stat().st_size)
         chunk.write_bytes(chunk.read_bytes()[:100])
-    with pytest.raises(checkpoint.DamagedCheckpointError, match="16 is damaged.*other steps"):
+    elif damage == "deleted data file":  # orbax's message for it printed a method's repr
+        shutil.rmtree(model_dir / "ocdbt.process_0")
+    else:  # one character of a JSON item: the normalisation mean, the weight decay
+        item, key = ("meta", '"mean": [') if "mean" in damage else ("config", '"l2": ')
+        path = model_dir.parent / item / "metadata"
+        text = path.read_text()
+        digit = text.index(key) + len(key)
+        path.write_text(text[:digit] + str((int(text[digit]) + 1) % 10) + text[digit + 1 :])
+    with pytest.raises(checkpoint.DamagedCheckpointError, match="16 is damaged.*other steps") as e:
         vgg_jax.load(tmp_path / "b")
+    assert "<bound method" not in str(e.value)
     assert vgg_jax.load(tmp_path / "b", step=8).step == 8  # another step may be asked for
     result = run_cli("vgg_jax.evaluate", f"--workdir={tmp_path / 'b'}")
     assert result.returncode != 0

@@ -257,6 +257,7 @@ def test_streamed_run_stopped_mid_epoch_resumes_bitwise(
         resumed = train.train_and_evaluate(stream_config, str(tmp_path / "b"))
     # The position came from grain's saved iterator state, not from the step alone.
     assert not any("stream position from the step" in r.getMessage() for r in caplog.records)
+    assert not list((tmp_path / "b" / "checkpoints").glob("*.damaged"))  # its digests hold
     assert int(resumed.step) == int(uninterrupted.step) == 8
     assert_trees_equal(resumed.params, uninterrupted.params)
     assert_trees_equal(resumed.opt_state, uninterrupted.opt_state)

@@ -1,13 +1,15 @@
 """Orbax checkpoints under WORKDIR/checkpoints: save, resume, restore on any topology.
 
-Each step folder holds four items, five for a streamed run:
+Each step folder holds four items, five for a streamed run, and orbax's metrics:
   model   the params and BN statistics to predict with (the EMA when training keeps one)
   train   optimiser state, step, dropout key (and the raw weights when `model` is the EMA)
   config  the resolved config, as JSON (read back through configuration.from_stored)
   meta    JSON, schema META_SCHEMA: the dataset's info (class names, normalisation,
-          image size), the epoch and position in it, the epoch's metrics, and a SHA-256
-          digest of every array of `model` and `train`, checked on every restore
+          image size), the epoch and position in it, the epoch's metrics, and SHA-256
+          digests (see checksums.py) of `model`, `train`, `config`, `data` and of the
+          meta item itself, checked wherever an item is read
   data    (streamed runs) the grain iterator's position, one JSON file per process
+  metrics (end-of-epoch steps) the test accuracy: what ranks the steps to keep
 Nothing is pickled. Arrays are restored against shapes and shardings built here from the
 config, so a checkpoint written on 8 GPUs restores on 1 CPU without knowing its origin.
 A step that cannot be read back exactly (an item missing, a chunk or manifest deleted or
@@ -18,7 +20,6 @@ truncated, a digest that does not match) is damaged: a trainer moves it aside as
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -27,11 +28,18 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from vgg_jax import configuration, cpu
+from vgg_jax import configuration, cpu, retention
+from vgg_jax.checksums import (
+    data_digests,
+    data_folder_digests,
+    digest,
+    json_digest,
+    meta_digest,
+    non_finite_leaves,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +64,17 @@ class DamagedCheckpointError(RuntimeError):
 
     def __init__(self, directory: str, step: int, reason: str):
         super().__init__(f"checkpoint {directory}/{step} is damaged: {reason}")
+        self.directory = directory
         self.step = step
         self.reason = reason
+
+    def naming_others(self, steps: tuple[int, ...] | list[int]) -> DamagedCheckpointError:
+        """The same error, naming the other steps there that a reader may ask for."""
+        others = [str(step) for step in steps if step != self.step]
+        if not others:
+            return self
+        hint = f"; other steps there: {', '.join(others)} (ask for one with step=N, --step=N)"
+        return DamagedCheckpointError(self.directory, self.step, self.reason + hint)
 
 
 class CheckpointWriteError(RuntimeError):
@@ -99,15 +116,7 @@ def create_manager(
     Orbax writes each step into a temporary folder and renames it when complete, so a
     save cut short by a crash never looks like a checkpoint."""
     policy = checkpoint_managers.AnyPreservationPolicy(
-        [
-            checkpoint_managers.LatestN(n=max(1, keep)),
-            checkpoint_managers.BestN(
-                get_metric_fn=lambda metrics: metrics["test_accuracy"],
-                reverse=False,
-                n=1,
-                keep_checkpoints_without_metrics=False,
-            ),
-        ]
+        [checkpoint_managers.LatestN(n=max(1, keep)), retention.BestTestAccuracy(str(directory))]
     )
     # A reader neither creates, cleans nor prunes anything (orbax's own read_only mode
     # would also do, but warns on every load).
@@ -121,6 +130,11 @@ def create_manager(
         cpu.save_replicated_arrays_whole()
     options = ocp.CheckpointManagerOptions(
         preservation_policy=None if read_only else policy,
+        # With `best_fn` set, orbax writes each step's metrics beside it (the
+        # preservation policy above still decides what is kept): a resumed run then
+        # knows the test accuracy of the steps an earlier run saved.
+        best_fn=retention.accuracy_of,
+        best_mode="max",
         enable_async_checkpointing=async_save and not read_only,
         cleanup_tmp_directories=False,
         create=not read_only,
@@ -131,33 +145,6 @@ def create_manager(
 def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The resolved config as plain JSON values (tuples become lists)."""
     return json.loads(config.to_json())
-
-
-def _host_leaves(tree: Any) -> list[tuple[str, np.ndarray]]:
-    """(path, host array) of every leaf; a replicated array is read from this process."""
-    leaves = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            leaf = leaf.addressable_data(0)
-        leaves.append((jax.tree_util.keystr(path), np.asarray(jax.device_get(leaf))))
-    return leaves
-
-
-def digest(tree: Any) -> str:
-    """SHA-256 over every leaf's path, dtype, shape and bytes, in tree order."""
-    hasher = hashlib.sha256()
-    for path, array in _host_leaves(tree):
-        hasher.update(f"{path}|{array.dtype}|{array.shape}|".encode())
-        hasher.update(np.ascontiguousarray(array).tobytes())
-    return hasher.hexdigest()
-
-
-def non_finite_leaves(tree: Any) -> list[str]:
-    return [
-        path
-        for path, array in _host_leaves(tree)
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all()
-    ]
 
 
 def save(
@@ -178,13 +165,18 @@ def save(
         raise NonFiniteStateError(
             f"not saving step {step}: non-finite values in {', '.join(bad[:3])}"
         )
-    meta = {**meta, "digests": {"model": digest(model), "train": digest(train)}}
+    config_json = config_to_json(config)
+    digests = {"model": digest(model), "train": digest(train), "config": json_digest(config_json)}
+    if "data" in (extra or {}):  # grain's CheckpointSave: the state its handler writes
+        digests["data"] = data_digests(extra["data"].item.get_state())
+    meta = {**meta, "digests": digests}
+    meta["digests"]["meta"] = meta_digest(meta)
     metrics = None if test_accuracy is None else {"test_accuracy": float(test_accuracy)}
     check_writes(manager)  # the previous save's failure first, in one line
     args = ocp.args.Composite(
         model=ocp.args.StandardSave(model),
         train=ocp.args.StandardSave(train),
-        config=ocp.args.JsonSave(config_to_json(config)),
+        config=ocp.args.JsonSave(config_json),
         meta=ocp.args.JsonSave(meta),
         **(extra or {}),
     )
@@ -209,17 +201,63 @@ def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
 
 
 def read_json_item(manager: ocp.CheckpointManager, step: int, name: str) -> dict[str, Any]:
-    return manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name]
+    """A JSON item of `step` as stored; DamagedCheckpointError, naming the item's
+    folder, where it cannot be read."""
+    try:
+        return manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[
+            name
+        ]
+    except KeyboardInterrupt:
+        raise
+    except Exception as error:  # noqa: BLE001 - a missing or garbled file, as orbax says it
+        raise DamagedCheckpointError(
+            str(manager.directory), step, f"its {name} item is unreadable ({_first_line(error)})"
+        ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    """`Type: first line` of an error's message. Orbax wraps a failed array read in a
+    message that prints a TensorStore method's repr (`<bound method ...>`); the read's
+    own error, its cause, says what failed."""
+    text = str(error).strip()
+    if "<bound method" in text or "See full TensorStore details" in text:
+        cause = error.__cause__ or error.__context__
+        if cause is not None:
+            return _first_line(cause)
+        text = text.split("See full TensorStore details")[0].split("<bound method")[0]
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
+def read_stored_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The config item of `step` as stored, checked against its digest in the meta."""
+    saved = read_json_item(manager, step, "config")
+    expected = read_meta(manager, step).get("digests", {}).get("config")
+    if expected is not None and json_digest(saved) != expected:
+        raise DamagedCheckpointError(
+            str(manager.directory), step, "the 'config' item fails its checksum"
+        )
+    return saved
 
 
 def read_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
     """The config stored with `step`, completed for this version of the package."""
-    return configuration.from_stored(read_json_item(manager, step, "config"))
+    return configuration.from_stored(read_stored_config(manager, step))
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    """The meta item of `step` in the current schema, whatever schema it was written in."""
+    """The meta item of `step` in the current schema, whatever schema it was written in,
+    checked against its own digest (steps written before it had one are taken as
+    they are)."""
     meta = read_json_item(manager, step, "meta")
+    if not isinstance(meta, dict):
+        raise DamagedCheckpointError(str(manager.directory), step, "its meta item is no object")
+    expected = (
+        meta.get("digests", {}).get("meta") if isinstance(meta.get("digests"), dict) else None
+    )
+    if expected is not None and meta_digest(meta) != expected:
+        raise DamagedCheckpointError(
+            str(manager.directory), step, "the 'meta' item fails its checksum"
+        )
     schema = meta.get("schema", 1)
     if schema == 1:
         meta = {**meta, "schema": META_SCHEMA}
@@ -233,12 +271,31 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     return meta
 
 
+def check_data_item(manager: ocp.CheckpointManager, step: int) -> None:
+    """The stream position files of `step` against their digests (every process's file:
+    they are read by every process alike, so all processes reach the same verdict)."""
+    digests = read_meta(manager, step).get("digests", {})
+    folder = os.path.join(str(manager.directory), str(step), "data")
+    if "data" not in digests or not os.path.isdir(folder):
+        return
+    try:
+        found = data_folder_digests(folder)
+    except (OSError, ValueError) as error:
+        raise DamagedCheckpointError(
+            str(manager.directory), step, f"its data item is unreadable ({_first_line(error)})"
+        ) from None
+    if found != sorted(digests["data"]):
+        raise DamagedCheckpointError(
+            str(manager.directory), step, "the 'data' item fails its checksum"
+        )
+
+
 def _restore_verified(manager: ocp.CheckpointManager, step: int, items: dict[str, Any]):
     """Restores the named items against their abstract trees and checks each one's
     digest; any failure to read them back exactly raises DamagedCheckpointError."""
     directory = str(manager.directory)
+    digests = read_meta(manager, step).get("digests", {})
     try:
-        digests = read_meta(manager, step).get("digests", {})
         restored = manager.restore(
             step,
             args=ocp.args.Composite(
@@ -248,9 +305,8 @@ def _restore_verified(manager: ocp.CheckpointManager, step: int, items: dict[str
     except (IncompatibleCheckpointError, KeyboardInterrupt):
         raise
     except Exception as error:  # noqa: BLE001 - whatever orbax/tensorstore raise
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         raise DamagedCheckpointError(
-            directory, step, f"unreadable ({type(error).__name__}: {reason})"
+            directory, step, f"unreadable ({_first_line(error)})"
         ) from None
     for name in items:
         if name in digests and digest(restored[name]) != digests[name]:
@@ -274,6 +330,7 @@ def restore_state(manager: ocp.CheckpointManager, step: int, state: Any, shardin
         step,
         {"model": abstract_like(model, sharding), "train": abstract_like(train, sharding)},
     )
+    check_data_item(manager, step)
     model, train = restored["model"], restored["train"]
     raw = train.get("raw", model)
     return state.replace(
@@ -307,6 +364,11 @@ def quarantine(manager: ocp.CheckpointManager, step: int, reason: str) -> None:
     manager.reload()
 
 
+def missing_items(manager: ocp.CheckpointManager, step: int) -> list[str]:
+    folder = os.path.join(str(manager.directory), str(step))
+    return [item for item in ITEMS if not os.path.isdir(os.path.join(folder, item))]
+
+
 def usable_steps(manager: ocp.CheckpointManager, move_damaged: bool = False) -> list[int]:
     """Finished checkpoint steps, newest first. A step folder missing an item (a copy
     cut short, a half-deleted folder) is skipped with a warning or, with
@@ -314,7 +376,7 @@ def usable_steps(manager: ocp.CheckpointManager, move_damaged: bool = False) -> 
     steps = []
     for step in sorted(manager.all_steps(), reverse=True):
         folder = os.path.join(str(manager.directory), str(step))
-        missing = [item for item in ITEMS if not os.path.isdir(os.path.join(folder, item))]
+        missing = missing_items(manager, step)
         if not missing:
             steps.append(step)
         elif move_damaged:
@@ -324,15 +386,6 @@ def usable_steps(manager: ocp.CheckpointManager, move_damaged: bool = False) -> 
                 "skipping checkpoint %s: incomplete (missing %s)", folder, ", ".join(missing)
             )
     return steps
-
-
-def check_compatible(saved: dict[str, Any], current: ml_collections.ConfigDict, where: str):
-    differences = configuration.resume_differences(saved, current)
-    if differences:
-        raise IncompatibleCheckpointError(
-            f"{where} holds a run with a different config ({'; '.join(differences)}): "
-            "rerun with the same settings to resume, or use a new --workdir"
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,19 +410,28 @@ def locate(path: str, step: int | str = "latest") -> Located:
     else:
         directory = path
     manager = create_manager(directory, read_only=True)
-    steps = usable_steps(manager)
-    if not steps:
-        raise NoCheckpointError(f"no checkpoint in {directory}")
-    if step == "latest":
-        chosen = steps[0]
-    elif step == "best":
-        chosen = best_step(manager, steps)
-    else:
-        chosen = int(step)
-        if chosen not in steps:
-            raise NoCheckpointError(f"no checkpoint for step {chosen} in {directory}: {steps}")
-    manager.close()
-    return Located(directory, chosen, tuple(steps))
+    try:
+        every = sorted(manager.all_steps(), reverse=True)
+        if not every:
+            raise NoCheckpointError(f"no checkpoint in {directory}")
+        complete = tuple(s for s in every if not missing_items(manager, s))
+        if step == "latest":
+            chosen = every[0]
+        elif step == "best":
+            chosen = best_step(manager, every)
+        else:
+            chosen = int(step)
+            if chosen not in every:
+                raise NoCheckpointError(
+                    f"no checkpoint for step {chosen} in {directory}: {list(complete)}"
+                )
+    finally:
+        manager.close()
+    missing = missing_items(manager, chosen)
+    if missing:  # a reader never falls back silently to another step than the one asked
+        damaged = DamagedCheckpointError(directory, chosen, f"missing {', '.join(missing)}")
+        raise damaged.naming_others(complete)
+    return Located(directory, chosen, complete)
 
 
 def best_step(manager: ocp.CheckpointManager, steps: list[int]) -> int:
@@ -378,8 +440,8 @@ def best_step(manager: ocp.CheckpointManager, steps: list[int]) -> int:
     for step in steps:
         try:
             accuracy = read_meta(manager, step).get("test_accuracy")
-        except (OSError, ValueError) as error:  # an unreadable meta item: not a candidate
-            logger.warning("skipping checkpoint step %d: unreadable meta (%s)", step, error)
+        except (OSError, ValueError, DamagedCheckpointError) as error:  # not a candidate
+            logger.warning("skipping checkpoint step %d: %s", step, error)
             continue
         if accuracy is not None:
             scored.append((accuracy, step))

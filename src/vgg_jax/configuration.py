@@ -225,6 +225,12 @@ def _freeze(value):
     return f"{value!r} is not 'none', 'features' or 'blockN' (blocks 1..N frozen)"
 
 
+def _seed(value):
+    if _number(0)(value) is None and (not isinstance(value, int) or value >= 2**32):
+        return f"{value!r} is not an integer in [0, 2**32 - 1] (grain takes 32-bit seeds)"
+    return _number(0)(value)
+
+
 def _nonempty(value):
     return None if isinstance(value, str) and value else "must be a non-empty name"
 
@@ -273,7 +279,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "device_input_budget_gb": NON_NEGATIVE,
     "input_workers": _number(-1),
     "input_threads": POSITIVE,
-    "seed": NON_NEGATIVE,  # numpy's and grain's seeds must not be negative
+    "seed": _seed,
     "coordinator_address": _optional(_host_port),
     "num_processes": _optional(POSITIVE),
     "process_id": _optional(NON_NEGATIVE),
@@ -329,6 +335,7 @@ def _cross_field_problems(config: ml_collections.ConfigDict, device_count: int |
                 f"{len(stages)} 2x2 max-pools leave a pixel of"
             )
     found += _init_from_problems(config, stages)
+    found += _width_problems(config, stages)
     if config.dataset == "image_folder" and not config.data_dir:
         found.append("data_dir: dataset='image_folder' needs --config.data_dir=DIR")
     if config.dataset == "synthetic":
@@ -374,9 +381,41 @@ def _cross_field_problems(config: ml_collections.ConfigDict, device_count: int |
     return found
 
 
+def _width_problems(config: ml_collections.ConfigDict, stages) -> list[str]:
+    """A width whose convolution kernels alone (float32) outgrow this machine's memory:
+    refused before any data is read, rather than failing in the first allocation."""
+    if not stages or _stages(config.stages) or CHECKS["width"](config.width):
+        return []  # those are reported as they are
+    scaled = spec.scaled_stages(stages, config.width)
+    channels = [3, *(c for block in scaled for c in block)]
+    kernel_bytes = 4 * 9 * sum(a * b for a, b in zip(channels, channels[1:], strict=False))
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not reported on this platform
+        return []
+    if kernel_bytes <= memory:
+        return []
+    return [
+        f"width: {config.width:g} gives convolutions of up to {max(channels)} channels whose "
+        f"kernels alone take {kernel_bytes / 2**30:.3g} GiB, more than this machine's "
+        f"{memory / 2**30:.3g} GiB of memory"
+    ]
+
+
 def _init_from_problems(config: ml_collections.ConfigDict, stages) -> list[str]:
     found = []
     freeze = config.freeze
+    if not config.init_from:  # nothing pretrained: nothing to freeze or to train slower
+        if freeze != "none" and _freeze(freeze) is None:
+            found.append(f"freeze: {freeze!r} keeps pretrained layers: it needs init_from")
+        if (
+            config.backbone_lr_factor != 1
+            and CHECKS["backbone_lr_factor"](config.backbone_lr_factor) is None
+        ):
+            found.append(
+                f"backbone_lr_factor: {config.backbone_lr_factor} slows pretrained layers: "
+                "it needs init_from"
+            )
     blocks = isinstance(freeze, str) and freeze.startswith("block") and _freeze(freeze) is None
     if stages and blocks and int(freeze[5:]) > len(stages):
         found.append(f"freeze: {freeze!r} but the model has {len(stages)} blocks")

@@ -8,51 +8,104 @@ in torchvision's VGG layout: `torchvision.models.vgg16_bn(num_classes=N)` loads 
 strict=True. Other heads ('cifar', 'tf_benchmark') are written in the layout of
 `vgg_jax.bench.torch_reference.build_torch_model(model, image_size)`, the PyTorch twin, which
 takes uint8 NHWC images and normalises them itself (writing it needs torch). OUT.json,
-next to OUT, records the layout, the input normalisation and the class names.
+next to OUT, records the layout, the input normalisation, the class names and the input
+size, which `vgg_jax.pretrained.predictor(OUT)` (and `predict --weights=OUT`) use.
 """
 
 from __future__ import annotations
+
+import logging
+import os
 
 from absl import app, flags
 
 from vgg_jax import checkpoint, cli, inference, pretrained
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ folder, or a step.")
-flags.DEFINE_string("step", "latest", "'latest', 'best' or a step number.")
-flags.DEFINE_enum(
-    "format", "torchvision", ["torchvision", "safetensors"], "A torch .pth or .safetensors."
-)
-flags.mark_flag_as_required("workdir")
+
+
+def define_flags() -> None:
+    """The command's flags, defined by `run` only: importing this module for
+    `export_checkpoint` defines none (absl refuses a flag name defined twice, and the
+    other commands define --workdir and --step too)."""
+    flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ folder, or a step.")
+    flags.DEFINE_string("step", "latest", "'latest', 'best' or a step number.")
+    flags.DEFINE_enum(
+        "format", "torchvision", ["torchvision", "safetensors"], "A torch .pth or .safetensors."
+    )
+    flags.mark_flag_as_required("workdir")
+    flags.register_validator(
+        "step", inference.valid_step, "--step must be latest, best or a number"
+    )
+
+
+class ExportError(ValueError):
+    """The weights cannot be written where asked."""
+
+
+def check_destination(out: str) -> None:
+    """The output file's folder must exist and be writable: checked before the
+    checkpoint is read, and without a library's traceback."""
+    folder = os.path.dirname(os.path.abspath(os.path.expanduser(out)))
+    if os.path.isdir(os.path.abspath(os.path.expanduser(out))):
+        raise ExportError(f"{out} is a folder: give a file name, e.g. {out}/model.pth")
+    if not os.path.isdir(folder):
+        raise ExportError(f"cannot write {out}: no folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {out}: {folder} is not writable")
+
+
+def export_checkpoint(
+    workdir: str, out: str, file_format: str = "torchvision", step: int | str = "latest"
+) -> tuple[inference.Predictor, str, str | None]:
+    """Writes the weights of a checkpoint to `out` (and `out`.json, which records what a
+    reader needs: layout, normalisation, class names, input size). Returns the loaded
+    predictor, the layout written and the PyTorch constructor that takes it."""
+    check_destination(out)
+    predictor = inference.load(workdir, step)
+    model, info = predictor.model, predictor.info
+    state, layout = pretrained.export_state_dict(model, predictor.variables, info.image_size)
+    if layout == "torchvision":
+        constructor = pretrained.torchvision_constructor(model)
+    else:
+        twin = "vgg_jax.bench.torch_reference.build_torch_model"
+        constructor = f"{twin}(model, {info.image_size})"
+    about = {
+        "layout": layout,
+        "constructor": constructor,
+        "num_classes": model.num_classes,
+        "class_names": list(info.class_names),
+        # The input size the model was trained at, and the augmentation that decides its
+        # evaluation view (pretrained.predictor reads both: data/views.eval_view).
+        "image_size": info.image_size,
+        "augment": predictor.config.augment,
+        "mean": list(model.mean),
+        "std": list(model.std),
+    }
+    pretrained.write_state_dict(state, out, file_format, about)
+    return predictor, layout, constructor
 
 
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise app.UsageError("give one output file, e.g. OUT.pth")
+    cli.configure_logging(logging.WARNING)  # the result lines below are the output
     out = argv[1]
+    expected = (
+        checkpoint.NoCheckpointError,
+        checkpoint.DamagedCheckpointError,
+        ImportError,
+        ValueError,
+        OSError,
+    )
     try:
-        predictor = inference.load(FLAGS.workdir, inference.parse_step(FLAGS.step))
-        model, info = predictor.model, predictor.info
-        state, layout = pretrained.export_state_dict(model, predictor.variables, info.image_size)
-        if layout == "torchvision":
-            constructor = pretrained.torchvision_constructor(model)
-        else:
-            constructor = (
-                f"vgg_jax.bench.torch_reference.build_torch_model(model, {info.image_size})"
-            )
-        about = {
-            "layout": layout,
-            "constructor": constructor,
-            "num_classes": model.num_classes,
-            "class_names": list(info.class_names),
-            "image_size": info.image_size,
-            "mean": list(model.mean),
-            "std": list(model.std),
-        }
-        pretrained.write_state_dict(state, out, FLAGS.format, about)
-    except (checkpoint.NoCheckpointError, ImportError, ValueError, OSError) as error:
+        predictor, layout, constructor = export_checkpoint(
+            FLAGS.workdir, out, FLAGS.format, inference.parse_step(FLAGS.step)
+        )
+    except expected as error:
         cli.exit_with_error(f"error: {error}")
     print(f"wrote {out} ({layout} layout) and {out}.json")
+    model = predictor.model
     if layout == "torch_reference":
         print(f"load: {constructor} (takes uint8 NHWC images, normalises itself)")
         return
@@ -69,7 +122,8 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    app.run(main)
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

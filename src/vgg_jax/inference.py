@@ -136,7 +136,13 @@ def load(path: str | os.PathLike, step: int | str = "latest") -> Predictor:
     manager = checkpoint.create_manager(located.directory, read_only=True)
     try:
         config = checkpoint.read_config(manager, located.step)
-        info = DatasetInfo.from_json(checkpoint.read_meta(manager, located.step)["dataset"])
+        meta = checkpoint.read_meta(manager, located.step)
+        try:
+            info = DatasetInfo.from_json(meta["dataset"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise checkpoint.DamagedCheckpointError(
+                located.directory, located.step, f"its meta item has no dataset info ({error!r})"
+            ) from None
         model = models.build_model(config, info)
         images = jax.ShapeDtypeStruct((1, info.image_size, info.image_size, 3), jnp.uint8)
         shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
@@ -146,11 +152,7 @@ def load(path: str | os.PathLike, step: int | str = "latest") -> Predictor:
             manager, located.step, checkpoint.abstract_like(target, device)
         )
     except checkpoint.DamagedCheckpointError as error:
-        others = [str(s) for s in located.steps if s != located.step]
-        hint = f"; other steps there: {', '.join(others)} (ask for one with step=N, --step=N)"
-        raise checkpoint.DamagedCheckpointError(
-            located.directory, located.step, error.reason + (hint if others else "")
-        ) from None
+        raise error.naming_others(located.steps) from None
     finally:
         manager.close()
     return Predictor(config, variables, info, located.step)

@@ -50,13 +50,15 @@ class MetricsLog:
         are not whole records (a line cut short by a crash), with a warning."""
         if not self.enabled or not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            lines = [line for line in f if line.strip()]
+        lines = _read_lines(self.path)
         records = _parse(lines, self.path)
-        kept = [line for line, record in zip(lines, records, strict=True) if record]
-        kept = [line for line in kept if json.loads(line)["epoch"] <= epoch]
+        kept = [
+            line
+            for line, record in zip(lines, records, strict=True)
+            if record and record["epoch"] <= epoch
+        ]
         if len(kept) != len(lines):
-            with open(self.path, "w") as f:
+            with open(self.path, "w", encoding="utf-8") as f:
                 f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
 
     def close(self) -> None:
@@ -73,15 +75,31 @@ def to_json(record: dict[str, Any]) -> str:
     return json.dumps(clean, allow_nan=False)
 
 
-def _parse(lines: list[str], path: str) -> list[dict[str, Any] | None]:
-    """Each line's record, or None (with a warning) for a line that is not one."""
+def _read_lines(path: str) -> list[str | bytes]:
+    """The non-blank lines of `path`: text, or the raw bytes of a line that is not
+    UTF-8 (a byte damaged on disk), which `_parse` then drops with a warning."""
+    with open(path, "rb") as f:
+        raw = [line for line in f if line.strip()]
+    lines = []
+    for line in raw:
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            lines.append(line)
+    return lines
+
+
+def _parse(lines: list[str | bytes], path: str) -> list[dict[str, Any] | None]:
+    """Each line's record, or None (with a warning) for a line that is not one: not
+    UTF-8, not JSON, or without a whole-number epoch."""
     records = []
     for number, line in enumerate(lines, 1):
         try:
-            record = json.loads(line)
+            record = json.loads(line) if isinstance(line, str) else None
         except ValueError:
             record = None
-        if not isinstance(record, dict) or "epoch" not in record:
+        epoch = record.get("epoch") if isinstance(record, dict) else None
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
             logger.warning(
                 "%s line %d is not a whole record: dropped (%r)", path, number, line[:80]
             )
@@ -93,9 +111,7 @@ def _parse(lines: list[str], path: str) -> list[dict[str, Any] | None]:
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """The whole records of WORKDIR/metrics.jsonl, in order."""
     path = os.path.join(workdir, "metrics.jsonl")
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    return [record for record in _parse(lines, path) if record]
+    return [record for record in _parse(_read_lines(path), path) if record]
 
 
 def _import_summary_writer():

@@ -25,6 +25,7 @@ files (h5py) do not. Nothing else is unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -271,17 +272,33 @@ def _read_state_dict(source: Any) -> tuple[dict[str, np.ndarray], str, Path | No
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
-        return load_file(path), str(path), path
+        with _reraised_as(WeightFormatError, f"{path}: not a readable safetensors file"):
+            return load_file(path), str(path), path
     try:
         import torch
     except ImportError:
         raise ImportError(
             f"reading {path} needs PyTorch: {TORCH_EXTRA_HINT} (or use a .safetensors file)"
         ) from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with _reraised_as(WeightFormatError, f"{path}: not a readable PyTorch file"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, Mapping):
         raise WeightFormatError(f"{path} holds a {type(state).__name__}, not a state dict")
     return {k: _numpy(v) for k, v in state.items()}, str(path), path
+
+
+@contextlib.contextmanager
+def _reraised_as(kind: type[Exception], message: str):
+    """Whatever a weight file's reader or writer raises (torch: RuntimeError or
+    UnpicklingError; safetensors: SafetensorError) as one `kind` error naming the file."""
+    try:
+        yield
+    except (ImportError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as error:  # noqa: BLE001 - the libraries' own error types vary
+        text = str(error).strip()
+        reason = f"{type(error).__name__}: {text.splitlines()[0][:160]}" if text else ""
+        raise kind(f"{message} ({reason or type(error).__name__})") from None
 
 
 def _sidecar(path: Path | None) -> dict[str, Any]:
@@ -289,7 +306,13 @@ def _sidecar(path: Path | None) -> dict[str, Any]:
     normalisation and class names. Empty for files from elsewhere."""
     if path is None or not Path(f"{path}.json").is_file():
         return {}
-    return json.loads(Path(f"{path}.json").read_text())
+    try:
+        about = json.loads(Path(f"{path}.json").read_text())
+    except (OSError, ValueError) as error:
+        raise WeightFormatError(f"{path}.json: unreadable ({error})") from None
+    if not isinstance(about, dict):
+        raise WeightFormatError(f"{path}.json: not a JSON object")
+    return about
 
 
 def torchvision_layout(stages: Sequence[Sequence[int]], batch_norm: bool) -> list[tuple[int, str]]:
@@ -547,6 +570,7 @@ def from_keras(source: Any, arch: str | None = None) -> tuple[models.VGG, dict]:
             "kernel": np.asarray(kernel, np.float32),
             "bias": np.asarray(bias, np.float32),
         }
+    _check_keras_shapes(params, what)
     num_classes = params["classifier"]["kernel"].shape[1] if present else 1000
     model = models.create_model(
         name,
@@ -558,6 +582,40 @@ def from_keras(source: Any, arch: str | None = None) -> tuple[models.VGG, dict]:
         std=spec.CAFFE_STD,
     )
     return model, jax.tree.map(jnp.asarray, {"params": params})
+
+
+def _check_keras_shapes(params: dict[str, dict[str, np.ndarray]], what: str) -> None:
+    """Each layer's weights must fit the one before it (3x3 kernels, channels chained,
+    a flattened square map into fc1), or the model would fail only when applied."""
+    channels = 3
+
+    def check(name: str, kernel_shape: tuple, bias_shape: tuple) -> None:
+        kernel, bias = params[name]["kernel"].shape, params[name]["bias"].shape
+        if kernel != kernel_shape or bias != bias_shape:
+            raise WeightFormatError(
+                f"{what}: {name} has a kernel of shape {kernel} and a bias of shape {bias}; "
+                f"the layers before it need {kernel_shape} and {bias_shape}"
+            )
+
+    convs = sorted((n for n in params if n.startswith("conv")), key=_conv_order)
+    for name in convs:
+        out = params[name]["kernel"].shape[-1]
+        check(name, (3, 3, channels, out), (out,))
+        channels = out
+    if "fc1" not in params:
+        return
+    rows = params["fc1"]["kernel"].shape[0] if params["fc1"]["kernel"].ndim == 2 else 0
+    side = round((rows / channels) ** 0.5)
+    width = channels * max(side, 1) ** 2
+    for name in ("fc1", "fc2", "classifier"):
+        units = params[name]["kernel"].shape[-1]
+        check(name, (width, units), (units,))
+        width = units
+
+
+def _conv_order(name: str) -> tuple[int, int]:
+    block, index = name.removeprefix("conv").split("_")
+    return int(block), int(index)
 
 
 # ------------------------------------------------------------------------ fine-tuning
@@ -644,7 +702,8 @@ def merge_variables(target: Mapping[str, Any], source: Mapping[str, Any]) -> tup
 def predictor(source: str | os.PathLike, arch: str | None = None) -> inference.Predictor:
     """An `inference.Predictor` (`predict`, `top_k` with ImageNet's class names) for
     anything `load` takes; pictures are resized and cropped as the source library does
-    for its weights (`views.torchvision_view`, `views.keras_view`)."""
+    for its weights (`views.torchvision_view`, `views.keras_view`), or, for a file written
+    by `python -m vgg_jax.export`, at the size and in the view its training evaluated."""
     from vgg_jax import configuration, inference
 
     text = os.fspath(source)
@@ -658,6 +717,11 @@ def predictor(source: str | os.PathLike, arch: str | None = None) -> inference.P
     channels = stages[-1][-1]
     side = round((variables["params"]["fc1"]["kernel"].shape[0] // channels) ** 0.5)
     image_size = 224 if model.head == "torchvision" else side * 2 ** len(stages)
+    sidecar = {} if keras_source or text in WEIGHT_FILES else _sidecar(Path(text).expanduser())
+    if "image_size" in sidecar:  # exported by vgg_jax.export: the size it was trained at
+        image_size = sidecar["image_size"]
+        if not isinstance(image_size, int) or image_size < 1:
+            raise WeightFormatError(f"{text}.json: image_size {image_size!r} is no size")
     config = configuration.default_config()
     preset = _preset_of(stages)
     config.model = preset or "vgg16"
@@ -667,7 +731,6 @@ def predictor(source: str | os.PathLike, arch: str | None = None) -> inference.P
     config.head = model.head
     config.image_size = image_size
     config.dataset = text
-    sidecar = {} if keras_source or text in WEIGHT_FILES else _sidecar(Path(text).expanduser())
     if "class_names" in sidecar:
         class_names = tuple(sidecar["class_names"])
     elif model.num_classes == 1000:
@@ -675,10 +738,13 @@ def predictor(source: str | os.PathLike, arch: str | None = None) -> inference.P
     else:
         class_names = tuple(str(i) for i in range(model.num_classes))
     info = DatasetInfo(class_names, tuple(model.mean), tuple(model.std), image_size, 0, 0)
-    view = views.keras_view if keras_source else views.torchvision_view
-    return inference.Predictor(
-        config, variables, info, step=0, view=functools.partial(view, size=image_size)
-    )
+    if "image_size" in sidecar:  # our own training's evaluation view (vgg_jax.load's)
+        config.augment = sidecar.get("augment", "none")
+        view = views.eval_view(config)
+    else:
+        source_view = views.keras_view if keras_source else views.torchvision_view
+        view = functools.partial(source_view, size=image_size)
+    return inference.Predictor(config, variables, info, step=0, view=view)
 
 
 # ----------------------------------------------------------------------------- export
@@ -788,7 +854,8 @@ def write_state_dict(
         from safetensors.numpy import save_file
 
         metadata = {"format": "pt", **{k: json.dumps(v) for k, v in about.items()}}
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path, metadata)
+        with _reraised_as(OSError, f"cannot write {path}"):
+            save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path, metadata)
     elif file_format == "torchvision":
         try:
             import torch
@@ -796,7 +863,9 @@ def write_state_dict(
             raise ImportError(
                 f"writing .pth files needs PyTorch: {TORCH_EXTRA_HINT} (or --format=safetensors)"
             ) from None
-        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, path)
+        with _reraised_as(OSError, f"cannot write {path}"):
+            arrays = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+            torch.save(arrays, path)
     else:
         raise ValueError(f"format must be 'torchvision' or 'safetensors', got {file_format!r}")
     Path(f"{path}.json").write_text(json.dumps(about, indent=1) + "\n")

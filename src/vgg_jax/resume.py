@@ -34,18 +34,30 @@ def find_resume_point(manager, config: ml_collections.ConfigDict) -> ResumePoint
     belongs to this run; None if the workdir holds none."""
     for step in checkpoint.usable_steps(manager, move_damaged=True):
         try:
-            saved = checkpoint.read_json_item(manager, step, "config")
+            saved = checkpoint.read_stored_config(manager, step)
             meta = checkpoint.read_meta(manager, step)
         except checkpoint.IncompatibleCheckpointError:
             raise
+        except checkpoint.DamagedCheckpointError as error:
+            checkpoint.quarantine(manager, step, error.reason)
+            continue
         except (OSError, ValueError, KeyError) as error:
             checkpoint.quarantine(manager, step, f"unreadable config or meta ({error})")
             continue
         where = str(manager.directory)
-        checkpoint.check_compatible(saved, config, where)
+        check_compatible(saved, config, where)
         check_schedule_length(saved, config, where)
         return ResumePoint(step, meta, saved)
     return None
+
+
+def check_compatible(saved: dict[str, Any], current: ml_collections.ConfigDict, where: str):
+    differences = configuration.resume_differences(saved, current)
+    if differences:
+        raise checkpoint.IncompatibleCheckpointError(
+            f"{where} holds a run with a different config ({'; '.join(differences)}): "
+            "rerun with the same settings to resume, or use a new --workdir"
+        )
 
 
 def check_schedule_length(saved: dict[str, Any], config: ml_collections.ConfigDict, where: str):

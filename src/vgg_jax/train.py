@@ -565,6 +565,8 @@ def train_loop(run: Run, state: TrainState, guard: PreemptionGuard) -> TrainStat
         record["wall_time"] = time.time()  # when the epoch ended: curves against the clock
         log_epoch(record, config.num_epochs)
         run.log.write(record)
+        if run.lock:
+            run.lock.check()  # WORKDIR/.lock removed by hand: written again
         last = epoch + 1 == config.num_epochs
         requested = stop_requested(guard, config, record["step"])
         if (epoch + 1) % config.checkpoint_every_epochs == 0 or last or requested:

@@ -1,18 +1,28 @@
-"""One trainer per workdir: an exclusive lock on WORKDIR/.lock, held while training.
+"""One trainer per workdir: an exclusive lock on the workdir folder itself and on
+WORKDIR/.lock, held while training.
 
-The lock is the kernel's (flock): it is released when the holder exits, however it
-exits, so a crashed run never leaves a stale lock behind. The file also names the holder
-(host, pid, start time) so that a second trainer can say who has the workdir. Only
+The locks are the kernel's (flock): released when the holder exits, however it exits,
+so a crashed run never leaves a stale lock behind. The folder's lock is what keeps a
+second trainer out: unlike a file, the folder cannot be removed from under a running
+trainer (deleting `.lock` by hand used to let a second trainer in). WORKDIR/.lock names
+the holder (host, pid, start time) so that a second trainer can say who has the
+workdir; a trainer writes it again if it disappears (`check`, once per epoch). Where a
+file system cannot lock a folder (some network file systems), the file's lock alone
+is used, and `check` re-takes it or stops the run if another trainer took it. Only
 process 0 of a multi-host run takes it: the processes of one run share the workdir.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
+
+logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 
@@ -23,33 +33,71 @@ class WorkdirBusyError(RuntimeError):
 
 class WorkdirLock:
     def __init__(self, workdir: str):
+        self.workdir = workdir
         self.path = os.path.join(workdir, LOCK_NAME)
+        self._folder_fd: int | None = None
         self._fd: int | None = None
 
     def acquire(self) -> WorkdirLock:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        os.makedirs(self.workdir, exist_ok=True)
+        folder_fd = os.open(self.workdir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if not _try_lock(folder_fd, self.workdir):
+                os.close(folder_fd)
+                folder_fd = None
+        except WorkdirBusyError:
+            os.close(folder_fd)
+            raise self._busy() from None
+        try:
+            self._fd = self._lock_file()
+        except BaseException:
+            if folder_fd is not None:
+                os.close(folder_fd)
+            raise
+        self._folder_fd = folder_fd
+        return self
+
+    def _lock_file(self) -> int:
+        """Opens, locks and fills in WORKDIR/.lock (also what an older version of this
+        package locks); WorkdirBusyError if another trainer holds it."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read_holder(fd)
             os.close(fd)
-            raise WorkdirBusyError(
-                f"{os.path.dirname(self.path)} is in use by another trainer ({holder}); "
-                "wait for it to finish or use another --workdir"
-            ) from None
+            raise self._busy() from None
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.ctime()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
-        self._fd = fd
-        return self
+        return fd
+
+    def check(self) -> None:
+        """Writes WORKDIR/.lock again if it was removed or replaced since it was taken;
+        without the folder's lock, WorkdirBusyError if another trainer has taken it."""
+        if self._fd is None or _same_file(self.path, self._fd):
+            return
+        logger.warning("%s was removed while this run held it: written again", self.path)
+        os.close(self._fd)
+        self._fd = None
+        self._fd = self._lock_file()
 
     def release(self) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            if _same_file(self.path, self._fd):
+                os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+        if self._folder_fd is not None:
+            fcntl.flock(self._folder_fd, fcntl.LOCK_UN)
+            os.close(self._folder_fd)
+            self._folder_fd = None
+
+    def _busy(self) -> WorkdirBusyError:
+        return WorkdirBusyError(
+            f"{self.workdir} is in use by another trainer ({_read_holder(self.path)}); "
+            "wait for it to finish or use another --workdir"
+        )
 
     def __enter__(self) -> WorkdirLock:
         return self.acquire()
@@ -58,9 +106,31 @@ class WorkdirLock:
         self.release()
 
 
-def _read_holder(fd: int) -> str:
+def _try_lock(fd: int, where: str) -> bool:
+    """Locks `fd` exclusively: True; False where the file system cannot lock it;
+    WorkdirBusyError where another process holds it."""
     try:
-        holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise WorkdirBusyError(where) from None
+    except OSError as error:
+        logger.info("cannot lock the folder %s (%s): locking %s only", where, error, LOCK_NAME)
+        return False
+    return True
+
+
+def _same_file(path: str, fd: int) -> bool:
+    """Whether `path` still names the file open as `fd` (not removed nor replaced)."""
+    with contextlib.suppress(OSError):
+        here, held = os.stat(path), os.fstat(fd)
+        return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+    return False
+
+
+def _read_holder(path: str) -> str:
+    try:
+        with open(path) as f:
+            holder = json.loads(f.read(4096) or "{}")
         return f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
-    except (ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return "holder unknown"

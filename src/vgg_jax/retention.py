@@ -1,0 +1,54 @@
+"""Which checkpoint steps a trainer's manager keeps: the latest ones (orbax's LatestN)
+and the best by test accuracy (below)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from orbax.checkpoint import checkpoint_managers
+
+
+def accuracy_of(metrics: dict[str, Any]) -> float:
+    return metrics["test_accuracy"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepInfo:
+    """A step's (step, time, metrics), as orbax's preservation policies take them."""
+
+    step: int
+    time: Any
+    metrics: dict[str, Any] | None
+
+
+@dataclasses.dataclass
+class BestTestAccuracy:
+    """Orbax's BestN(n=1) by test accuracy. Steps written before the manager stored
+    metrics (orbax writes them only where `best_fn` is set, which it was not before)
+    are ranked by the test accuracy in their meta item, so that the best of an old
+    run is not dropped at its first resume."""
+
+    directory: str
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        filled = [
+            info
+            if info.metrics is not None
+            else _StepInfo(info.step, info.time, self._stored(info.step))
+            for info in checkpoints
+        ]
+        best = checkpoint_managers.BestN(
+            get_metric_fn=accuracy_of, n=1, keep_checkpoints_without_metrics=False
+        )
+        return best.should_preserve(filled, context=context)
+
+    def _stored(self, step: int) -> dict[str, float] | None:
+        try:
+            with open(os.path.join(self.directory, str(step), "meta", "metadata")) as f:
+                accuracy = json.load(f).get("test_accuracy")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return None if accuracy is None else {"test_accuracy": float(accuracy)}
