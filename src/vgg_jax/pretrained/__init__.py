@@ -1,0 +1,173 @@
+"""ImageNet VGG weights from torchvision and Keras as Flax variables, and back to PyTorch.
+
+model, variables = vgg_jax.pretrained.load("torchvision:vgg16_bn")   # download once, cached
+model, variables = vgg_jax.pretrained.from_torchvision("vgg16_bn.pth", "vgg16_bn")
+model, variables = vgg_jax.pretrained.from_keras("vgg16_weights_tf_dim_ordering_tf_kernels.h5")
+logits = model.apply(variables, uint8_images)                        # NHWC, 0..255 RGB
+feats = model.apply(variables, uint8_images, layers=("conv3_3",), method="features")
+state_dict = vgg_jax.pretrained.to_torchvision(model, variables)    # torch tensors
+
+The returned model carries the source's preprocessing as its `mean` / `std`, so it takes
+raw RGB images: torchvision's mean/std on 0..1 RGB (here in 0..255 units); Keras' "caffe"
+mode (BGR, mean subtraction, no scaling) as an RGB mean with std 1 and the channel swap
+folded into the first convolution's kernel, which is exact.
+
+torchvision's layout: `features.{i}` (conv, [BN,] ReLU per convolution, a max-pool per
+block), `avgpool` (AdaptiveAvgPool2d((7, 7)), the 'torchvision' head here),
+`classifier.{0,3,6}`. Its convolutions keep a bias ahead of BN, ours have none: the bias
+is folded into the BN running mean (BN(x + b) with mean m is BN(x) with mean m - b), and
+exported as a zero bias, so ours -> torchvision -> ours is exact. Its first classifier
+layer reads the pooled map in C, H, W order, ours in H, W, C: the rows are permuted.
+
+Modules: `registry.py` (published weights, downloads, shared errors), `torchvision.py`
+(torchvision's layout in and out, export), `keras.py` (Keras .h5), `finetune.py`
+(`merge_variables`).
+
+Reading `.pth` files needs PyTorch (the `torch` extra); `.safetensors` and Keras `.h5`
+files (h5py) do not. Nothing else is unpickled.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vgg_jax import models, spec
+from vgg_jax.data import views
+from vgg_jax.data.info import DatasetInfo, imagenet_class_names
+from vgg_jax.pretrained.finetune import merge_variables
+from vgg_jax.pretrained.keras import from_keras
+from vgg_jax.pretrained.registry import (
+    TORCH_SUFFIXES,
+    WEIGHT_FILES,
+    WeightFile,
+    WeightFormatError,
+    WeightsUnavailableError,
+    arch_name,
+    cache_dir,
+    fetch,
+    preset_of,
+)
+from vgg_jax.pretrained.torchvision import (
+    export_state_dict,
+    from_torchvision,
+    read_sidecar,
+    to_torchvision,
+    torchvision_constructor,
+    torchvision_feature_index,
+    torchvision_layout,
+    torchvision_state_dict,
+    write_state_dict,
+)
+
+if TYPE_CHECKING:
+    from vgg_jax import inference
+
+__all__ = [
+    "WEIGHT_FILES",
+    "WeightFile",
+    "WeightFormatError",
+    "WeightsUnavailableError",
+    "cache_dir",
+    "export_state_dict",
+    "fetch",
+    "from_checkpoint",
+    "from_keras",
+    "from_torchvision",
+    "imagenet_class_names",
+    "load",
+    "merge_variables",
+    "predictor",
+    "to_torchvision",
+    "torchvision_constructor",
+    "torchvision_feature_index",
+    "torchvision_layout",
+    "torchvision_state_dict",
+    "write_state_dict",
+]
+
+
+def load(source: str | os.PathLike, arch: str | None = None) -> tuple[models.VGG, dict]:
+    """(model, variables) from published weights by name ('torchvision:vgg16_bn',
+    'keras:vgg19', see `WEIGHT_FILES`), a weight file (.pth/.pt/.bin or .safetensors in
+    torchvision's layout, Keras .h5), or a training workdir / checkpoint of this package."""
+    text = os.fspath(source)
+    if text in WEIGHT_FILES:
+        reader = from_keras if text.startswith("keras:") else from_torchvision
+        return reader(fetch(text), arch or arch_name(*spec.PRETRAINED[text]))
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return from_checkpoint(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{text}: no such file or folder, and not one of {sorted(WEIGHT_FILES)}"
+        )
+    if path.suffix == ".h5":
+        return from_keras(path, arch)
+    if path.suffix in (*TORCH_SUFFIXES, ".safetensors"):
+        return from_torchvision(path, arch)
+    raise WeightFormatError(
+        f"{path}: unknown weight file type; expected .pth/.pt/.bin/.safetensors "
+        "(torchvision's layout) or .h5 (Keras)"
+    )
+
+
+def from_checkpoint(path: str | os.PathLike, step: int | str = "latest") -> tuple[models.VGG, dict]:
+    """(model, variables) of a checkpoint written by `python -m vgg_jax.main`."""
+    from vgg_jax import inference
+
+    predictor = inference.load(path, step)
+    return predictor.model, predictor.variables
+
+
+# ------------------------------------------------------------------ classifying images
+
+
+def predictor(source: str | os.PathLike, arch: str | None = None) -> inference.Predictor:
+    """An `inference.Predictor` (`predict`, `top_k` with ImageNet's class names) for
+    anything `load` takes; pictures are resized and cropped as the source library does
+    for its weights (`views.torchvision_view`, `views.keras_view`), or, for a file written
+    by `python -m vgg_jax.export`, at the size and in the view its training evaluated."""
+    from vgg_jax import configuration, inference
+
+    text = os.fspath(source)
+    if Path(text).expanduser().is_dir():
+        return inference.load(text)
+    model, variables = load(source, arch)
+    if "classifier" not in variables["params"]:
+        raise ValueError(f"{text} holds the convolutions only (no classifier): use features")
+    keras_source = text.startswith("keras:") or text.endswith(".h5")
+    stages = tuple(tuple(block) for block in model.stages)
+    channels = stages[-1][-1]
+    side = round((variables["params"]["fc1"]["kernel"].shape[0] // channels) ** 0.5)
+    image_size = 224 if model.head == "torchvision" else side * 2 ** len(stages)
+    sidecar = {} if keras_source or text in WEIGHT_FILES else read_sidecar(Path(text).expanduser())
+    if "image_size" in sidecar:  # exported by vgg_jax.export: the size it was trained at
+        image_size = sidecar["image_size"]
+        if not isinstance(image_size, int) or image_size < 1:
+            raise WeightFormatError(f"{text}.json: image_size {image_size!r} is no size")
+    config = configuration.default_config()
+    preset = preset_of(stages)
+    config.model = preset or "vgg16"
+    config.stages = None if preset else stages
+    config.batch_norm = model.batch_norm
+    config.conv_dropout = "none"
+    config.head = model.head
+    config.image_size = image_size
+    config.dataset = text
+    if "class_names" in sidecar:
+        class_names = tuple(sidecar["class_names"])
+    elif model.num_classes == 1000:
+        class_names = imagenet_class_names()
+    else:
+        class_names = tuple(str(i) for i in range(model.num_classes))
+    info = DatasetInfo(class_names, tuple(model.mean), tuple(model.std), image_size, 0, 0)
+    if "image_size" in sidecar:  # our own training's evaluation view (vgg_jax.load's)
+        config.augment = sidecar.get("augment", "none")
+        view = views.eval_view(config)
+    else:
+        source_view = views.keras_view if keras_source else views.torchvision_view
+        view = functools.partial(source_view, size=image_size)
+    return inference.Predictor(config, variables, info, step=0, view=view)

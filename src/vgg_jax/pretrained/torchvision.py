@@ -1,0 +1,364 @@
+"""torchvision's VGG layout in and out: state dicts, .pth / .safetensors files, and the
+files `python -m vgg_jax.export` writes (with their FILE.json sidecar)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vgg_jax import models, spec
+from vgg_jax.pretrained.registry import (
+    POOL,
+    TORCH_EXTRA_HINT,
+    WeightFormatError,
+    arch_name,
+    check_arch,
+    preset_of,
+    reraised_as,
+)
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _read_state_dict(source: Any) -> tuple[dict[str, np.ndarray], str, Path | None]:
+    if isinstance(source, Mapping):
+        return {k: _numpy(v) for k, v in source.items()}, "the state dict", None
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        with reraised_as(WeightFormatError, f"{path}: not a readable safetensors file"):
+            return load_file(path), str(path), path
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            f"reading {path} needs PyTorch: {TORCH_EXTRA_HINT} (or use a .safetensors file)"
+        ) from None
+    with reraised_as(WeightFormatError, f"{path}: not a readable PyTorch file"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping):
+        raise WeightFormatError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return {k: _numpy(v) for k, v in state.items()}, str(path), path
+
+
+def read_sidecar(path: Path | None) -> dict[str, Any]:
+    """What `python -m vgg_jax.export` writes next to a weight file (FILE.json):
+    normalisation and class names. Empty for files from elsewhere."""
+    if path is None or not Path(f"{path}.json").is_file():
+        return {}
+    try:
+        about = json.loads(Path(f"{path}.json").read_text())
+    except (OSError, ValueError) as error:
+        raise WeightFormatError(f"{path}.json: unreadable ({error})") from None
+    if not isinstance(about, dict):
+        raise WeightFormatError(f"{path}.json: not a JSON object")
+    return about
+
+
+def torchvision_layout(stages: Sequence[Sequence[int]], batch_norm: bool) -> list[tuple[int, str]]:
+    """(index in torchvision's `features`, our layer name) for each convolution and BN."""
+    layout, index = [], 0
+    for block_index, block in enumerate(stages, start=1):
+        for conv_index in range(1, len(block) + 1):
+            layout.append((index, f"conv{block_index}_{conv_index}"))
+            index += 1
+            if batch_norm:
+                layout.append((index, f"bn{block_index}_{conv_index}"))
+                index += 1
+            index += 1  # ReLU
+        index += 1  # max-pool
+    return layout
+
+
+def torchvision_feature_index(
+    stages: Sequence[Sequence[int]], batch_norm: bool, layer: str, before_relu: bool = False
+) -> int:
+    """k such that torchvision's `features[:k]` ends with our feature `layer`."""
+    ends = {}
+    for index, name in torchvision_layout(stages, batch_norm):
+        key = "conv" + name.removeprefix("bn").removeprefix("conv")
+        ends[key] = index + 1 if before_relu else index + 2  # + the ReLU
+    for block_index, block in enumerate(stages, start=1):
+        ends[f"pool{block_index}"] = ends[f"conv{block_index}_{len(block)}"] + (
+            0 if before_relu else 1
+        )
+    return ends[layer]
+
+
+def _infer_stages(state: Mapping[str, np.ndarray], what: str):
+    """Stages and BN from the indices of a torchvision-layout state dict's convolutions:
+    within a block they are 2 apart (conv, ReLU) or 3 with BN; a pool adds one."""
+    conv_indices = sorted(
+        int(key.split(".")[1])
+        for key, value in state.items()
+        if re.fullmatch(r"features\.\d+\.weight", key) and value.ndim == 4
+    )
+    if not conv_indices:
+        raise WeightFormatError(f"{what} has no features.N.weight convolutions")
+    batch_norm = any(key.endswith(".running_mean") for key in state)
+    step = 3 if batch_norm else 2
+    stages, block, previous = [], [], None
+    for index in conv_indices:
+        if previous is not None and index - previous not in (step, step + 1):
+            raise WeightFormatError(f"{what}: features.{index} is not where a VGG has one")
+        if previous is not None and index - previous == step + 1:
+            stages.append(tuple(block))
+            block = []
+        block.append(int(state[f"features.{index}.weight"].shape[0]))
+        previous = index
+    stages.append(tuple(block))
+    return tuple(stages), batch_norm
+
+
+def _check_keys(state: Mapping[str, Any], expected: set[str], what: str) -> None:
+    found = {key for key in state if not key.endswith("num_batches_tracked")}
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise WeightFormatError(
+            f"{what} is not torchvision's VGG layout: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+
+
+def _torchvision_features(state: Mapping[str, Any], layout, batch_norm: bool):
+    """The convolutional stack's params and BN statistics. torchvision's convolutions keep
+    a bias before BN; ours have none, so it is folded into the running mean."""
+
+    def get(key):
+        return np.asarray(state[key], np.float32)
+
+    params: dict[str, dict] = {}
+    batch_stats: dict[str, dict] = {}
+    conv_bias = {}
+    for index, layer in layout:
+        if layer.startswith("conv"):
+            params[layer] = {"kernel": get(f"features.{index}.weight").transpose(2, 3, 1, 0)}
+            if batch_norm:
+                conv_bias[layer] = get(f"features.{index}.bias")
+            else:
+                params[layer]["bias"] = get(f"features.{index}.bias")
+        else:
+            conv = "conv" + layer.removeprefix("bn")
+            params[layer] = {
+                "scale": get(f"features.{index}.weight"),
+                "bias": get(f"features.{index}.bias"),
+            }
+            batch_stats[layer] = {
+                "mean": get(f"features.{index}.running_mean") - conv_bias[conv],
+                "var": get(f"features.{index}.running_var"),
+            }
+    return params, batch_stats
+
+
+def _fc1_kernel(weight: np.ndarray, channels: int, block: int = 256) -> np.ndarray:
+    """torch's fc1 weight (out, C*H*W) as our kernel (H*W*C, out). The same values as
+    `weight.reshape(out, C, H, W).transpose(2, 3, 1, 0).reshape(-1, out)`, transposed a
+    block of rows at a time: in one piece, the strided copy of VGG16's 400 MB matrix
+    misses the cache on almost every element (experiments/RESULTS.md)."""
+    out = np.empty((POOL * POOL * channels, weight.shape[0]), weight.dtype)
+    for start in range(0, weight.shape[0], block):
+        rows = weight[start : start + block].reshape(-1, channels, POOL, POOL)
+        out[:, start : start + block] = rows.transpose(0, 2, 3, 1).reshape(len(rows), -1).T
+    return out
+
+
+def _torchvision_head(state: Mapping[str, Any], channels: int, what: str) -> dict[str, dict]:
+    """fc1, fc2 and the classifier; fc1's inputs are reordered from torch's (C, H, W)
+    flattening to ours (H, W, C)."""
+
+    def get(key):
+        return np.asarray(state[key], np.float32)
+
+    fc1 = get("classifier.0.weight")
+    hidden = spec.HEADS["torchvision"]["hidden"]
+    shapes = (fc1.shape, get("classifier.3.weight").shape)
+    if shapes != ((hidden[0], channels * POOL * POOL), (hidden[1], hidden[0])):
+        raise WeightFormatError(f"{what}: classifier {shapes} is not torchvision's VGG head")
+    return {
+        "fc1": {"kernel": _fc1_kernel(fc1, channels), "bias": get("classifier.0.bias")},
+        "fc2": {"kernel": get("classifier.3.weight").T, "bias": get("classifier.3.bias")},
+        "classifier": {
+            "kernel": get("classifier.6.weight").T,
+            "bias": get("classifier.6.bias"),
+        },
+    }
+
+
+def from_torchvision(
+    source: Mapping[str, Any] | str | os.PathLike, arch: str | None = None
+) -> tuple[models.VGG, dict]:
+    """torchvision VGG weights -> (model, variables) for the matching preset with the
+    'torchvision' head (adaptive 7x7 pool, fc4096 x2, the classifier).
+
+    `source`: a state dict (torch tensors or numpy arrays) or a file (.pth/.pt/.bin, read
+    with `torch.load(weights_only=True)`; or .safetensors). `arch` ('vgg16_bn', ...) is
+    checked against the weights; None: inferred. The class count is the classifier's.
+    The model normalises with torchvision's ImageNet mean/std, or with what
+    `python -m vgg_jax.export` recorded next to the file (FILE.json).
+    """
+    state, what, path = _read_state_dict(source)
+    stages, batch_norm = _infer_stages(state, what)
+    name = check_arch(arch, stages, batch_norm, what)
+    layout = torchvision_layout(stages, batch_norm)
+    expected = {f"classifier.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")}
+    for index, layer in layout:
+        expected |= {f"features.{index}.weight", f"features.{index}.bias"}
+        if layer.startswith("bn"):
+            expected |= {f"features.{index}.running_mean", f"features.{index}.running_var"}
+    _check_keys(state, expected, what)
+
+    params, batch_stats = _torchvision_features(state, layout, batch_norm)
+    params |= _torchvision_head(state, stages[-1][-1], what)
+    sidecar = read_sidecar(path)
+    model = models.create_model(
+        name,
+        params["classifier"]["kernel"].shape[1],
+        batch_norm=batch_norm,
+        head="torchvision",
+        stages=stages,
+        mean=tuple(sidecar.get("mean", spec.IMAGENET_MEAN)),
+        std=tuple(sidecar.get("std", spec.IMAGENET_STD)),
+    )
+    variables = {"params": params}
+    if batch_norm:
+        variables["batch_stats"] = batch_stats
+    return model, jax.tree.map(jnp.asarray, variables)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def torchvision_state_dict(model: models.VGG, variables: Mapping[str, Any]) -> dict:
+    """Our variables in torchvision's VGG layout, as numpy arrays (no torch needed):
+    `torchvision.models.vgg16_bn(num_classes=N).load_state_dict(..., strict=True)`.
+
+    Needs a head torchvision has: 'torchvision', or 'imagenet' on a 7x7 last map (224
+    pixels). The BN variants get zero convolution biases (ours have none)."""
+    head = spec.HEADS[model.head]
+    if head["hidden"] != spec.HEADS["torchvision"]["hidden"] or head["linear"]:
+        raise ValueError(
+            f"head {model.head!r} is not torchvision's VGG head; export it with "
+            "vgg_jax.bench.torch_reference.build_torch_model instead"
+        )
+    params = jax.device_get(variables["params"])
+    stats = jax.device_get(variables.get("batch_stats", {}))
+    channels = model.stages[-1][-1]
+    fc1 = np.asarray(params["fc1"]["kernel"], np.float32)
+    if fc1.shape[0] != POOL * POOL * channels:
+        raise ValueError(
+            f"fc1 reads a {fc1.shape[0] // channels}-pixel map, torchvision's a 7x7 one: only "
+            "head='torchvision' or a 224-pixel 'imagenet' model exports to its layout"
+        )
+    state: dict[str, np.ndarray] = {}
+
+    def put(key, value):
+        state[key] = np.array(value, np.float32, order="C")  # a writable copy: torch wants one
+
+    for index, layer in torchvision_layout(model.stages, model.batch_norm):
+        if layer.startswith("conv"):
+            kernel = np.asarray(params[layer]["kernel"], np.float32)
+            put(f"features.{index}.weight", kernel.transpose(3, 2, 0, 1))
+            bias = params[layer]["bias"] if "bias" in params[layer] else np.zeros(kernel.shape[-1])
+            put(f"features.{index}.bias", bias)
+        else:
+            put(f"features.{index}.weight", params[layer]["scale"])
+            put(f"features.{index}.bias", params[layer]["bias"])
+            put(f"features.{index}.running_mean", stats[layer]["mean"])
+            put(f"features.{index}.running_var", stats[layer]["var"])
+            state[f"features.{index}.num_batches_tracked"] = np.zeros((), np.int64)
+    hidden = fc1.shape[1]
+    put(
+        "classifier.0.weight",
+        fc1.reshape(POOL, POOL, channels, hidden).transpose(3, 2, 0, 1).reshape(hidden, -1),
+    )
+    put("classifier.0.bias", params["fc1"]["bias"])
+    put("classifier.3.weight", np.asarray(params["fc2"]["kernel"]).T)
+    put("classifier.3.bias", params["fc2"]["bias"])
+    put("classifier.6.weight", np.asarray(params["classifier"]["kernel"]).T)
+    put("classifier.6.bias", params["classifier"]["bias"])
+    return state
+
+
+def to_torchvision(model: models.VGG, variables: Mapping[str, Any]) -> dict:
+    """Our variables as a torchvision VGG state dict of torch tensors (needs torch)."""
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"to_torchvision needs PyTorch: {TORCH_EXTRA_HINT}") from None
+    return {k: torch.from_numpy(v) for k, v in torchvision_state_dict(model, variables).items()}
+
+
+def torchvision_constructor(model: models.VGG) -> str | None:
+    """The torchvision call that builds `model`'s architecture, e.g.
+    'torchvision.models.vgg16_bn(num_classes=10)'; None for other stages (torchvision's
+    VGG class fixes fc1 at 512 x 7 x 7 inputs: `from_torchvision` reads those)."""
+    preset = preset_of(tuple(tuple(block) for block in model.stages))
+    if preset not in ("vgg11", "vgg13", "vgg16", "vgg19"):
+        return None
+    arch = arch_name(preset, model.batch_norm)
+    return f"torchvision.models.{arch}(num_classes={model.num_classes})"
+
+
+def export_state_dict(
+    model: models.VGG, variables: Mapping[str, Any], image_size: int
+) -> tuple[dict[str, np.ndarray], str]:
+    """Numpy state dict and its layout: 'torchvision' (torchvision's VGG, for the heads it
+    has) or 'torch_reference' (`torch_reference.build_torch_model(model, image_size)`,
+    the PyTorch twin, for the others; needs torch)."""
+    try:
+        return torchvision_state_dict(model, variables), "torchvision"
+    except ValueError:
+        pass
+    try:
+        from vgg_jax.bench import torch_reference
+    except ImportError:
+        raise ImportError(
+            f"head {model.head!r} exports in the layout of vgg_jax.bench.torch_reference, which "
+            f"needs PyTorch: {TORCH_EXTRA_HINT}"
+        ) from None
+    twin = torch_reference.build_torch_model(model, image_size)
+    torch_reference.load_flax_variables(twin, variables)
+    state = {k: v.detach().cpu().numpy() for k, v in twin.state_dict().items()}
+    return state, "torch_reference"
+
+
+def write_state_dict(
+    state: Mapping[str, np.ndarray], path: str | os.PathLike, file_format: str, about: dict
+) -> None:
+    """Writes `state` as a torch .pth ('torchvision'; needs torch) or a .safetensors file
+    ('safetensors'; `about` also goes into its metadata), and `about` as PATH.json."""
+    path = Path(path).expanduser()
+    if file_format == "safetensors":
+        from safetensors.numpy import save_file
+
+        metadata = {"format": "pt", **{k: json.dumps(v) for k, v in about.items()}}
+        with reraised_as(OSError, f"cannot write {path}"):
+            save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path, metadata)
+    elif file_format == "torchvision":
+        try:
+            import torch
+        except ImportError:
+            raise ImportError(
+                f"writing .pth files needs PyTorch: {TORCH_EXTRA_HINT} (or --format=safetensors)"
+            ) from None
+        with reraised_as(OSError, f"cannot write {path}"):
+            arrays = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+            torch.save(arrays, path)
+    else:
+        raise ValueError(f"format must be 'torchvision' or 'safetensors', got {file_format!r}")
+    Path(f"{path}.json").write_text(json.dumps(about, indent=1) + "\n")
