@@ -113,7 +113,9 @@ def test_fc1_is_reordered_block_by_block_as_in_one_piece():
     channels, hidden = 3, 10  # 10 rows in blocks of 4: the last block is partial
     weight = np.random.default_rng(0).normal(size=(hidden, channels * 49)).astype(np.float32)
     whole = weight.reshape(hidden, channels, 7, 7).transpose(2, 3, 1, 0).reshape(-1, hidden)
-    np.testing.assert_array_equal(pretrained.torchvision._fc1_kernel(weight, channels, block=4), whole)
+    np.testing.assert_array_equal(
+        pretrained.torchvision._fc1_kernel(weight, channels, block=4), whole
+    )
 
 
 def test_adaptive_pool_bins_are_torchvision_s():
