@@ -28,6 +28,7 @@ from PIL import Image
 
 import vgg_jax
 from vgg_jax import checkpoint, train
+from vgg_jax import run as run_module
 from vgg_jax.data import sources
 from vgg_jax.data.info import DatasetUnavailableError
 from vgg_jax.metrics_log import MetricsLog, read_metrics
@@ -286,9 +287,9 @@ def test_divergence_before_any_checkpoint_says_nothing_was_saved():
         manager=types.SimpleNamespace(all_steps=lambda: []),
         config=types.SimpleNamespace(learning_rate=1e6),
     )
-    with pytest.raises(train.DivergedError, match="by step 3; nothing was saved.*1000000"):
-        train.check_finite(float("nan"), 3, run)
-    train.check_finite(2.5, 3, run)  # a finite loss passes
+    with pytest.raises(run_module.DivergedError, match="by step 3; nothing was saved.*1000000"):
+        run_module.check_finite(float("nan"), 3, run)
+    run_module.check_finite(2.5, 3, run)  # a finite loss passes
 
 
 def test_metrics_are_valid_json_even_when_not_finite(tmp_path):

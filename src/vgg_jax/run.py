@@ -1,0 +1,165 @@
+"""A training run's bookkeeping, apart from its steps: what the epoch loop carries
+(`Run`, made by `train.setup`), and how a run saves, logs, checks and stops."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from vgg_jax import checkpoint, data
+from vgg_jax.metrics_log import MetricsLog
+from vgg_jax.preemption import Preempted, PreemptionGuard
+from vgg_jax.workdir_lock import WorkdirLock
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the epoch loop needs, made once by `setup`."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    manager: Any  # orbax CheckpointManager
+    log: MetricsLog
+    input: data.Input
+    learning_rate_fn: optax.Schedule
+    train_fn: Callable[..., Any]
+    eval_fn: Callable[..., Any]
+    partial_sums: dict[str, float] | None  # metric sums of a resumed, unfinished epoch
+    lock: WorkdirLock | None = None  # held by process 0 for the whole run
+
+    @property
+    def info(self) -> data.DatasetInfo:
+        return self.input.info
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.input.steps_per_epoch
+
+
+class DivergedError(FloatingPointError):
+    """The training loss became NaN or infinite; nothing after it was saved."""
+
+
+def save_checkpoint(
+    run: Run, state: Any, epoch: int, step_in_epoch: int, record=None, sums=None
+) -> None:
+    """Saves `state` with where it is in the data (`epoch` finished epochs plus
+    `step_in_epoch` steps) and, mid-epoch, the epoch's partial metric sums."""
+    meta = {
+        "schema": checkpoint.META_SCHEMA,
+        "dataset": run.info.to_json(),
+        "steps_per_epoch": run.steps_per_epoch,
+        "epoch": epoch,
+        "step_in_epoch": step_in_epoch,
+    }
+    if record is not None:
+        meta.update(test_accuracy=record["test_accuracy"], record=record)
+    if sums is not None:
+        meta["partial_train_sums"] = {k: float(v) for k, v in jax.device_get(sums).items()}
+    checkpoint.save(
+        run.manager,
+        state,
+        run.config,
+        meta,
+        meta.get("test_accuracy"),
+        extra=run.input.checkpoint_items(),
+    )
+
+
+def close(run: Run) -> None:
+    """Waits for the last save, then closes the manager and the log, and frees the
+    workdir."""
+    try:
+        checkpoint.check_writes(run.manager, wait=True)
+        run.manager.close()
+        run.log.close()
+        run.input.close()
+    finally:
+        if run.lock:
+            run.lock.release()
+
+
+def progress_bar(config: ml_collections.ConfigDict, epoch: int, steps: int, done: int) -> tqdm:
+    return tqdm(
+        total=steps * config.batch_size,
+        initial=done * config.batch_size,
+        desc=f"epoch {epoch + 1}/{config.num_epochs}",
+        unit="img",
+        unit_scale=True,
+        leave=False,
+        disable=not config.progress_bar or jax.process_index() != 0,
+    )
+
+
+def stop_requested(guard: PreemptionGuard, config, step: int, index: int | None = None) -> bool:
+    """Whether to stop after training step `step` (`index` in its epoch) or, with
+    `index` None, after this epoch. Several processes must stop at the same step: a
+    SIGTERM to any of them reaches all through JAX's preemption service, checked every
+    step; other signals (Ctrl-C) are shared once per logging interval and at epoch ends
+    (one tiny collective)."""
+    if jax.process_count() == 1:
+        return guard.requested
+    from jax.experimental import multihost_utils
+
+    if index is not None:
+        if multihost_utils.reached_preemption_sync_point(step):
+            guard.signal_number = guard.signal_number or signal.SIGTERM
+            return True
+        if (index + 1) % config.log_every_steps:
+            return False
+    flags = multihost_utils.process_allgather(np.int32(guard.requested))
+    stop = bool(np.asarray(flags).any())
+    if stop and not guard.requested:
+        guard.signal_number = signal.SIGINT  # another process's Ctrl-C
+    return stop
+
+
+def check_finite(loss: float, step: int, run: Run) -> None:
+    if not math.isfinite(loss):
+        steps = run.manager.all_steps()
+        last = f"the last checkpoint is step {max(steps)}" if steps else "nothing was saved"
+        raise DivergedError(
+            f"training diverged: the train loss is {loss} by step {step}; {last}. Try a "
+            f"lower learning_rate (now {run.config.learning_rate}), a warm-up "
+            "(warmup_epochs) or gradient clipping (grad_clip_norm)"
+        )
+
+
+def log_epoch(record: dict[str, Any], num_epochs: int) -> None:
+    top5 = f" top-5 {record['test_top5_accuracy']:.4f}" if "test_top5_accuracy" in record else ""
+    logger.info(
+        "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f%s  lr %.5g  %.1fs"
+        "  (input wait %.0f%%)",
+        record["epoch"],
+        num_epochs,
+        record["train_loss"],
+        record["train_accuracy"],
+        record["test_loss"],
+        record["test_accuracy"],
+        top5,
+        record["learning_rate"],
+        record["epoch_seconds"],
+        100 * record["input_wait_fraction"],
+    )
+
+
+def stop(run: Run, state: Any, guard: PreemptionGuard, where: str) -> None:
+    close(run)
+    raise Preempted(
+        guard.signal_number,
+        f"stopped by signal {guard.signal_number} {where} (step {int(state.step)}); "
+        f"checkpoint saved in {run.manager.directory}; rerun the same command to resume",
+    )
