@@ -102,6 +102,12 @@ def default_config() -> ml_collections.ConfigDict:
     config.freeze = "none"  # none | features | blockN: these conv blocks are not trained
     config.backbone_lr_factor = 1.0  # conv layers' learning rate as a fraction of the head's
 
+    _add_training_fields(config)
+    return config
+
+
+def _add_training_fields(config: ml_collections.ConfigDict) -> None:
+    """The optimisation, run and checkpoint fields of `default_config`."""
     # Optimisation.
     config.batch_size = 128  # global batch, split over all devices
     config.eval_batch_size = config_dict.placeholder(int)  # None: same as batch_size
@@ -141,7 +147,6 @@ def default_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_epochs = 1  # save after every this many epochs (and the last)
     config.keep_checkpoints = 3  # keep this many latest checkpoints, plus the best one
     config.async_checkpointing = True  # write checkpoints in the background
-    return config
 
 
 class ConfigError(ValueError):
