@@ -1,5 +1,6 @@
 """experiments/colab.ipynb runs top to bottom on CPU (its code cells, without Jupyter)."""
 
+import importlib.util
 import json
 import shutil
 
@@ -49,6 +50,17 @@ def test_colab_notebook_runs_on_cpu(tmp_path, smoke_run):
         if line.startswith("perceptual distance to ")
     }
     assert distances["itself"] == 0.0 < distances["another image"]
+    # LPIPS on the same random VGG16, its learned layers from the lpips package if
+    # installed; otherwise the offline error says how to get them.
+    lpips_distances = {
+        line.split(" to ")[1].rsplit(":", 1)[0]: float(line.rsplit(":", 1)[1])
+        for line in result.stdout.splitlines()
+        if line.startswith("LPIPS distance to ")
+    }
+    if importlib.util.find_spec("lpips"):
+        assert lpips_distances["itself"] == 0.0 < lpips_distances["another image"]
+    else:
+        assert "vgg-jax[lpips]" in result.stdout and not lpips_distances
     names = set(pretrained.imagenet_class_names())
     lines = result.stdout.splitlines()
     assert sum(line.rsplit(" ", 1)[0].strip() in names for line in lines) == 5

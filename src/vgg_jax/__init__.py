@@ -6,6 +6,7 @@ model.predict(["dog.png"])              # class probabilities
 
 model, variables = vgg_jax.pretrained.load("torchvision:vgg16_bn")   # ImageNet weights
 loss = vgg_jax.perceptual_loss(x, y, model, variables)
+distance = vgg_jax.lpips.LPIPS("torchvision:vgg16")(x, y)            # x, y in [-1, 1]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ __all__ = [
     "Predictor",
     "create_model",
     "load",
+    "lpips",
     "perceptual_loss",
     "pretrained",
     "__version__",
@@ -32,7 +34,7 @@ _LAZY = {
     "create_model": "vgg_jax.models",
     "perceptual_loss": "vgg_jax.perceptual",
 }
-_SUBMODULES = ("pretrained",)
+_SUBMODULES = ("lpips", "pretrained")
 
 
 def __getattr__(name: str):
