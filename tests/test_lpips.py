@@ -298,7 +298,7 @@ def test_learned_layers_are_the_packages_or_a_checked_download(tmp_path, monkeyp
         requested.append(url)
         return io.BytesIO(published.read_bytes())
 
-    monkeypatch.setattr(pretrained.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(pretrained.registry.urllib.request, "urlopen", urlopen)
     assert lpips.weights_path("0.0") == cached
     assert lpips.weights_path("0.0") == cached  # from the cache the second time
     assert requested == [lpips.WEIGHT_FILES["0.0"].url]
