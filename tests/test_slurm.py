@@ -1,5 +1,5 @@
-"""The Slurm launch of docs/multihost.md, under a real one-node Slurm cluster started for this module
-(munged, slurmctld and slurmd from Debian's `slurm-wlm` and `munge`, in a temporary
+"""The Slurm launch of docs/multihost.md, under a real one-node Slurm cluster started for this
+module (munged, slurmctld and slurmd from Debian's `slurm-wlm` and `munge`, in a temporary
 folder, as root): `srun -n2 ... --config.distributed=True` with JAX's own Slurm
 detection trains like one process of two devices, stops on `scancel` with one
 checkpoint, resumes bitwise, and ends with one line when a task is killed.
