@@ -6,9 +6,9 @@ random-resized-crop (8-100% of the area, aspect 3/4-4/3) and flips on the host w
 evaluation on the centre 224 crop of the image resized to 256 on its shorter side;
 top-1 (`test_accuracy`) and top-5 (`test_top5_accuracy`) in the log and metrics.jsonl.
 
-Prepare ImageNet once (README, "Data"), then:
+Prepare ImageNet once (docs/data.md, "ImageNet"), then:
   python -m vgg_jax.main --config=configs/vgg16_imagenet.py --workdir=/tmp/vgg16_imagenet
-Several hosts: add --config.distributed=True (README, "Several hosts").
+Several hosts: add --config.distributed=True (docs/multihost.md).
 Target: about 73.4% top-1 / 91.5% top-5 (torchvision's VGG16-BN; plain VGG16,
 --config.batch_norm=False: 71.6% / 90.4%). Measured results: experiments/RESULTS.md.
 Quick try on a small JPEG folder (DIR/train/<class>/*, DIR/test or DIR/val/<class>/*):

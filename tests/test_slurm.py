@@ -1,5 +1,5 @@
-"""The README's Slurm launch, under a real one-node Slurm cluster started for this module
-(munged, slurmctld and slurmd from Debian's `slurm-wlm` and `munge`, in a temporary
+"""The Slurm launch of docs/multihost.md, under a real one-node Slurm cluster started for this
+module (munged, slurmctld and slurmd from Debian's `slurm-wlm` and `munge`, in a temporary
 folder, as root): `srun -n2 ... --config.distributed=True` with JAX's own Slurm
 detection trains like one process of two devices, stops on `scancel` with one
 checkpoint, resumes bitwise, and ends with one line when a task is killed.
@@ -152,7 +152,7 @@ def _env(slurm, devices):
 
 
 def _srun(slurm, workdir, *extra):
-    """The README's line on two tasks of one device each."""
+    """docs/multihost.md's line on two tasks of one device each."""
     command = smoke_training_command(workdir, "--config.distributed=True", *RUN, *extra)
     return subprocess.Popen(
         ["srun", "-n2", *command],

@@ -86,7 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.train_split = "train"  # split to train on
     config.eval_split = "test"  # split to evaluate on after every epoch (all of it)
     config.image_size = 32  # images are resized to image_size x image_size if needed
-    config.augment = "none"  # none | crop_flip | random_resized_crop | scale_jitter (README)
+    config.augment = "none"  # none | crop_flip | random_resized_crop | scale_jitter (docs/data.md)
     config.crop_padding = 4  # crop_flip: zero pixels added on each side before the random crop
     config.flip_only_last_epochs = 0  # crop_flip: the last this many epochs flip, never crop
     config.input = "auto"  # auto | device (splits on the devices) | stream (grain, host)

@@ -394,7 +394,7 @@ def tfds_records(name: str, split: str, data_dir: str | None) -> Records:
         raise DatasetUnavailableError(
             f"TFDS dataset {name!r} split {split!r} cannot be read as a data source from "
             f"{data_dir} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-            "prepare it with file_format='array_record' (see the README, 'Data')"
+            "prepare it with file_format='array_record' (see docs/data.md, 'ImageNet')"
         ) from None
     class_names = tuple(source.dataset_info.features["label"].names)
     return Records(_TfdsRecords(source), class_names)
