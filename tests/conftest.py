@@ -191,6 +191,48 @@ def load_split(
     return sources.load_split(source, views.eval_view(config), process_index, process_count)
 
 
+def write_image_folder(
+    root,
+    classes=("a", "b", "c"),
+    per_class=(12, 4),
+    size=(40, 56),
+    suffix=".jpg",
+    seed: int = 0,
+    draw=None,
+):
+    """root/{train,test}/<class>/<i><suffix>, `per_class` images per class in each split:
+    class k's mostly colour channel k % 3 (noise in 0..70, plus 180), or what
+    `draw(rng, label, size)` returns. Returns root."""
+    rng = np.random.default_rng(seed)
+    for split, count in zip(("train", "test"), per_class, strict=True):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                if draw is None:
+                    pixels = rng.integers(0, 70, (*size, 3), dtype=np.uint8)
+                    pixels[..., label % 3] += 180
+                else:
+                    pixels = draw(rng, label, size)
+                Image.fromarray(pixels).save(folder / f"{i}{suffix}", quality=90)
+    return root
+
+
+def in_private_mount(mount: str, command: list[str]) -> list[str]:
+    """`command` in a mount namespace of its own (unshare: no root needed where user
+    namespaces are allowed), after the shell command `mount` there."""
+    return [
+        "unshare",
+        "--mount",
+        "--map-root-user",
+        "sh",
+        "-c",
+        f'{mount} && exec "$@"',
+        "sh",
+        *command,
+    ]
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """A 3-class image folder: class k images are mostly colour channel k, as PNG and JPEG."""

@@ -8,8 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import run_cli
-from PIL import Image
+from conftest import run_cli, write_image_folder
 
 import vgg_jax
 from vgg_jax import data, train
@@ -21,18 +20,15 @@ CLASSES = ("a", "b", "c")
 def _folder(root, per_class=(16, 20), size=(36, 60), seed=0):
     """Images wider than tall, each a noisy field of one class's colour with a patch of
     another's near one side: a squashed view and a centre crop of it differ."""
-    rng = np.random.default_rng(seed)
-    for split, count in zip(("train", "test"), per_class, strict=True):
-        for label, name in enumerate(CLASSES):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                pixels = rng.integers(0, 90, (*size, 3), dtype=np.uint8)
-                pixels[..., label] += 150
-                left = int(rng.integers(0, size[1] // 4))
-                pixels[:, left : left + size[1] // 5, (label + 1) % 3] = 250
-                Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
-    return root
+
+    def draw(rng, label, size):
+        pixels = rng.integers(0, 90, (*size, 3), dtype=np.uint8)
+        pixels[..., label] += 150
+        left = int(rng.integers(0, size[1] // 4))
+        pixels[:, left : left + size[1] // 5, (label + 1) % 3] = 250
+        return pixels
+
+    return write_image_folder(root, CLASSES, per_class, size, seed=seed, draw=draw)
 
 
 def _config(tiny_config, root, augment, input_kind):

@@ -14,10 +14,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, smoke_training_command
-from PIL import Image
+from conftest import REPO, smoke_training_command, write_image_folder
 
 import vgg_jax
+from vgg_jax import models, optim, train
 from vgg_jax.metrics_log import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -47,16 +47,7 @@ def _free_port() -> int:
 
 
 def _folder(root):
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 24), ("test", 7)):
-        for label, name in enumerate(("a", "b")):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 70, (20, 20, 3), dtype=np.uint8)
-                pixels[..., label] += 180
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
+    return write_image_folder(root, ("a", "b"), (24, 7), (20, 20), suffix=".png")
 
 
 def _env(tmp_path, devices, reads=None):
@@ -134,6 +125,36 @@ def _reads(prefix):
     return found
 
 
+def _assert_same_training(ours, theirs) -> None:
+    """The two runs' weights agree to 1% of how far training moved each tensor from its
+    initialisation (plus rounding). Not elementwise to float32 rounding: over 12 steps, a
+    2x2 max-pool window whose two largest inputs are within reassociation of each other
+    can route a gradient to the other pixel in one run (tests/test_train.py finds such windows), and
+    the channels behind it drift apart by a fraction of an update. A process that trained
+    on the wrong share, or did not sum its gradients with the other's, is off by the
+    size of the updates themselves."""
+    config = theirs.config
+    model = models.build_model(config, theirs.info)
+    schedule = optim.create_learning_rate_schedule(config, 6)
+    start = train.create_train_state(config, model, config.image_size, schedule)
+    initial = {"params": start.params, "batch_stats": start.batch_stats}
+
+    def check(path, a, b, init):
+        moved = np.linalg.norm(np.asarray(b, np.float64) - np.asarray(init, np.float64))
+        apart = np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+        # Plus float32 rounding of values ~1 (1e-5 each): a bias before BN has a zero
+        # gradient, so rounding is all that moves it.
+        assert apart <= 0.01 * moved + 1e-5 * np.sqrt(np.size(b)), (
+            jax.tree_util.keystr(path),
+            apart,
+            moved,
+        )
+
+    jax.tree_util.tree_map_with_path(
+        check, ours.variables, theirs.variables, jax.device_get(initial)
+    )
+
+
 @pytest.mark.parametrize("input_kind", ["device", "stream"])
 def test_two_processes_train_like_one_process_of_four_devices(tmp_path, input_kind):
     data = _folder(tmp_path / "data")
@@ -167,11 +188,7 @@ def test_two_processes_train_like_one_process_of_four_devices(tmp_path, input_ki
     steps = sorted(p.name for p in (tmp_path / "multi" / "checkpoints").iterdir())
     assert steps == ["12", "6"]
     ours, theirs = vgg_jax.load(tmp_path / "multi"), vgg_jax.load(tmp_path / "single")
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-        ours.variables,
-        theirs.variables,
-    )
+    _assert_same_training(ours, theirs)
     # Each process read only its share of each split, and together they read it all.
     reads = _reads(tmp_path / "reads")
     for split in ("train", "test"):

@@ -18,6 +18,7 @@ import pytest
 from conftest import (
     CONFIGS,
     REPO,
+    in_private_mount,
     load_split,
     make_tiny_config,
     modules_imported_by,
@@ -521,16 +522,7 @@ def test_a_full_disk_stops_the_run_in_one_line(tmp_path):
     disk.mkdir()
     train = smoke_training_command(disk / "w", "--config.progress_bar=False")
     result = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--map-root-user",
-            "sh",
-            "-c",
-            f'mount -t tmpfs -o size=3M tmpfs "{disk}" && exec "$@"',
-            "sh",
-            *train,
-        ],
+        in_private_mount(f'mount -t tmpfs -o size=3M tmpfs "{disk}"', train),
         cwd=REPO,
         capture_output=True,
         text=True,

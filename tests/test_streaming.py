@@ -8,6 +8,7 @@ import cv2
 import jax
 import numpy as np
 import pytest
+from conftest import write_image_folder
 from PIL import Image
 
 from vgg_jax import data, train
@@ -17,16 +18,7 @@ from vgg_jax.preemption import Preempted
 
 
 def _folder(root, classes=("a", "b", "c"), per_class=(12, 4), size=(40, 56)):
-    rng = np.random.default_rng(0)
-    for split, count in zip(("train", "test"), per_class, strict=True):
-        for label, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                pixels = rng.integers(0, 70, (*size, 3), dtype=np.uint8)
-                pixels[..., label % 3] += 180
-                Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
-    return root
+    return write_image_folder(root, classes, per_class, size)
 
 
 @pytest.fixture

@@ -6,10 +6,8 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from conftest import REPO, smoke_training_command
-from PIL import Image
+from conftest import REPO, in_private_mount, smoke_training_command, write_image_folder
 
 from vgg_jax.data import workers
 
@@ -18,23 +16,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _folder(root):
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 96), ("test", 16)):
-        for label, name in enumerate("abc"):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 90, (40, 48, 3), dtype=np.uint8)
-                pixels[..., label] += 150
-                Image.fromarray(pixels).save(folder / f"{i}.jpg")
-    return root
-
-
 def _command(tmp_path):
     root = tmp_path / "data"
     if not root.exists():
-        _folder(root)
+        write_image_folder(root, per_class=(96, 16), size=(40, 48))
     return smoke_training_command(
         tmp_path / "run",
         "--config.dataset=image_folder",
@@ -53,17 +38,7 @@ def _run_with_fault(tmp_path, fault: str) -> dict:
     whose /dev/shm is a fresh tmpfs: what is left there is this run's."""
     driver = [sys.executable, str(REPO / "tests" / "stream_faults.py"), fault, "--"]
     result = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--map-root-user",
-            "sh",
-            "-c",
-            'mount -t tmpfs tmpfs /dev/shm && exec "$@"',
-            "sh",
-            *driver,
-            *_command(tmp_path),
-        ],
+        in_private_mount("mount -t tmpfs tmpfs /dev/shm", [*driver, *_command(tmp_path)]),
         cwd=REPO,
         capture_output=True,
         text=True,
