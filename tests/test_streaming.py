@@ -2,6 +2,7 @@
 bad files, flat memory, and the choice between device-resident and streamed input."""
 
 import logging
+import pathlib
 import resource
 
 import cv2
@@ -13,6 +14,7 @@ from PIL import Image
 
 from vgg_jax import data, train
 from vgg_jax.data import sources, stream, views
+from vgg_jax.data.info import DatasetUnavailableError
 from vgg_jax.metrics_log import read_metrics
 from vgg_jax.preemption import Preempted
 
@@ -229,15 +231,18 @@ def test_every_evaluation_pass_reads_the_whole_share_from_one_iterator(tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("resume_workers", [1, 2])
 def test_streamed_run_stopped_mid_epoch_resumes_bitwise(
-    stream_config, tmp_path, monkeypatch, caplog
+    stream_config, tmp_path, monkeypatch, caplog, resume_workers
 ):
     from test_checkpoint import SignalAfter, assert_trees_equal
 
     stream_config.num_epochs = 2
     # The uninterrupted run decodes in threads (input_workers=0: the same batches as
-    # worker processes); the stopped and resumed runs in a worker process, whose
-    # iterator state is what the checkpoint must carry.
+    # worker processes); the stopped run in a worker process, whose iterator state is
+    # what the checkpoint must carry; the resumed one with as many workers (grain's saved
+    # state is used) or with another count (the stream is rebuilt at the step: grain's
+    # state would restore other batches or fail).
     uninterrupted = train.train_and_evaluate(stream_config, str(tmp_path / "a"))
     stream_config.input_workers = 1
     monkeypatch.setattr(train, "PreemptionGuard", lambda: SignalAfter(5))  # mid epoch 2
@@ -245,9 +250,11 @@ def test_streamed_run_stopped_mid_epoch_resumes_bitwise(
         train.train_and_evaluate(stream_config, str(tmp_path / "b"))
     assert any((p / "data").is_dir() for p in (tmp_path / "b" / "checkpoints").iterdir())
     monkeypatch.undo()
+    stream_config.input_workers = resume_workers
     with caplog.at_level(logging.INFO, logger="vgg_jax"):
         resumed = train.train_and_evaluate(stream_config, str(tmp_path / "b"))
-    # The position came from grain's saved iterator state, not from the step alone.
+    by_step = any("stream positioned at step" in r.getMessage() for r in caplog.records)
+    assert by_step == (resume_workers != 1)
     assert not any("stream position from the step" in r.getMessage() for r in caplog.records)
     assert not list((tmp_path / "b" / "checkpoints").glob("*.damaged"))  # its digests hold
     assert int(resumed.step) == int(uninterrupted.step) == 8
@@ -374,3 +381,18 @@ def test_jpeg_decodes_to_the_same_rgb_either_way(tmp_path, monkeypatch, mode):
     converted = views.decode(element[0])
     assert direct.shape == converted.shape == (24, 40, 3) and direct.dtype == np.uint8
     np.testing.assert_array_equal(direct, converted)
+
+
+def test_a_streamed_class_of_unreadable_files_is_refused(stream_config):
+    for path in (pathlib.Path(stream_config.data_dir) / "train" / "b").iterdir():
+        path.write_bytes(b"not an image")
+    with pytest.raises(DatasetUnavailableError, match="training class.*\\bb\\b"):
+        data.create(stream_config, data.create_mesh())
+
+
+def test_a_streamed_test_split_of_unreadable_files_is_refused(stream_config, tmp_path):
+    for path in (pathlib.Path(stream_config.data_dir) / "test").rglob("*.jpg"):
+        path.write_bytes(b"")
+    stream_config.num_epochs, stream_config.max_steps_per_epoch = 1, 1
+    with pytest.raises(DatasetUnavailableError, match="no readable image in the evaluation"):
+        train.train_and_evaluate(stream_config, str(tmp_path / "run"))

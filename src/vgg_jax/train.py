@@ -238,6 +238,11 @@ def evaluate(state: TrainState, batches, eval_fn) -> dict[str, float]:
     sums = None
     for batch in batches:
         sums = sum_metrics(sums, eval_fn(state, batch))
+    if sums is None or float(jax.device_get(sums["count"])) == 0:
+        raise data.DatasetUnavailableError(
+            "no readable image in the evaluation split: every one was skipped (the "
+            "warnings above name them)"
+        )
     return summarise(sums, "test")
 
 
@@ -298,7 +303,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manage
         resume.check_same_data(point, info, steps_per_epoch, str(manager.directory))
         state, meta = resume.restore_newest_intact(manager, point, state, NamedSharding(mesh, P()))
         if meta is not None:
-            batches.restore(manager, int(state.step))
+            batches.restore(manager, int(state.step), point.saved_config)
     log = MetricsLog(workdir, enabled=jax.process_index() == 0)
     # Epochs logged but not checkpointed are redone (all of them without a checkpoint).
     log.truncate_after(meta["epoch"] if meta else 0)

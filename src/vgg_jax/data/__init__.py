@@ -62,8 +62,9 @@ class Input(Protocol):
     def checkpoint_items(self) -> dict[str, Any]:
         """Orbax items to save beside the model (the stream's position)."""
 
-    def restore(self, manager: Any, step: int) -> None:
-        """Positions the input as saved with checkpoint `step`."""
+    def restore(self, manager: Any, step: int, saved_config: dict[str, Any]) -> None:
+        """Positions the input as saved with checkpoint `step` (whose run had the config
+        `saved_config`, as JSON)."""
 
     def take_epoch_counts(self) -> dict[str, float]:
         """Per-epoch counts (seconds waiting for input, unreadable files), then reset."""

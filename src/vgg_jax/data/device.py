@@ -223,7 +223,7 @@ class DeviceInput:
     def checkpoint_items(self) -> dict[str, Any]:
         return {}
 
-    def restore(self, manager, step: int) -> None:
+    def restore(self, manager, step: int, saved_config: dict) -> None:
         """Nothing to restore: the data order is a function of (seed, epoch)."""
 
     def close(self) -> None:

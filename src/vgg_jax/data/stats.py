@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from vgg_jax.data.info import DatasetUnavailableError
+
 SAMPLE_SIZE = 1024  # training images: the mean to within a fraction of a level
 
 
@@ -38,7 +40,7 @@ def global_normalisation(local_sums: np.ndarray) -> tuple[tuple[float, ...], tup
         sums = np.asarray(multihost_utils.process_allgather(local_sums)).sum(0)
     total, squares, count = sums
     if not count.all():
-        raise ValueError("no readable training image in the normalisation sample")
+        raise DatasetUnavailableError("no readable training image in the normalisation sample")
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     return tuple(mean.tolist()), tuple(std.tolist())

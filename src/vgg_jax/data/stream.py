@@ -31,6 +31,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grain
@@ -138,6 +139,33 @@ class EvalBatch(grain.transforms.Map):
         batch["skipped"] = (batch["mask"] == 0).astype(np.int32)
         batch["index"] = indices
         return batch
+
+
+def check_every_class_readable(split: Records) -> None:
+    """Each class must have a readable image: its images are tried in order until one
+    decodes (one per class when the data is sound). A class whose files are all
+    unreadable would otherwise train as if it had no examples."""
+    first: dict[int, list[int]] = {}
+    for index in range(len(split)):
+        first.setdefault(split.source[index][1], []).append(index)
+
+    def readable(indices: list[int]) -> bool:
+        for index in indices:
+            try:
+                views.decode(split.source[index][0])
+                return True
+            except views.UNREADABLE:
+                continue
+        return False
+
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        found = dict(zip(first, pool.map(readable, first.values()), strict=True))
+    empty = [split.class_names[label] for label, ok in sorted(found.items()) if not ok]
+    if empty:
+        raise DatasetUnavailableError(
+            f"no readable image in training class(es) {', '.join(empty)}: every file is "
+            "unreadable (truncated, corrupt or empty)"
+        )
 
 
 # ------------------------------------------------------------------------ the pipelines
@@ -289,6 +317,8 @@ class StreamInput:
         self.config, self.mesh = config, mesh
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         self.train_records = records(config, config.train_split)
+        if config.dataset == "image_folder":  # TFDS records were checked when prepared
+            check_every_class_readable(self.train_records)
         self.eval_records = records(config, config.eval_split, self.train_records.class_names)
         sharding.check_batch_fits(config, len(self.train_records))
         self.steps_per_epoch = sharding.limited_steps(config, len(self.train_records))
@@ -397,18 +427,24 @@ class StreamInput:
             return {}
         return {"data": grain.checkpoint.CheckpointSave(self.iterator)}
 
-    def restore(self, manager, step: int) -> None:
-        """Restores the stream's position saved with `step` (grain's handler); where the
-        checkpoint has none for this number of processes, the stream is positioned by
-        the step alone, which gives the same batches."""
+    def restore(self, manager, step: int, saved_config: dict[str, Any]) -> None:
+        """Positions the stream at `step`. Batches are indexed by step, so a stream built
+        at the step gives the batches of one that never stopped, whatever the number of
+        workers. grain's iterator state (saved beside the model) is restored only with
+        the worker count it was saved with: it depends on it (another count restores
+        other batches, or fails)."""
         import orbax.checkpoint as ocp
 
-        iterator = iterate(self.dataset, self.config.input_workers, self.config.input_threads)
+        workers = self.config.input_workers
+        if workers < 0 or saved_config.get("input_workers") != workers:
+            logger.info("stream positioned at step %d (input_workers changed)", step)
+            return
+        iterator = iterate(self.dataset, workers, self.config.input_threads)
         try:
             manager.restore(
                 step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator))
             )
-        except (ValueError, KeyError, FileNotFoundError) as error:
+        except (ValueError, KeyError, IndexError, FileNotFoundError) as error:
             logger.info("stream position from the step (%s)", str(error).splitlines()[0][:120])
             close(iterator)
             return
