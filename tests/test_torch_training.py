@@ -119,6 +119,22 @@ def test_twin_refuses_what_it_does_not_implement():
         torch_training.train(config, tiny_arrays(), compile_model=False)
 
 
+def test_jpeg_archive_decodes_to_the_pixels_our_input_reads(tmp_path):
+    from test_gpu_session import write_archive
+
+    from vgg_jax.data import views
+
+    write_archive(tmp_path / "tiny.npz", per_class=(2, 1))
+    arrays = cifar_arrays.load(tmp_path / "tiny.npz")
+    assert arrays.train_images.shape == (6, 32, 32, 3) and arrays.test_images.shape[0] == 3
+    assert arrays.train_labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert arrays.classes == ("airplane", "automobile", "bird")
+    with np.load(tmp_path / "tiny.npz") as archive:
+        first = archive["train_jpeg"][: archive["train_offsets"][1]].tobytes()
+    np.testing.assert_array_equal(arrays.train_images[0], views.decode(first))
+    assert arrays.train_images[0][..., 0].mean() > 150  # class 0's colour: decoded, in RGB
+
+
 def test_arrays_round_trip_and_airbench_files(tmp_path):
     arrays = tiny_arrays(train=6, test=4, size=32)
     cifar_arrays.save(arrays, tmp_path / "arrays.npz")

@@ -38,7 +38,7 @@ def _decode_split(archive: np.lib.npyio.NpzFile, split: str) -> tuple[np.ndarray
         raise ValueError(
             f"{split}: {len(offsets)} offsets for {len(labels)} labels (expected one more)"
         )
-    images = [views.decode(data[offsets[i] : offsets[i + 1]]) for i in range(len(labels))]
+    images = [views.decode(data[offsets[i] : offsets[i + 1]].tobytes()) for i in range(len(labels))]
     if len({image.shape for image in images}) > 1:
         raise ValueError(f"{split}: the images differ in size")
     return np.stack(images), labels
