@@ -319,7 +319,7 @@ def speed(session: Session, item: Item) -> None:
     settings += ["--config.dtype=bfloat16", "--steps=20", "--burn_in=10"]
     if SMALL:
         settings = [*SMALL_SPEED, "--config.batch_size=8", "--config.image_size=32"]
-    compare = definition["compare"] if TORCH_COMPILE or SMALL else "none"
+    compare = definition["compare"]
     command = [PYTHON, "-m", "vgg_jax.benchmark", f"--config={definition['config']}", *settings]
     command += [f"--compare={compare}", f"--json={out}"]
     command += ["--torch_compile" if TORCH_COMPILE else "--notorch_compile"]
