@@ -1,0 +1,294 @@
+"""Trains the PyTorch twin (`bench.torch_reference`) with a config's recipe, on the same
+CIFAR-10 arrays as ours: the peer that says whether a gap is the recipe or our code.
+
+  python -m vgg_jax.bench.torch_training --config=configs/vgg16_fast.py \
+      --data=cifar10-jpeg.npz --metrics=twin.jsonl [--notorch_compile] [--config.X=...]
+
+The same recipe as `vgg_jax.main` with that config: the same network (built from the
+same `models.VGG`; PyTorch's default initialisation, the distribution ours draws from),
+normalisation (`data.stats`'s sample of the training images), crop_flip augmentation
+(zero padding, a crop per image, half flipped; `flip_only_last_epochs` too), learning-
+rate schedule (`optim`'s, evaluated per step), label smoothing, SGD with momentum,
+Nesterov and coupled L2 on every parameter (optax's add_decayed_weights -> trace),
+batch size, epochs (full batches only), evaluation on every test image after each epoch
+with flip-TTA. PyTorch side: bf16 autocast (config.dtype), channels_last,
+torch.compile of the model. Not the same: the random draws (data order, crops, init).
+Not implemented (refused in one line): EMA, decoupled weight decay, gradient clipping,
+fine-tuning, other augmentations.
+
+Writes one metrics record per epoch (the keys of our metrics.jsonl) to --metrics as the
+epoch ends, and with --json a summary with the seconds from launch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+import torch
+from absl import app, flags
+from ml_collections import config_flags
+from torch.nn import functional
+
+from vgg_jax import cli, models, optim
+from vgg_jax.bench import cifar_arrays, torch_reference
+from vgg_jax.data import sharding, stats, views
+from vgg_jax.data.info import DatasetInfo
+
+FLAGS = flags.FLAGS
+EVAL_BATCH = 1000
+
+
+def unsupported(config: ml_collections.ConfigDict) -> list[str]:
+    """The config's settings that this loop does not reproduce."""
+    checks = {
+        "ema_decay": config.ema_decay == 0,
+        "weight_decay": config.weight_decay == 0,
+        "grad_clip_norm": config.grad_clip_norm == 0,
+        "optimizer": config.optimizer == "sgd",
+        "augment": config.augment in ("none", "crop_flip"),
+        "init_from": not config.init_from,
+        "freeze": config.freeze == "none",
+        "backbone_lr_factor": config.backbone_lr_factor == 1.0,
+    }
+    return [f"{name}={config[name]!r}" for name, ok in checks.items() if not ok]
+
+
+def learning_rates(config: ml_collections.ConfigDict, steps_per_epoch: int) -> np.ndarray:
+    """optim's schedule at every step: the rate step k's update uses (optax counts from 0)."""
+    import jax
+    import jax.numpy as jnp
+
+    schedule = optim.create_learning_rate_schedule(config, steps_per_epoch)
+    total = max(1, config.num_epochs * steps_per_epoch)
+    return np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(total)), np.float64)
+
+
+def crop_flip(
+    images: torch.Tensor, padding: int, generator: torch.Generator, flip: bool = True
+) -> torch.Tensor:
+    """uint8 NHWC: pad `padding` zero pixels a side, crop a window of the original size at
+    a random offset per image, flip half of them left-right (as data.device's)."""
+    count, height, width, _ = images.shape
+    device = images.device
+    if padding:
+        padded = functional.pad(images, (0, 0, padding, padding, padding, padding))
+        offsets = torch.randint(0, 2 * padding + 1, (count, 2), generator=generator, device=device)
+        rows = offsets[:, :1] + torch.arange(height, device=device)
+        cols = offsets[:, 1:] + torch.arange(width, device=device)
+        index = torch.arange(count, device=device)[:, None, None]
+        images = padded[index, rows[:, :, None], cols[:, None, :]]
+    if not flip:
+        return images
+    flips = torch.rand(count, generator=generator, device=device) < 0.5
+    return torch.where(flips[:, None, None, None], images.flip(2), images)
+
+
+def epoch_batches(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: ml_collections.ConfigDict,
+    epoch: int,
+    steps: int,
+    generator: torch.Generator,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch's shuffled, augmented full batches."""
+    batch = config.batch_size
+    order = torch.randperm(len(labels), generator=generator, device=images.device)
+    for step in range(steps):
+        chosen = order[step * batch : (step + 1) * batch]
+        batch_images = images[chosen]
+        if config.augment == "crop_flip":
+            padding = views.crop_padding(config, epoch)
+            batch_images = crop_flip(batch_images, padding, generator)
+        yield batch_images, labels[chosen]
+
+
+class Twin:
+    """The model, its optimiser and the (possibly compiled) forward pass."""
+
+    def __init__(self, config: ml_collections.ConfigDict, info: DatasetInfo, device, compile_):
+        torch.manual_seed(config.seed)
+        vgg = models.build_model(config, info)
+        model = torch_reference.build_torch_model(vgg, config.image_size).to(device)
+        self.model = model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=config.learning_rate,
+            momentum=config.momentum,
+            weight_decay=config.l2,
+            nesterov=config.nesterov,
+        )
+        self.forward = torch.compile(self.model) if compile_ else self.model
+        self.dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
+        self.device = device
+        self.label_smoothing = config.label_smoothing
+
+    def autocast(self):
+        return torch.autocast(self.device.type, self.dtype, enabled=self.dtype is not None)
+
+    def train_step(self, images, labels, learning_rate: float) -> torch.Tensor:
+        """One step; returns (loss sum, correct count) on the device, not synchronised."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        with self.autocast():
+            logits = self.forward(images).float()
+        loss = functional.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        correct = (logits.detach().argmax(-1) == labels).sum()
+        return torch.stack([loss.detach() * len(labels), correct.float()])
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Loss, accuracy and flip-TTA accuracy over every image (the last batch padded, so
+        that a compiled forward sees one shape)."""
+        self.model.eval()
+        sums = torch.zeros(3, device=self.device)
+        for start in range(0, len(labels), EVAL_BATCH):
+            batch = images[start : start + EVAL_BATCH]
+            batch_labels = labels[start : start + EVAL_BATCH]
+            real = len(batch_labels)
+            if real < EVAL_BATCH:
+                batch = functional.pad(batch, (0, 0, 0, 0, 0, 0, 0, EVAL_BATCH - real))
+            with self.autocast():
+                logits = self.forward(batch).float()[:real]
+                flipped = self.forward(batch.flip(2)).float()[:real]
+            loss = functional.cross_entropy(logits, batch_labels, reduction="sum")
+            tta = logits.softmax(-1) + flipped.softmax(-1)
+            sums += torch.stack(
+                [
+                    loss,
+                    (logits.argmax(-1) == batch_labels).sum().float(),
+                    (tta.argmax(-1) == batch_labels).sum().float(),
+                ]
+            )
+        self.model.train()
+        loss_sum, correct, correct_tta = (float(value) for value in sums.cpu())
+        count = len(labels)
+        return {
+            "test_loss": loss_sum / count,
+            "test_accuracy": correct / count,
+            "test_accuracy_flip_tta": correct_tta / count,
+        }
+
+
+def dataset_info(
+    config: ml_collections.ConfigDict, arrays: cifar_arrays.CifarArrays
+) -> DatasetInfo:
+    """Class names and the normalisation ours computes for the same training images."""
+    sample = stats.sample_indices(len(arrays.train_labels))
+    mean, std = stats.global_normalisation(stats.channel_sums(arrays.train_images[sample]))
+    return DatasetInfo(
+        class_names=arrays.classes,
+        mean=mean,
+        std=std,
+        image_size=config.image_size,
+        num_train_examples=len(arrays.train_labels),
+        num_eval_examples=len(arrays.test_labels),
+    )
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    arrays: cifar_arrays.CifarArrays,
+    metrics_path: str | Path | None = None,
+    compile_model: bool = True,
+    device: torch.device | None = None,
+) -> list[dict[str, Any]]:
+    """Trains the twin for config.num_epochs; returns (and appends to `metrics_path`) one
+    record per epoch."""
+    problems = unsupported(config)
+    if problems:
+        raise ValueError("the PyTorch twin does not implement " + ", ".join(problems))
+    if arrays.train_images.shape[1] != config.image_size:
+        raise ValueError(f"images are {arrays.train_images.shape[1]} px, not {config.image_size}")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    info = dataset_info(config, arrays)
+    twin = Twin(config, info, device, compile_model)
+    images = torch.from_numpy(arrays.train_images).to(device)
+    labels = torch.from_numpy(arrays.train_labels).to(device)
+    test_images = torch.from_numpy(arrays.test_images).to(device)
+    test_labels = torch.from_numpy(arrays.test_labels).to(device)
+    steps = sharding.limited_steps(config, len(labels))
+    rates = learning_rates(config, steps)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    records = []
+    for epoch in range(config.num_epochs):
+        start = time.perf_counter()
+        sums = torch.zeros(2, device=device)
+        batches = epoch_batches(images, labels, config, epoch, steps, generator)
+        for index, (batch_images, batch_labels) in enumerate(batches):
+            sums += twin.train_step(batch_images, batch_labels, float(rates[epoch * steps + index]))
+        loss_sum, correct = (float(value) for value in sums.cpu())
+        seen = steps * config.batch_size
+        record = {"epoch": epoch + 1, "step": (epoch + 1) * steps}
+        record.update({"train_loss": loss_sum / seen, "train_accuracy": correct / seen})
+        record.update(twin.evaluate(test_images, test_labels))
+        record["learning_rate"] = float(rates[(epoch + 1) * steps - 1])
+        record["epoch_seconds"] = time.perf_counter() - start
+        record["wall_time"] = time.time()
+        records.append(record)
+        if metrics_path:
+            with open(metrics_path, "a") as out:
+                out.write(json.dumps(record) + "\n")
+        print(
+            f"twin epoch {epoch + 1}/{config.num_epochs}  train loss {record['train_loss']:.4f}"
+            f" acc {record['train_accuracy']:.4f}  test acc {record['test_accuracy']:.4f}"
+            f" (flip-TTA {record['test_accuracy_flip_tta']:.4f})  {record['epoch_seconds']:.1f}s",
+            flush=True,
+        )
+    return records
+
+
+def define_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "Path to a configuration file.")
+    flags.mark_flag_as_required("config")
+    flags.DEFINE_string("data", None, "CIFAR JPEG archive, or arrays from cifar_arrays.save.")
+    flags.mark_flag_as_required("data")
+    flags.DEFINE_string("metrics", None, "Append one JSON record per epoch to this file.")
+    flags.DEFINE_string("json", None, "Write a summary (seconds from launch) to this file.")
+    flags.DEFINE_bool("torch_compile", True, "torch.compile the model.")
+
+
+def main(argv: list[str]) -> None:
+    launch = time.time()
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        arrays = cifar_arrays.load(FLAGS.data)
+        records = train(FLAGS.config, arrays, FLAGS.metrics, FLAGS.torch_compile)
+    except (OSError, KeyError, ValueError) as error:
+        sys.exit(f"error: {cli.one_line(error)}")
+    if FLAGS.json:
+        summary = {
+            "framework": "torch",
+            "torch_version": torch.__version__,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch_compile": FLAGS.torch_compile,
+            "config": FLAGS.config.to_dict(),
+            "launch_to_end_s": time.time() - launch,
+            "final": records[-1] if records else None,
+        }
+        Path(FLAGS.json).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def run() -> None:
+    import jax
+
+    # The schedule is evaluated with JAX: on the CPU, leaving the GPU's memory to PyTorch.
+    jax.config.update("jax_platforms", "cpu")
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == "__main__":
+    run()
