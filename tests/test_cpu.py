@@ -309,3 +309,38 @@ def test_never_restarts_an_interactive_session(monkeypatch):
     monkeypatch.delenv("VGG_JAX_KEEP_MEMORY", raising=False)
     assert host_memory.interactive()
     host_memory.restart_with_retained_memory()  # returns instead of replacing the process
+
+
+# Restarts after (mode 'pending') a SIGTERM arrived while signals were held, as one
+# arriving during the restart is; the restarted process reports its signal mask at start
+# and whether its guard received the signal.
+SIGNAL_DURING_RESTART = """
+import os, signal, sys
+if os.environ.get("GLIBC_TUNABLES"):
+    held = signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    from vgg_jax.preemption import PreemptionGuard
+    guard = PreemptionGuard().install()
+    print("held", held, "requested", guard.requested, "signal", guard.signal_number)
+    sys.exit(0)
+from vgg_jax.cpu import host_memory
+if sys.argv[1] == "pending":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    os.kill(os.getpid(), signal.SIGTERM)
+host_memory.restart_with_retained_memory()
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc tunables exist only on Linux/glibc")
+def test_a_signal_during_the_restart_reaches_the_guard(tmp_path):
+    script = tmp_path / "signal_during_restart.py"
+    script.write_text(SIGNAL_DURING_RESTART)
+    env = {"VGG_JAX_KEEP_MEMORY": "1", "JAX_PLATFORMS": "cpu"}
+    # The restart holds SIGTERM and SIGINT blocked across the exec ...
+    quiet = _run_script(script, "none", env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout.split() == ["held", "True", "requested", "False", "signal", "None"]
+    # ... so that one that arrives meanwhile waits for the guard instead of killing the
+    # new interpreter (status 143), and the guard's installation delivers it.
+    pending = _run_script(script, "pending", env=env)
+    assert pending.returncode == 0, pending.stderr
+    assert pending.stdout.split()[:4] == ["held", "True", "requested", "True"]

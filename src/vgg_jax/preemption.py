@@ -56,6 +56,9 @@ class PreemptionGuard:
         if not self._previous and threading.current_thread() is threading.main_thread():
             for number in self.SIGNALS:
                 self._previous[number] = signal.signal(number, self._handle)
+            # Blocked across the CLIs' restart (cpu/host_memory.py): a signal that arrived
+            # then is delivered now, to the handlers.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
         return self
 
     def uninstall(self) -> None:

@@ -23,6 +23,7 @@ import importlib.util
 import os
 import pkgutil
 import platform
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -94,4 +95,13 @@ def restart_with_retained_memory() -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    # SIGTERM or Ctrl-C during the restart would find the new interpreter without its
+    # handlers and kill it (status 143): held blocked across the exec (the mask and
+    # pending signals survive it), they reach the handlers once preemption.PreemptionGuard
+    # installs them and unblocks.
+    stops = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    finally:  # only reached if the exec failed
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
