@@ -84,3 +84,20 @@ def test_tfds_under_mock_data_gives_uint8_images_and_names(monkeypatch):
         split = load_split("cifar10", "test", data_dir=None, image_size=32)
     assert split.images.shape == (20, 32, 32, 3) and split.images.dtype == np.uint8
     assert len(split.class_names) == 10 and split.num_examples_global == 20
+
+
+def test_a_fifo_named_like_an_image_is_skipped_not_read(image_folder, caplog):
+    # Reading a FIFO blocks until something writes to it: forever, here.
+    import logging
+    import os
+
+    from vgg_jax import inference
+
+    fifo = image_folder / "train" / "cat" / "pipe.jpg"
+    os.mkfifo(fifo)
+    with caplog.at_level(logging.WARNING, logger="vgg_jax"):
+        split = load_split("image_folder", "train", data_dir=str(image_folder), image_size=8)
+    assert len(split.labels) == 24 and [os.path.basename(p) for p in split.skipped] == ["pipe.jpg"]
+    assert any("pipe.jpg" in r.getMessage() and "regular" in r.getMessage() for r in caplog.records)
+    with pytest.raises(inference.ImageError, match="pipe.jpg: not a regular file"):
+        inference.read_image(fifo)
