@@ -43,11 +43,11 @@ def read_image(image: ImageLike) -> np.ndarray:
         raise ImageError(
             f"{image}: refused, too many pixels (decompression bomb?): {error}"
         ) from None
+    except views.TooManyPixelsError as error:
+        raise ImageError(f"{image}: refused, {error}") from None
+    except views.NotRegularFileError:
+        raise ImageError(f"{image}: not a regular file (a folder, FIFO or device)") from None
     except views.UNREADABLE as error:
-        if "decompression bomb" in str(error):
-            raise ImageError(f"{image}: refused, {error}") from None
-        if "regular file" in str(error):
-            raise ImageError(f"{image}: not a regular file (a folder, FIFO or device)") from None
         raise ImageError(f"{image}: truncated or corrupt image ({error})") from None
 
 

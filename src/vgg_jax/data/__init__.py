@@ -48,7 +48,6 @@ class Input(Protocol):
     (B, H, W, 3) and 'label' int32 (B,), plus 'mask' float32 (B,) for evaluation (the
     last evaluation batch is padded with masked-out rows, never dropped)."""
 
-    kind: str  # 'device' or 'stream', for the log
     info: DatasetInfo
     steps_per_epoch: int
 
@@ -140,14 +139,13 @@ def evaluation_batches(
 
     source = sources.open_split(config, config.eval_split, class_names, data_dir)
     view, size = views.eval_view(config), config.image_size
-    threads = max(1, min(8, os.cpu_count() or 1))
-    chunk = -(-batch_size // threads)  # OpenCV releases the GIL: decode in threads
+    chunk = -(-batch_size // views.DECODE_THREADS)
     reader = source.read(0, source.size)
 
     def view_part(start: int, elements: list) -> tuple[dict, list[str]]:
         return views.eval_batch(elements, view, size, lambda row: source.name(start + row))
 
-    with ThreadPoolExecutor(threads) as pool:
+    with ThreadPoolExecutor(views.DECODE_THREADS) as pool:
         for start in range(0, source.size, batch_size):
             elements = list(itertools.islice(reader, batch_size))
             offsets = range(0, len(elements), chunk)

@@ -186,8 +186,6 @@ def load(config: ml_collections.ConfigDict, normalisation=None) -> tuple[Split, 
 class DeviceInput:
     """Both splits on the devices once; each epoch permuted and augmented by one jit."""
 
-    kind = "device"
-
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, normalisation=None):
         self.config, self.mesh = config, mesh
         train_split, eval_split, self.info = load(config, normalisation)

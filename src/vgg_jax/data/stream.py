@@ -14,9 +14,10 @@ the host by worker processes, a batch at a time.
 `StreamInput` (at the end) is what the training loop reads from it, through the same
 interface as `device.DeviceInput`.
 
-Every batch is a deterministic function of (seed, step): the iterator's state, saved in
-the checkpoint beside the model (grain's orbax handler), resumes the same batches, so a
-stopped run ends with the parameters of one that never stopped.
+Every batch is a deterministic function of (seed, step), so a stopped run ends with the
+parameters of one that never stopped: the stream resumes from the iterator's state saved
+in the checkpoint beside the model (grain's orbax handler), or, with another worker count
+(whose state that is not), is rebuilt at the step (`StreamInput.restore`).
 
 Unreadable files (truncated, corrupt, empty) never stop training: in the training
 stream the next record takes the place of an unreadable one (a warning names the file
@@ -158,7 +159,7 @@ def check_every_class_readable(split: Records) -> None:
                 continue
         return False
 
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(views.DECODE_THREADS) as pool:
         found = dict(zip(first, pool.map(readable, first.values()), strict=True))
     empty = [split.class_names[label] for label, ok in sorted(found.items()) if not ok]
     if empty:
@@ -310,8 +311,6 @@ class EvalPasses:
 
 class StreamInput:
     """A grain stream read by `config.input_workers` processes, a batch per step."""
-
-    kind = "stream"
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, normalisation=None):
         self.config, self.mesh = config, mesh

@@ -44,6 +44,17 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # A decoded image -> the model's uint8 (size, size, 3) input.
 View = Callable[[np.ndarray], np.ndarray]
+# Threads that decode a batch at a time where no worker processes do (evaluation, checks):
+# OpenCV and PIL release the GIL while they decode.
+DECODE_THREADS = max(1, min(8, os.cpu_count() or 1))
+
+
+class NotRegularFileError(ValueError):
+    """An image path that is a FIFO, a device or a folder: refused, not read."""
+
+
+class TooManyPixelsError(ValueError):
+    """An image with more than MAX_PIXELS pixels: refused before it is decoded."""
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -62,7 +73,7 @@ def read_file(path: str | os.PathLike) -> bytes:
     rather than read (a FIFO would block the reader forever)."""
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
-        raise ValueError("not a regular file")
+        raise NotRegularFileError("not a regular file")
     with open(path, "rb") as file:
         return file.read()
 
@@ -81,7 +92,7 @@ def decode(data: Any) -> np.ndarray:
         raise ValueError("empty file")
     with Image.open(io.BytesIO(raw)) as image:  # reads the header only
         if image.width * image.height > MAX_PIXELS:
-            raise ValueError(
+            raise TooManyPixelsError(
                 f"{image.width}x{image.height} pixels, over the {MAX_PIXELS} accepted "
                 "(decompression bomb?)"
             )
