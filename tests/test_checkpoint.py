@@ -267,11 +267,14 @@ def test_checkpoints_of_the_previous_schema_still_load_and_resume(tiny_config, t
     assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2]
 
 
-def test_on_several_cpu_devices_replicated_arrays_are_saved_whole(tmp_path):
+def test_on_several_cpu_devices_replicated_arrays_are_saved_whole(tmp_path, tiny_config):
     # Replica-parallel saving slices every replicated array once per device and save:
     # pure overhead where the devices share the host's memory.
     import orbax.checkpoint as ocp
 
+    from vgg_jax import models
+
     assert jax.device_count() == 8 and jax.default_backend() == "cpu"
-    checkpoint.create_manager(str(tmp_path)).close()
+    handler = models.backend_tuning(tiny_config).array_handler
+    checkpoint.create_manager(str(tmp_path), array_handler=handler).close()
     assert ocp.type_handlers.get_type_handler(jax.Array)._use_replica_parallel is False

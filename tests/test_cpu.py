@@ -165,7 +165,7 @@ def test_initialisation_compiled_for_one_run_gives_the_same_parameters(tiny_conf
     params_key, _ = jax.random.split(jax.random.key(tiny_config.seed))
     images = jnp.zeros((1, 16, 16, 3), jnp.uint8)
     fully_optimised = jax.jit(lambda: model.init(params_key, images, train=False))()
-    assert cpu.run_once_compiler_options()  # this is a CPU backend: the options apply
+    assert cpu.tuning("xla").init_compiler_options  # a CPU backend: the options apply
     for ours, theirs in zip(
         jax.tree.leaves((state.params, state.batch_stats)),
         jax.tree.leaves((fully_optimised["params"], fully_optimised["batch_stats"])),
@@ -173,7 +173,7 @@ def test_initialisation_compiled_for_one_run_gives_the_same_parameters(tiny_conf
     ):
         np.testing.assert_array_equal(ours, theirs)
     monkeypatch.setattr(cpu, "backend", lambda: "gpu")
-    assert cpu.run_once_compiler_options() == {}
+    assert cpu.tuning("auto") == cpu.Tuning()  # off a CPU, the tuning changes nothing
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 5, 2)])

@@ -74,3 +74,16 @@ def test_only_the_data_package_decodes_or_resizes_images():
         if sign in path.read_text()
     ]
     assert found == []
+
+
+def test_the_cpu_speed_work_is_injected_at_one_place():
+    # models.backend_tuning hands it to model building, training and the checkpoint
+    # manager; the CLIs' process-level restart (cpu.host_memory) is the one other user.
+    users = {
+        module
+        for module, imported in _import_graph().items()
+        if not module.startswith("vgg_jax.cpu")
+        for other in imported
+        if other.startswith("vgg_jax.cpu") and other != "vgg_jax.cpu.host_memory"
+    }
+    assert users == {"vgg_jax.models"}

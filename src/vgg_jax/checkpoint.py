@@ -31,7 +31,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from vgg_jax import configuration, cpu, retention
+from vgg_jax import configuration, retention
 from vgg_jax.checksums import (
     data_digests,
     data_folder_digests,
@@ -109,12 +109,18 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def create_manager(
-    directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False
+    directory: str,
+    keep: int = 3,
+    async_save: bool = True,
+    read_only: bool = False,
+    array_handler: ocp.type_handlers.ArrayHandler | None = None,
 ) -> ocp.CheckpointManager:
     """A manager keeping the latest `keep` checkpoints plus the best by test accuracy.
 
     Orbax writes each step into a temporary folder and renames it when complete, so a
-    save cut short by a crash never looks like a checkpoint."""
+    save cut short by a crash never looks like a checkpoint. `array_handler`, the
+    backend's writer for jax.Array leaves (`models.backend_tuning`), is registered for
+    this process: orbax keeps its type handlers process-wide."""
     policy = checkpoint_managers.AnyPreservationPolicy(
         [checkpoint_managers.LatestN(n=max(1, keep)), retention.BestTestAccuracy(str(directory))]
     )
@@ -126,8 +132,8 @@ def create_manager(
         for name in os.listdir(directory) if os.path.isdir(directory) else ():
             if ".orbax-checkpoint-tmp" in name:
                 shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-    if not read_only and cpu.several_cpu_devices():
-        cpu.save_replicated_arrays_whole()
+    if array_handler is not None and not read_only:
+        _register_array_handler(array_handler)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=None if read_only else policy,
         # With `best_fn` set, orbax writes each step's metrics beside it (the
@@ -140,6 +146,16 @@ def create_manager(
         create=not read_only,
     )
     return ocp.CheckpointManager(directory, options=options, item_names=(*ITEMS, *OPTIONAL_ITEMS))
+
+
+def _register_array_handler(handler: ocp.type_handlers.ArrayHandler) -> None:
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax warns that a handler is replaced
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_logger.setLevel(level)
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:

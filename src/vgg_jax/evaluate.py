@@ -15,7 +15,7 @@ from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vgg_jax import checkpoint, cli, configuration, data, inference, train
+from vgg_jax import checkpoint, cli, configuration, data, inference, models, train
 from vgg_jax.cpu import host_memory
 from vgg_jax.metrics_log import to_json
 
@@ -55,7 +55,7 @@ def evaluate_checkpoint(
     batches = data.evaluation_batches(
         config, mesh, batch_size, predictor.class_names, data_dir, counts
     )
-    metrics = train.evaluate(state, batches, eval_fn)
+    metrics = train.evaluate(state, batches, eval_fn, models.backend_tuning(config).wait_each_step)
     return {**metrics, **{name: count for name, count in counts.items() if count}}
 
 

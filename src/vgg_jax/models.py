@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vgg_jax import spec
+from vgg_jax import cpu, spec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -234,9 +234,7 @@ def create_model(
 
 def build_model(config: ml_collections.ConfigDict, info: Any) -> VGG:
     """The VGG that `config` describes for a dataset (`data.DatasetInfo`: its
-    class names and normalisation), with the CPU kernels where they apply."""
-    from vgg_jax import cpu  # the one place the CPU speed work is injected
-
+    class names and normalisation), with the backend's layers (`backend_tuning`)."""
     return create_model(
         config.model,
         len(info.class_names),
@@ -249,8 +247,15 @@ def build_model(config: ml_collections.ConfigDict, info: Any) -> VGG:
         mean=info.mean,
         std=info.std,
         stages=config.stages,
-        **cpu.layers_for(config.conv_impl),
+        **backend_tuning(config).layers,
     )
+
+
+def backend_tuning(config: ml_collections.ConfigDict) -> cpu.Tuning:
+    """The backend's speed work for a run of `config`: the one place it is injected.
+    Model building takes its layers; training its compiler options and step pacing; the
+    checkpoint manager its array writer. Off a CPU it changes nothing (`vgg_jax.cpu`)."""
+    return cpu.tuning(config.conv_impl)
 
 
 def _preset(name: str, batch_norm: bool):

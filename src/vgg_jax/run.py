@@ -38,6 +38,7 @@ class Run:
     train_fn: Callable[..., Any]
     eval_fn: Callable[..., Any]
     partial_sums: dict[str, float] | None  # metric sums of a resumed, unfinished epoch
+    wait_each_step: bool = False  # the backend's step pacing (models.backend_tuning)
     lock: WorkdirLock | None = None  # held by process 0 for the whole run
 
     @property

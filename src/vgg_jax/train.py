@@ -23,7 +23,6 @@ from jax.sharding import PartitionSpec as P
 from vgg_jax import (
     checkpoint,
     configuration,
-    cpu,
     data,
     distributed,
     models,
@@ -92,7 +91,8 @@ def create_train_state(
 
     out_shardings = NamedSharding(mesh, P()) if mesh is not None else None
     lowered = jax.jit(init, out_shardings=out_shardings).lower()
-    return lowered.compile(compiler_options=cpu.run_once_compiler_options())()
+    options = models.backend_tuning(config).init_compiler_options
+    return lowered.compile(compiler_options=options)()
 
 
 def cross_entropy_loss(
@@ -208,11 +208,14 @@ def _add(total: dict[str, jax.Array], new: dict[str, jax.Array]) -> dict[str, ja
     return jax.tree.map(jnp.add, total, new)
 
 
-def sum_metrics(total: dict[str, jax.Array] | None, new: dict[str, jax.Array]) -> dict:
-    """Adds step metrics on the device (no host sync, except on fake CPU devices), in one
-    jitted call: an eager add per metric costs the host a dispatch each, every step."""
+def sum_metrics(
+    total: dict[str, jax.Array] | None, new: dict[str, jax.Array], wait: bool = False
+) -> dict:
+    """Adds step metrics on the device, in one jitted call: an eager add per metric costs
+    the host a dispatch each, every step. No host sync unless `wait` (the backend's
+    `wait_each_step`)."""
     total = new if total is None else _add(total, new)
-    if cpu.serialise_steps():
+    if wait:
         jax.block_until_ready(total)
     return total
 
@@ -232,12 +235,12 @@ def summarise(sums: dict[str, jax.Array], prefix: str) -> dict[str, float]:
     return summary
 
 
-def evaluate(state: TrainState, batches, eval_fn) -> dict[str, float]:
+def evaluate(state: TrainState, batches, eval_fn, wait: bool = False) -> dict[str, float]:
     """Loss and accuracy over every evaluation example: `batches` are padded, masked
-    evaluation batches."""
+    evaluation batches; `wait` as for `sum_metrics`."""
     sums = None
     for batch in batches:
-        sums = sum_metrics(sums, eval_fn(state, batch))
+        sums = sum_metrics(sums, eval_fn(state, batch), wait)
     if sums is None or float(jax.device_get(sums["count"])) == 0:
         raise data.DatasetUnavailableError(
             "no readable image in the evaluation split: every one was skipped (the "
@@ -264,6 +267,7 @@ def setup(
             checkpoint.checkpoint_dir(workdir),
             keep=config.keep_checkpoints,
             async_save=config.async_checkpointing,
+            array_handler=models.backend_tuning(config).array_handler,
         )
     except BaseException:
         lock and lock.release()
@@ -318,6 +322,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manage
         train_fn=train_fn,
         eval_fn=eval_fn,
         partial_sums=(meta or {}).get("partial_train_sums"),
+        wait_each_step=models.backend_tuning(config).wait_each_step,
     )
     return run, state
 
@@ -369,7 +374,7 @@ def train_epoch(
     with progress_bar(config, epoch, steps, start) as bar:
         for index, batch in enumerate(run.input.train_batches(epoch, start), start):
             state, metrics = run.train_fn(state, batch)
-            sums = sum_metrics(sums, metrics)
+            sums = sum_metrics(sums, metrics, run.wait_each_step)
             # At most two steps queued ahead of the device: streamed batches waiting on
             # the device would otherwise pile up in its memory.
             in_flight.append(metrics["count"])
@@ -435,7 +440,7 @@ def train_loop(run: Run, state: TrainState, guard: PreemptionGuard) -> TrainStat
         record.update(summarise(sums, "train"))
         check_finite(record["train_loss"], record["step"], run)
         training_seconds = time.perf_counter() - epoch_start
-        record.update(evaluate(state, run.input.eval_batches(), run.eval_fn))
+        record.update(evaluate(state, run.input.eval_batches(), run.eval_fn, run.wait_each_step))
         record["learning_rate"] = float(run.learning_rate_fn(int(state.step) - 1))
         record["epoch_seconds"] = time.perf_counter() - epoch_start
         counts = run.input.take_epoch_counts()
