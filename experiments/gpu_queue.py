@@ -255,7 +255,7 @@ def check_train_items(items: list[Item]) -> dict[str, str]:
     """Each training item's config with its overrides, validated as the CLI validates it:
     a typo fails here, in a second, not minutes into a GPU window. Returns {id: problem}
     (an override that changes nothing against the shipped file is one)."""
-    from vgg_jax import configuration
+    from vgg_jax import config_checks, configuration
 
     problems = {}
     for item in items:
@@ -265,7 +265,7 @@ def check_train_items(items: list[Item]) -> dict[str, str]:
             config = configuration.load_config_file(REPO / item.definition["config"])
             before = config.to_dict()
             apply_overrides(config, item.definition["overrides"])
-            configuration.validate(config)
+            config_checks.validate(config)
             if item.definition["overrides"] and config.to_dict() == before:
                 problems[item.id] = "its overrides are the shipped config's values already"
         except Exception as error:  # noqa: BLE001 - any fault of the item is reported

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import CONFIGS, run_cli
 
-from vgg_jax import configuration, models
+from vgg_jax import config_checks, configuration, models
 from vgg_jax.configuration import load_config_file
 from vgg_jax.data import DatasetInfo
 
@@ -53,7 +53,7 @@ def _smoke():
 
 def test_every_preset_passes_the_check():
     for path in CONFIG_FILES:
-        configuration.validate(load_config_file(path))
+        config_checks.validate(load_config_file(path))
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_each_bad_value_is_named(field, value, message):
     config = _smoke()
     config[field] = value
     with pytest.raises(configuration.ConfigError) as error:
-        configuration.validate(config)
+        config_checks.validate(config)
     assert f"{field}: " in str(error.value) and message in str(error.value)
 
 
@@ -115,7 +115,7 @@ def test_bad_distributed_settings_are_named(overrides, message):
     config.distributed = True
     config.update(overrides)
     with pytest.raises(configuration.ConfigError, match=re.escape(message)):
-        configuration.validate(config)
+        config_checks.validate(config)
 
 
 @pytest.mark.parametrize(
@@ -125,22 +125,22 @@ def test_distributed_fields_without_distributed_are_refused(field, value):
     config = _smoke()
     config[field] = value
     with pytest.raises(configuration.ConfigError, match=f"{field}: is set, but distributed=False"):
-        configuration.validate(config)
+        config_checks.validate(config)
     config.distributed = True
-    configuration.validate(config)  # with it, they are fine
+    config_checks.validate(config)  # with it, they are fine
 
 
 def test_every_problem_is_reported_at_once_and_fast():
     config = _smoke()
     config.model, config.dtype, config.schedule = "vgg61", "bfloat61", "cosin"
     start = time.perf_counter()
-    found = configuration.problems(config)
+    found = config_checks.problems(config)
     assert time.perf_counter() - start < 0.1
     assert [line.split(":")[0] for line in found] == ["model", "dtype", "schedule"]
     config.batch_size = 12
     assert any(
         "batch_size: 12 does not divide over 8 devices" in p
-        for p in configuration.problems(config, 8)
+        for p in config_checks.problems(config, 8)
     )
 
 

@@ -17,7 +17,7 @@ from absl import flags
 from conftest import REPO, run_cli
 from ml_collections import config_flags
 
-from vgg_jax import configuration
+from vgg_jax import config_checks, configuration
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 PACKAGE = REPO / "src" / "vgg_jax"
@@ -300,7 +300,7 @@ def test_command_config_loads_and_passes_the_check(doc, module, arguments, tmp_p
         "config", None, flag_values=flag_values, lock_config=True, sys_argv=argv
     )
     flag_values(argv)
-    configuration.validate(flag_values.config)
+    config_checks.validate(flag_values.config)
 
 
 # ---------------------------------------------------------------------------- paths

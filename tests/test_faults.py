@@ -17,6 +17,7 @@ import vgg_jax
 from vgg_jax import (
     checkpoint,
     checksums,
+    config_checks,
     configuration,
     export,
     models,
@@ -235,7 +236,7 @@ def test_config_values_that_cannot_work_are_refused_at_the_door(field, value, me
     config = make_tiny_config()
     config[field] = value
     with pytest.raises(configuration.ConfigError, match=re.escape(message)):
-        configuration.validate(config)
+        config_checks.validate(config)
 
 
 @pytest.fixture(scope="module")

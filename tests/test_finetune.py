@@ -13,6 +13,7 @@ from conftest import CONFIGS, random_variables, run_cli, tiny_torchvision, torch
 
 from vgg_jax import (
     checkpoint,
+    config_checks,
     configuration,
     inference,
     models,
@@ -43,13 +44,13 @@ from vgg_jax.data import DatasetInfo
 def test_fine_tuning_fields_are_checked_in_one_line(overrides, message):
     config = configuration.default_config()
     config.update(overrides)
-    problems = configuration.problems(config)
+    problems = config_checks.problems(config)
     assert any(message in problem for problem in problems), problems
 
 
 def test_finetune_preset_is_consistent():
     config = load_config_file(CONFIGS / "vgg16_finetune.py")
-    configuration.validate(config)
+    config_checks.validate(config)
     assert (config.init_from, config.head, config.image_size) == (
         "torchvision:vgg16_bn",
         "torchvision",

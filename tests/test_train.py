@@ -5,7 +5,7 @@ from conftest import load_split
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vgg_jax import configuration, models, optim, train
+from vgg_jax import config_checks, configuration, models, optim, train
 from vgg_jax.data import DatasetInfo, create_mesh, device
 
 
@@ -125,7 +125,7 @@ def test_eval_counts_every_example_once(tiny_config):
 def test_indivisible_batch_size_is_a_clear_error(tiny_config):
     tiny_config.batch_size = 12
     with pytest.raises(configuration.ConfigError, match=r"batch_size: 12 .* 8 devices; try 8"):
-        configuration.validate(tiny_config, 8)
+        config_checks.validate(tiny_config, 8)
 
 
 def test_label_smoothing_raises_the_loss_of_a_confident_prediction():

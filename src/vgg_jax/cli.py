@@ -13,7 +13,7 @@ from typing import NoReturn
 from absl import flags
 from absl import logging as absl_logging
 
-from vgg_jax import configuration, distributed
+from vgg_jax import config_checks, configuration, distributed
 
 FLAGS = flags.FLAGS
 
@@ -76,12 +76,12 @@ def one_line(error: BaseException) -> str:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing; then, where the program has a --config flag, the config is
-    checked (`configuration.validate`). Any problem ends the program in one line."""
+    checked (`config_checks.validate`). Any problem ends the program in one line."""
     try:
         argv = FLAGS(argv)
         if "config" in FLAGS:
             FLAGS.config.keys()  # a config file that failed to load raises here
-            configuration.validate(FLAGS.config)
+            config_checks.validate(FLAGS.config)
         return argv
     except configuration.ConfigError as error:
         sys.exit(f"error: {error}")

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from vgg_jax import (
     checkpoint,
-    configuration,
+    config_checks,
     data,
     distributed,
     models,
@@ -259,7 +259,7 @@ def setup(
     checkpoint manager, data on the devices, model and state (restored when the workdir
     holds a checkpoint), metrics log and step functions, in that order."""
     distributed.start(config, guard)
-    configuration.validate(config, jax.device_count())
+    config_checks.validate(config, jax.device_count())
     mesh = data.create_mesh()
     lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
     try:
@@ -301,7 +301,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manage
     model = models.build_model(config, info)
     state = create_train_state(config, model, config.image_size, learning_rate_fn, mesh)
     if source_variables is not None:
-        state = start_from(state, source_variables, config.init_from, mesh)
+        state = pretrained.start_from(state, source_variables, config.init_from, mesh)
     meta = None
     if point is not None:
         resume.check_same_data(point, info, steps_per_epoch, str(manager.directory))
@@ -342,21 +342,6 @@ def starting_point(config: ml_collections.ConfigDict, point: resume.ResumePoint 
     std = tuple(float(s) for s in source_model.std)
     logger.info("init_from %s: its input normalisation mean=%s std=%s", config.init_from, mean, std)
     return (mean, std), variables
-
-
-def start_from(state: TrainState, variables: dict, name: str, mesh: Mesh) -> TrainState:
-    """`state` with the weights of `variables` wherever they fit (see
-    `pretrained.merge_variables`, which says what was re-initialised: logged here)."""
-    target = {"params": state.params, "batch_stats": state.batch_stats}
-    merged, notes = pretrained.merge_variables(target, variables)
-    for note in notes:
-        logger.info("init_from %s: %s", name, note)
-    merged = jax.device_put(merged, NamedSharding(mesh, P()))
-    batch_stats = merged.get("batch_stats", state.batch_stats)
-    state = state.replace(params=merged["params"], batch_stats=batch_stats)
-    if state.ema:
-        state = state.replace(ema={"params": merged["params"], "batch_stats": batch_stats})
-    return state
 
 
 def train_epoch(

@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from vgg_jax import cli, configuration, data, models, optim, train
+from vgg_jax import cli, config_checks, data, models, optim, train
 from vgg_jax.bench import profiling
 from vgg_jax.cpu import host_memory
 
@@ -118,7 +118,7 @@ def _figure(
 def setup(config: ml_collections.ConfigDict) -> tuple[Mesh, models.VGG, train.TrainState, dict]:
     """The mesh, model, initial train state and one random batch a benchmark times."""
     mesh = data.create_mesh()
-    configuration.validate(config, jax.device_count())
+    config_checks.validate(config, jax.device_count())
     info = data.DatasetInfo.without_data(config)
     model = models.build_model(config, info)
     schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=1000)

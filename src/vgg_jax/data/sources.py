@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -413,3 +414,30 @@ def records(config: ml_collections.ConfigDict, split: str, class_names=None) -> 
     if not len(found):
         raise DatasetUnavailableError(f"split {split!r} of {config.dataset} is empty")
     return found
+
+
+def check_every_class_readable(split: Records) -> None:
+    """Each class must have a readable image: its images are tried in order until one
+    decodes (one per class when the data is sound). A class whose files are all
+    unreadable would otherwise train as if it had no examples."""
+    first: dict[int, list[int]] = {}
+    for index in range(len(split)):
+        first.setdefault(split.source[index][1], []).append(index)
+
+    def readable(indices: list[int]) -> bool:
+        for index in indices:
+            try:
+                views.decode(split.source[index][0])
+                return True
+            except views.UNREADABLE:
+                continue
+        return False
+
+    with ThreadPoolExecutor(views.DECODE_THREADS) as pool:
+        found = dict(zip(first, pool.map(readable, first.values()), strict=True))
+    empty = [split.class_names[label] for label, ok in sorted(found.items()) if not ok]
+    if empty:
+        raise DatasetUnavailableError(
+            f"no readable image in training class(es) {', '.join(empty)}: every file is "
+            "unreadable (truncated, corrupt or empty)"
+        )

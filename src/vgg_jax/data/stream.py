@@ -32,7 +32,6 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grain
@@ -44,7 +43,7 @@ from jax.sharding import Mesh
 
 from vgg_jax.data import sharding, stats, views
 from vgg_jax.data.info import DatasetInfo, DatasetUnavailableError
-from vgg_jax.data.sources import Records, records
+from vgg_jax.data.sources import Records, check_every_class_readable, records
 from vgg_jax.data.workers import SUPERVISOR, quiet_resource_tracker, worker_init
 
 logger = logging.getLogger(__name__)
@@ -140,33 +139,6 @@ class EvalBatch(grain.transforms.Map):
         batch["skipped"] = (batch["mask"] == 0).astype(np.int32)
         batch["index"] = indices
         return batch
-
-
-def check_every_class_readable(split: Records) -> None:
-    """Each class must have a readable image: its images are tried in order until one
-    decodes (one per class when the data is sound). A class whose files are all
-    unreadable would otherwise train as if it had no examples."""
-    first: dict[int, list[int]] = {}
-    for index in range(len(split)):
-        first.setdefault(split.source[index][1], []).append(index)
-
-    def readable(indices: list[int]) -> bool:
-        for index in indices:
-            try:
-                views.decode(split.source[index][0])
-                return True
-            except views.UNREADABLE:
-                continue
-        return False
-
-    with ThreadPoolExecutor(views.DECODE_THREADS) as pool:
-        found = dict(zip(first, pool.map(readable, first.values()), strict=True))
-    empty = [split.class_names[label] for label, ok in sorted(found.items()) if not ok]
-    if empty:
-        raise DatasetUnavailableError(
-            f"no readable image in training class(es) {', '.join(empty)}: every file is "
-            "unreadable (truncated, corrupt or empty)"
-        )
 
 
 # ------------------------------------------------------------------------ the pipelines

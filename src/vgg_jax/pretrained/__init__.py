@@ -21,7 +21,7 @@ layer reads the pooled map in C, H, W order, ours in H, W, C: the rows are permu
 
 Modules: `registry.py` (published weights, downloads, shared errors), `torchvision.py`
 (torchvision's layout in and out, export), `keras.py` (Keras .h5), `finetune.py`
-(`merge_variables`).
+(`merge_variables`, `start_from`).
 
 Reading `.pth` files needs PyTorch (the `torch` extra); `.safetensors` and Keras `.h5`
 files (h5py) do not. Nothing else is unpickled.
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from vgg_jax import models, spec
 from vgg_jax.data import views
 from vgg_jax.data.info import DatasetInfo, imagenet_class_names
-from vgg_jax.pretrained.finetune import merge_variables
+from vgg_jax.pretrained.finetune import merge_variables, start_from
 from vgg_jax.pretrained.keras import from_keras
 from vgg_jax.pretrained.registry import (
     TORCH_SUFFIXES,
@@ -79,6 +79,7 @@ __all__ = [
     "imagenet_class_names",
     "load",
     "merge_variables",
+    "start_from",
     "predictor",
     "to_torchvision",
     "torchvision_constructor",

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vgg_jax import spec
 from vgg_jax.pretrained.registry import WeightFormatError
+
+logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------ fine-tuning
 
@@ -87,3 +92,19 @@ def merge_variables(target: Mapping[str, Any], source: Mapping[str, Any]) -> tup
     if target_stats:
         merged["batch_stats"] = stats
     return merged, notes
+
+
+def start_from(state: Any, variables: dict, name: str, mesh: Mesh) -> Any:
+    """A train state with the weights of `variables` wherever they fit (see
+    `merge_variables`, which says what was re-initialised: logged here), placed
+    replicated on `mesh`, in its EMA too when it keeps one."""
+    target = {"params": state.params, "batch_stats": state.batch_stats}
+    merged, notes = merge_variables(target, variables)
+    for note in notes:
+        logger.info("init_from %s: %s", name, note)
+    merged = jax.device_put(merged, NamedSharding(mesh, P()))
+    batch_stats = merged.get("batch_stats", state.batch_stats)
+    state = state.replace(params=merged["params"], batch_stats=batch_stats)
+    if state.ema:
+        state = state.replace(ema={"params": merged["params"], "batch_stats": batch_stats})
+    return state
