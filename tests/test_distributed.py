@@ -94,7 +94,6 @@ def test_the_fatal_abort_becomes_one_line(text, process, line):
 
 def test_the_process_index_learnt_after_start_up_names_the_process():
     control = distributed.WATCH_CONTROL + b"1 2\n"
-    assert distributed.WATCH_CONTROL == stderr_watch.CONTROL
     out = _through(b"\rprogress 10%" + control + LOST_COORDINATOR)
     assert out.split("\n") == [
         "\rprogress 10%[process 1] error: lost the coordinator (process 0, localhost:1234): "

@@ -118,9 +118,9 @@ def create_manager(
     """A manager keeping the latest `keep` checkpoints plus the best by test accuracy.
 
     Orbax writes each step into a temporary folder and renames it when complete, so a
-    save cut short by a crash never looks like a checkpoint. `array_handler`, the
-    backend's writer for jax.Array leaves (`models.backend_tuning`), is registered for
-    this process: orbax keeps its type handlers process-wide."""
+    save cut short by a crash never looks like a checkpoint. `array_handler` (the
+    backend's writer of arrays, `models.backend_tuning`) is registered process-wide,
+    where orbax keeps its type handlers."""
     policy = checkpoint_managers.AnyPreservationPolicy(
         [checkpoint_managers.LatestN(n=max(1, keep)), retention.BestTestAccuracy(str(directory))]
     )
@@ -133,7 +133,11 @@ def create_manager(
             if ".orbax-checkpoint-tmp" in name:
                 shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
     if array_handler is not None and not read_only:
-        _register_array_handler(array_handler)
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)  # orbax warns that the handler is replaced
+        ocp.type_handlers.register_type_handler(jax.Array, array_handler, override=True)
+        absl_logger.setLevel(level)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=None if read_only else policy,
         # With `best_fn` set, orbax writes each step's metrics beside it (the
@@ -146,16 +150,6 @@ def create_manager(
         create=not read_only,
     )
     return ocp.CheckpointManager(directory, options=options, item_names=(*ITEMS, *OPTIONAL_ITEMS))
-
-
-def _register_array_handler(handler: ocp.type_handlers.ArrayHandler) -> None:
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)  # orbax warns that a handler is replaced
-    try:
-        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
-    finally:
-        absl_logger.setLevel(level)
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -220,9 +214,8 @@ def read_json_item(manager: ocp.CheckpointManager, step: int, name: str) -> dict
     """A JSON item of `step` as stored; DamagedCheckpointError, naming the item's
     folder, where it cannot be read."""
     try:
-        return manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[
-            name
-        ]
+        args = ocp.args.Composite(**{name: ocp.args.JsonRestore()})
+        return manager.restore(step, args=args)[name]
     except KeyboardInterrupt:
         raise
     except Exception as error:  # noqa: BLE001 - a missing or garbled file, as orbax says it

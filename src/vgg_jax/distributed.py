@@ -25,6 +25,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from vgg_jax import stderr_watch
+
 if TYPE_CHECKING:
     import ml_collections
 
@@ -34,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 # The line this process writes to the watcher once JAX knows its process index (the
 # index is auto-detected on Slurm): the watcher names the process in its message.
-WATCH_CONTROL = b"\0vgg-jax-process "
+WATCH_CONTROL = stderr_watch.CONTROL
 
 # A start-up wait longer than this is said, once, by every waiting process.
 WAIT_NOTICE_SECONDS = 5.0
