@@ -26,16 +26,54 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from vgg_jax.bench import cifar_arrays  # noqa: E402
 
 
+def write_airbench_files(arrays: cifar_arrays.CifarArrays, folder: Path) -> list[Path]:
+    """folder/train.pt and folder/test.pt as airbench's `CifarLoader` reads them (the
+    format above; airbench writes the same from torchvision's CIFAR-10)."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split in ("train", "test"):
+        payload = {
+            "images": torch.from_numpy(np.ascontiguousarray(getattr(arrays, f"{split}_images"))),
+            "labels": torch.from_numpy(getattr(arrays, f"{split}_labels").astype(np.int64)),
+            "classes": list(arrays.classes),
+        }
+        torch.save(payload, folder / f"{split}.pt")
+        paths.append(folder / f"{split}.pt")
+    return paths
+
+
+def check_airbench_file(path: Path) -> dict[str, object]:
+    """Reads one airbench file the way its loader does and checks the layout it relies on;
+    returns a description."""
+    import torch
+
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    images, labels, classes = data["images"], data["labels"], data["classes"]
+    problems = []
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        problems.append(f"images {tuple(images.shape)} {images.dtype}, not uint8 (N, H, W, 3)")
+    if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
+        problems.append(f"labels {tuple(labels.shape)} {labels.dtype}, not int64 (N,)")
+    elif len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(classes):
+        problems.append(f"labels outside 0..{len(classes) - 1}")
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems))
+    return {"images": list(images.shape), "classes": len(classes)}
+
+
 def prepare(data: str, folder: Path) -> dict:
-    arrays = cifar_arrays.load(data)
-    paths = cifar_arrays.write_airbench_files(arrays, folder / "cifar10")
-    return {path.name: cifar_arrays.check_airbench_file(path) for path in paths}
+    paths = write_airbench_files(cifar_arrays.load(data), folder / "cifar10")
+    return {path.name: check_airbench_file(path) for path in paths}
 
 
 def loader_on_cpu(folder: Path) -> str:

@@ -136,17 +136,20 @@ def test_jpeg_archive_decodes_to_the_pixels_our_input_reads(tmp_path):
 
 
 def test_arrays_round_trip_and_airbench_files(tmp_path):
+    from test_experiments import load_script
+
     arrays = tiny_arrays(train=6, test=4, size=32)
     cifar_arrays.save(arrays, tmp_path / "arrays.npz")
     loaded = cifar_arrays.load(tmp_path / "arrays.npz")
     np.testing.assert_array_equal(loaded.train_images, arrays.train_images)
     np.testing.assert_array_equal(loaded.test_labels, arrays.test_labels)
     assert loaded.classes == arrays.classes
-    train_pt, test_pt = cifar_arrays.write_airbench_files(arrays, tmp_path / "cifar10")
-    assert cifar_arrays.check_airbench_file(train_pt) == {"images": [6, 32, 32, 3], "classes": 3}
+    airbench = load_script("airbench_cifar")
+    train_pt, test_pt = airbench.write_airbench_files(arrays, tmp_path / "cifar10")
+    assert airbench.check_airbench_file(train_pt) == {"images": [6, 32, 32, 3], "classes": 3}
     data = torch.load(test_pt, weights_only=True)
     np.testing.assert_array_equal(data["images"].numpy(), arrays.test_images)
     assert data["labels"].dtype == torch.int64 and data["classes"] == ["r", "g", "b"]
     torch.save({**data, "images": data["images"].float()}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not uint8"):
-        cifar_arrays.check_airbench_file(tmp_path / "bad.pt")
+        airbench.check_airbench_file(tmp_path / "bad.pt")

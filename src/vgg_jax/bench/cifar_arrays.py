@@ -1,6 +1,6 @@
 """CIFAR-10 stored as JPEG (the `cifar10-jpeg.npz` archive) decoded into uint8 arrays, for
 the peers that train on the same data as ours: the PyTorch twin (`bench.torch_training`)
-and airbench (its `train.pt` / `test.pt` files).
+and airbench (experiments/airbench_cifar.py).
 
 The archive holds, per split, the JPEG files' bytes concatenated (`{split}_jpeg`), their
 offsets (`{split}_offsets`, one more than the images) and labels (`{split}_label`), and
@@ -68,42 +68,3 @@ def save(arrays: CifarArrays, path: str | Path) -> None:
         },
         classes=np.asarray(arrays.classes),
     )
-
-
-def write_airbench_files(arrays: CifarArrays, folder: str | Path) -> list[Path]:
-    """folder/train.pt and folder/test.pt as airbench's `CifarLoader` reads them (and as
-    it writes them from torchvision's CIFAR-10): {'images': uint8 (N, 32, 32, 3) tensor,
-    'labels': int64 (N,) tensor, 'classes': list of names}."""
-    import torch
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for split, name in (("train", "train.pt"), ("test", "test.pt")):
-        payload = {
-            "images": torch.from_numpy(np.ascontiguousarray(getattr(arrays, f"{split}_images"))),
-            "labels": torch.from_numpy(getattr(arrays, f"{split}_labels").astype(np.int64)),
-            "classes": list(arrays.classes),
-        }
-        torch.save(payload, folder / name)
-        paths.append(folder / name)
-    return paths
-
-
-def check_airbench_file(path: str | Path) -> dict[str, object]:
-    """Reads one airbench file the way its loader does (`torch.load`, which loads tensors
-    and plain containers only) and checks the layout it relies on; returns a description."""
-    import torch
-
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    images, labels, classes = data["images"], data["labels"], data["classes"]
-    problems = []
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        problems.append(f"images {tuple(images.shape)} {images.dtype}, not uint8 (N, H, W, 3)")
-    if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
-        problems.append(f"labels {tuple(labels.shape)} {labels.dtype}, not int64 (N,)")
-    elif len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(classes):
-        problems.append(f"labels outside 0..{len(classes) - 1}")
-    if problems:
-        raise ValueError(f"{path}: " + "; ".join(problems))
-    return {"images": list(images.shape), "classes": len(classes)}
