@@ -16,7 +16,7 @@ import resource
 from absl import app, flags
 from ml_collections import config_flags
 
-from vgg_jax import cli
+from vgg_jax import cli, train
 from vgg_jax.bench import benchmark, profiling
 
 config_flags.DEFINE_config_file("config", None, "Path to a configuration file.", lock_config=True)
@@ -29,7 +29,8 @@ def main(argv: list[str]) -> None:
     del argv
     config = FLAGS.config
     mesh, _, state, batch = benchmark.setup(config)
-    compiled = benchmark.jitted_train_step(config, mesh).lower(state, batch).compile()
+    train_fn, _ = train.make_step_functions(config, mesh)
+    compiled = train_fn.lower(state, batch).compile()
     memory = compiled.memory_analysis()
     if memory is not None:
         print(f"XLA temporary buffers: {memory.temp_size_in_bytes / 1e6:.0f} MB")

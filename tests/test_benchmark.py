@@ -121,7 +121,7 @@ def test_torch_twin_has_the_same_parameters_and_logits(overrides):
     vgg = models.build_model(config, DatasetInfo.without_data(config))
     variables = random_variables(vgg, config.image_size)  # numpy draws: nothing to compile
     twin = torch_reference.build_torch_model(vgg, config.image_size)
-    assert torch_reference.parameter_count(twin) == sum(
+    assert sum(parameter.numel() for parameter in twin.parameters()) == sum(
         leaf.size for leaf in jax.tree.leaves(variables["params"])
     )
     torch_reference.load_flax_variables(twin, variables)

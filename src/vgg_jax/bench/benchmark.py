@@ -1,20 +1,10 @@
-"""Speed of the forward pass and of the full training step on random data (or, with
---input=DIR, of the host input pipeline against tf.data: bench/input_speed.py).
+"""The step-speed benchmark (`python -m vgg_jax.benchmark`; its usage and figures:
+docs/benchmarking.md), and with --input=DIR the host input pipeline's (bench/input_speed.py).
 
-  python -m vgg_jax.benchmark --config=configs/vgg16.py [--config.batch_size=256] \
-      [--steps=20] [--burn_in=10] [--compare=torch] [--json=FILE]
-
-Like the TensorFlow reference's benchmark: random uint8 images at the config's size and class count,
-`burn_in` untimed steps, then mean +- std seconds per batch over `steps` steps, each
-step waited for. Forward is the eval-mode apply; forward-backward is the full jitted
-`train.train_step` (loss, gradients, BN statistics, momentum SGD update), both on the
-training path's mesh: state replicated, batch sharded over the `data` axis.
-
-Reported per figure: seconds per batch, images/s, achieved TFLOP/s and the fraction of
-the device's assumed peak, compile time, peak device memory (where the device reports
-it). FLOPs per image are counted analytically (2 x the multiply-adds of every conv and
-dense layer; training = 3 x forward: the backward pass costs two forward passes) and
-also read from XLA's `compiled.cost_analysis()`.
+It times the step training runs (train.make_step_functions: the state donated and
+replicated, the batch sharded over the `data` axis of the training path's mesh), so that
+a figure here is one of training; otherwise the TF reference's method: burn-in, then
+mean +- std seconds per batch, each step waited for.
 """
 
 from __future__ import annotations
@@ -91,30 +81,6 @@ def _compile(function, *args) -> tuple[Any, float, float | None]:
     return compiled, seconds, flops
 
 
-def _figure(
-    name: str,
-    times: list[float],
-    compile_s: float,
-    xla_flops: float | None,
-    analytic_per_image: float,
-    context: dict[str, Any],
-) -> dict[str, Any]:
-    batch_size, peak = context["batch_size"], context["peak_flops"]
-    figure = profiling.summarise_times(times, batch_size, analytic_per_image, peak)
-    # XLA counts the whole (global) batch; shards on several devices are each counted.
-    xla_per_image = xla_flops * context["devices"] / batch_size if xla_flops else None
-    figure.update(
-        {
-            "name": name,
-            "compile_s": compile_s,
-            "flops_per_image_analytic": analytic_per_image,
-            "flops_per_image_xla": xla_per_image,
-            "peak_memory_bytes": profiling.peak_memory_bytes(jax.devices()[0]),
-        }
-    )
-    return figure
-
-
 def setup(config: ml_collections.ConfigDict) -> tuple[Mesh, models.VGG, train.TrainState, dict]:
     """The mesh, model, initial train state and one random batch a benchmark times."""
     mesh = data.create_mesh()
@@ -125,12 +91,6 @@ def setup(config: ml_collections.ConfigDict) -> tuple[Mesh, models.VGG, train.Tr
     state = train.create_train_state(config, model, config.image_size, schedule, mesh)
     batch = random_batch(config, len(info.class_names), NamedSharding(mesh, P("data")))
     return mesh, model, state, batch
-
-
-def jitted_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable[..., Any]:
-    """The same step as training (train.make_step_functions): state donated, replicated."""
-    step = train.configured_train_step(config)
-    return jax.jit(step, donate_argnums=0, out_shardings=NamedSharding(mesh, P()))
 
 
 def repeated_step(step: Callable[..., Any], state: Any, batch: dict) -> Callable[[], Any]:
@@ -150,18 +110,28 @@ def benchmark_jax(config: ml_collections.ConfigDict, steps: int, burn_in: int) -
     mesh, model, state, batch = setup(config)
     replicated = NamedSharding(mesh, P())
     forward_flops = profiling.analytic_flops(model, config.image_size)
-    device = jax.devices()[0]
+    device, devices = jax.devices()[0], mesh.devices.size
     peak, peak_how = profiling.device_peak(device, config.dtype)
     if peak is not None and device.platform != "cpu":
         # CPU 'devices' (fake or not) share one CPU, whose peak is already the total.
-        peak, peak_how = peak * mesh.devices.size, f"{mesh.devices.size} x {peak_how}"
-    context = {"batch_size": config.batch_size, "peak_flops": peak, "devices": mesh.devices.size}
+        peak, peak_how = peak * devices, f"{devices} x {peak_how}"
+
+    def figure(name, times, compile_s, xla_flops, flops_per_image) -> dict[str, Any]:
+        batch_size = config.batch_size
+        return {
+            "name": name,
+            **profiling.summarise_times(times, batch_size, flops_per_image, peak),
+            "compile_s": compile_s,
+            # XLA counts the whole (global) batch; shards on several devices are each counted.
+            "flops_per_image_xla": xla_flops * devices / batch_size if xla_flops else None,
+            "peak_memory_bytes": profiling.peak_memory_bytes(device),
+        }
 
     @functools.partial(jax.jit, out_shardings=replicated)
     def forward(state, images):
         return state.apply_fn(state.eval_variables(), images, train=False)
 
-    train_jit = jitted_train_step(config, mesh)
+    train_jit, _ = train.make_step_functions(config, mesh)
     forward_exe, forward_compile, forward_xla = _compile(forward, state, batch["image"])
     forward_times = profiling.time_steps(lambda: forward_exe(state, batch["image"]), steps, burn_in)
     train_exe, train_compile, train_xla = _compile(train_jit, state, batch)
@@ -172,16 +142,14 @@ def benchmark_jax(config: ml_collections.ConfigDict, steps: int, burn_in: int) -
         "jax_version": jax.__version__,
         "device": device.device_kind,
         "platform": device.platform,
-        "devices": mesh.devices.size,
+        "devices": devices,
         "conv_impl": config.conv_impl,
         "parameters": params,
         "peak_flops": peak,
         "peak_assumption": peak_how,
-        "forward": _figure(
-            "forward", forward_times, forward_compile, forward_xla, forward_flops, context
-        ),
-        "forward_backward": _figure(
-            "forward_backward", train_times, train_compile, train_xla, 3 * forward_flops, context
+        "forward": figure("forward", forward_times, forward_compile, forward_xla, forward_flops),
+        "forward_backward": figure(
+            "forward_backward", train_times, train_compile, train_xla, 3 * forward_flops
         ),
     }
 
@@ -330,8 +298,8 @@ def main(argv: list[str]) -> None:
         workers.EXIT_ON_WORKER_DEATH = True  # a dead worker: one line, not a hang
 
         try:
-            workers = [int(w) for w in FLAGS.input_workers]
-            results = input_speed.run(config, FLAGS.input, workers, FLAGS.steps, FLAGS.burn_in)
+            counts = [int(w) for w in FLAGS.input_workers]
+            results = input_speed.run(config, FLAGS.input, counts, FLAGS.steps, FLAGS.burn_in)
         except (ValueError, data.DatasetUnavailableError) as error:
             sys.exit(f"error: {cli.one_line(error)}")
         print(input_speed.report(results), flush=True)

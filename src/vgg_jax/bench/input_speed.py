@@ -1,42 +1,21 @@
-"""Speed of the host input pipeline: decoded and augmented training images per second
-from a JPEG folder, ours (grain, N worker processes or N threads in one process)
-against tf.data doing the same work with N parallel calls.
-
-  python -m vgg_jax.benchmark --config=configs/vgg16_imagenet.py --input=DIR \
-      [--input_workers=1,2] [--steps=20] [--burn_in=5] [--json=FILE]
-
-The same work on both sides: list DIR/train once, shuffle, decode each JPEG, take a
-random-resized crop (area 8-100%, aspect 3/4-4/3), resize it to config.image_size,
-flip half of them, batch (config.batch_size), prefetch; N in parallel: N grain worker
-processes (`--config.input_workers=N`) or N threads in the training process
-(`--config.input_workers=0 --config.input_threads=N`) for ours, `num_parallel_calls=N`
-for tf.data (its fastest standard form: `decode_and_crop_jpeg` decodes only the crop).
-Nothing goes to a device.
+"""Speed of the host input pipeline (usage: docs/benchmarking.md): decoded and augmented
+training images per second from a JPEG folder, ours (grain: N worker processes, or N
+threads in one process) against tf.data doing the same work with N parallel calls, in its
+fastest standard form (`decode_and_crop_jpeg` decodes only the crop). Nothing goes to a
+device.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import ml_collections
 
+from vgg_jax.bench import profiling
 from vgg_jax.data import sources, stream
-
-
-def time_batches(batches: Iterator[Any], steps: int, burn_in: int) -> list[float]:
-    """Seconds for each of `steps` batches after `burn_in` untimed ones."""
-    for _ in range(burn_in):
-        next(batches)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        next(batches)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def ours(
@@ -100,15 +79,9 @@ PIPELINES: dict[str, Callable[..., Iterator[Any]]] = {
     "ours_threads": ours_threads,
     "tf_data": tf_data,
 }
-
-
-def summary(times: list[float], batch_size: int) -> dict[str, Any]:
-    return {
-        "median_s": statistics.median(times),
-        "mean_s": statistics.fmean(times),
-        "images_per_s": batch_size / statistics.fmean(times),
-        "times_s": times,
-    }
+# The JSON's ratios to tf.data with N parallel calls: ours with N worker processes, and
+# ours with N threads in one process.
+RATIOS = {"ratio_vs_tf_data": "ours", "ratio_threads_vs_tf_data": "ours_threads"}
 
 
 def run(
@@ -130,24 +103,20 @@ def run(
         "burn_in": burn_in,
         "cpus": os.cpu_count(),
         "runs": {},
-        "ratio_vs_tf_data": {},  # ours with N worker processes / tf.data with N
-        "ratio_threads_vs_tf_data": {},  # ours with N threads in one process / tf.data
+        **{key: {} for key in RATIOS},
     }
     for workers in workers_list:
         for name, make in PIPELINES.items():
             iterator = make(config, root, workers)
-            times = time_batches(iterator, steps, burn_in)
+            # Host work: a batch is complete when next() returns it.
+            times = profiling.time_steps(functools.partial(next, iterator), steps, burn_in, None)
             if hasattr(iterator, "close"):
                 iterator.close()
-            results["runs"][f"{name}_{workers}"] = summary(times, config.batch_size)
-        runs = results["runs"]
-        tf_speed = runs[f"tf_data_{workers}"]["images_per_s"]
-        results["ratio_vs_tf_data"][str(workers)] = (
-            runs[f"ours_{workers}"]["images_per_s"] / tf_speed
-        )
-        results["ratio_threads_vs_tf_data"][str(workers)] = (
-            runs[f"ours_threads_{workers}"]["images_per_s"] / tf_speed
-        )
+            summary = profiling.summarise_times(times, config.batch_size)
+            results["runs"][f"{name}_{workers}"] = summary
+        speed = {name: results["runs"][f"{name}_{workers}"]["images_per_s"] for name in PIPELINES}
+        for key, name in RATIOS.items():
+            results[key][str(workers)] = speed[name] / speed["tf_data"]
     return results
 
 

@@ -108,32 +108,47 @@ def peak_memory_bytes(device: jax.Device) -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def time_steps(step: Callable[[], Any], steps: int, burn_in: int) -> list[float]:
-    """Seconds of each of `steps` calls after `burn_in` untimed ones; each call waited for."""
+def time_steps(
+    step: Callable[[], Any],
+    steps: int,
+    burn_in: int,
+    wait: Callable[[Any], Any] | None = jax.block_until_ready,
+) -> list[float]:
+    """Seconds of each of `steps` calls after `burn_in` untimed ones; each call's result
+    waited for with `wait` (JAX's by default: its calls return before the device is done;
+    None where a call's work is done when it returns)."""
+    wait = wait or (lambda result: result)
     for _ in range(burn_in):
-        jax.block_until_ready(step())
+        wait(step())
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        jax.block_until_ready(step())
+        wait(step())
         times.append(time.perf_counter() - start)
     return times
 
 
 def summarise_times(
-    times: list[float], batch_size: int, flops_per_image: float, peak: float | None
-) -> dict[str, float | None]:
-    """mean/std (and median) seconds per batch, images/s, achieved TFLOP/s and fraction of
-    peak, from the mean as the TF seed did. The median and every step's time are kept
-    too: on a shared 2-core machine one slow step can move the mean."""
+    times: list[float],
+    batch_size: int,
+    flops_per_image: float | None = None,
+    peak: float | None = None,
+) -> dict[str, Any]:
+    """mean/std (and median) seconds per batch, images/s and, given the FLOPs per image,
+    achieved TFLOP/s and fraction of peak, from the mean as the TF seed did. The median
+    and every step's time are kept too: on a shared 2-core machine one slow step can move
+    the mean."""
     mean = statistics.fmean(times)
-    achieved = flops_per_image * batch_size / mean
-    return {
+    figure: dict[str, Any] = {
         "mean_s": mean,
         "std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
         "median_s": statistics.median(times),
         "times_s": list(times),
         "images_per_s": batch_size / mean,
-        "tflops": achieved / 1e12,
-        "fraction_of_peak": achieved / peak if peak else None,
     }
+    if flops_per_image is not None:
+        achieved = flops_per_image * batch_size / mean
+        figure["flops_per_image_analytic"] = flops_per_image
+        figure["tflops"] = achieved / 1e12
+        figure["fraction_of_peak"] = achieved / peak if peak else None
+    return figure

@@ -16,9 +16,8 @@ PyTorch is optional (`pip install -e ".[torch]"`); import this module lazily.
 from __future__ import annotations
 
 import logging
-import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -132,104 +131,109 @@ def load_flax_variables(model: nn.Sequential, variables: Mapping[str, Any]) -> N
                 module.bias.copy_(_tensor(params["bias"]))
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(parameter.numel() for parameter in model.parameters())
-
-
-def _device() -> torch.device:
+def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_steps(step, device: torch.device, steps: int, burn_in: int) -> list[float]:
-    for _ in range(burn_in):
-        step()
-    _synchronize(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+def environment(device: torch.device) -> dict[str, Any]:
+    """Which PyTorch ran where: the head of every PyTorch summary."""
+    return {
+        "framework": "torch",
+        "torch_version": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+    }
 
 
 class Runner:
-    """The twin's eval forward and train step (loss, backward, SGD), eager or compiled."""
+    """The twin (seeded, channels_last), its SGD, and its eval forward and train step (loss,
+    backward, SGD) under the config's autocast; eager, or compiled by `compile`."""
 
-    def __init__(self, model: nn.Module, config: ml_collections.ConfigDict, device: torch.device):
-        self.model = model
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        info: DatasetInfo,
+        device: torch.device,
+        learning_rate: float,
+    ):
+        torch.manual_seed(config.seed)
+        self.vgg = models.build_model(config, info)
+        model = build_torch_model(self.vgg, config.image_size).to(device)
+        self.model = model.to(memory_format=torch.channels_last)
         self.device = device
         self.dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
-        schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=1000)
         self.optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=float(schedule(0)),
+            self.model.parameters(),
+            lr=learning_rate,
             momentum=config.momentum,
             weight_decay=config.l2,
             nesterov=config.nesterov,
         )
         self.label_smoothing = config.label_smoothing
-        self.forward_fn = model
+        self.forward_fn = self.model
         self.train_fn = self._train_step
 
     def _autocast(self):
         return torch.autocast(self.device.type, self.dtype, enabled=self.dtype is not None)
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _train_step(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():
-            logits = self.model(images)
-        loss = nn.functional.cross_entropy(
-            logits.float(), labels, label_smoothing=self.label_smoothing
-        )
+            logits = self.forward_fn(images).float()
+        loss = nn.functional.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return loss.detach()
+        return loss.detach(), logits.detach()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         self.model.eval()
         with torch.no_grad(), self._autocast():
             return self.forward_fn(images)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def train_step(
+        self, images: torch.Tensor, labels: torch.Tensor, learning_rate: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) on the device, not synchronised; at `learning_rate` if given."""
+        if learning_rate is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate
         self.model.train()
         return self.train_fn(images, labels)
 
-    def compile(self) -> None:
+    def compile(self, train_step: bool = True) -> None:
+        """torch.compile the model, and with `train_step` the whole step (optimiser too;
+        the model inside it is traced into the same graph)."""
         self.forward_fn = torch.compile(self.model)
-        self.train_fn = torch.compile(self._train_step)
+        if train_step:
+            self.train_fn = torch.compile(self._train_step)
 
 
-def _first_call_seconds(call, device) -> float:
-    start = time.perf_counter()
-    call()
-    _synchronize(device)
-    return time.perf_counter() - start
+def _wait_for(device: torch.device) -> Callable[[Any], None] | None:
+    """time_steps' wait: CUDA runs asynchronously, so its queue is drained."""
+    return (lambda _: torch.cuda.synchronize(device)) if device.type == "cuda" else None
 
 
-def _first_calls(runner: Runner, images, labels, device) -> tuple[float, float]:
+def _first_calls(runner: Runner, images, labels) -> tuple[float, float]:
     """Seconds of the first forward and the first train step (compilation included)."""
-    forward_s = _first_call_seconds(lambda: runner.forward(images), device)
-    train_s = _first_call_seconds(lambda: runner.train_step(images, labels), device)
+    wait = _wait_for(runner.device)
+    forward_s = profiling.time_steps(lambda: runner.forward(images), 1, 0, wait)[0]
+    train_s = profiling.time_steps(lambda: runner.train_step(images, labels), 1, 0, wait)[0]
     return forward_s, train_s
 
 
-def _try_compiled(runner: Runner, images, labels, device) -> tuple[str, float, float]:
+def _try_compiled(runner: Runner, images, labels) -> tuple[str, float, float]:
     """torch.compile both functions; on any failure fall back to eager. Returns the mode
     and the first-call (compile) seconds of forward and train step."""
     try:
         runner.compile()
-        return "torch.compile", *_first_calls(runner, images, labels, device)
+        return "torch.compile", *_first_calls(runner, images, labels)
     except Exception as error:  # noqa: BLE001 - any compiler failure means: run eager
         logger.warning("torch.compile failed, timing eager mode: %s", error)
         runner.forward_fn, runner.train_fn = runner.model, runner._train_step
         mode = f"eager (torch.compile failed: {type(error).__name__})"
-        return mode, *_first_calls(runner, images, labels, device)
+        return mode, *_first_calls(runner, images, labels)
 
 
 def _peak_memory(device: torch.device) -> int | None:
@@ -240,23 +244,21 @@ def benchmark_torch(
     config: ml_collections.ConfigDict, steps: int, burn_in: int, compile_model: bool = True
 ) -> dict[str, Any]:
     """Times the twin's forward and train step like `benchmark.benchmark_jax` does."""
-    device = _device()
+    device = default_device()
     info = DatasetInfo.without_data(config)
-    vgg = models.build_model(config, info)
-    torch.manual_seed(config.seed)
-    model = build_torch_model(vgg, config.image_size).to(device)
-    model = model.to(memory_format=torch.channels_last)
+    # The rate the JAX benchmark's state starts at (its schedule's first step).
+    schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=1000)
+    runner = Runner(config, info, device, float(schedule(0)))
     generator = torch.Generator().manual_seed(config.seed)
     shape = (config.batch_size, config.image_size, config.image_size, 3)
     images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).to(device)
     labels = torch.randint(0, len(info.class_names), shape[:1], generator=generator).to(device)
-    runner = Runner(model, config, device)
     if compile_model:
-        mode, forward_compile, train_compile = _try_compiled(runner, images, labels, device)
+        mode, forward_compile, train_compile = _try_compiled(runner, images, labels)
     else:
         mode = "eager"
-        forward_compile, train_compile = _first_calls(runner, images, labels, device)
-    forward_flops = profiling.analytic_flops(vgg, config.image_size)
+        forward_compile, train_compile = _first_calls(runner, images, labels)
+    forward_flops = profiling.analytic_flops(runner.vgg, config.image_size)
     # The same machine as the JAX run, so the same assumed peak.
     peak, peak_how = profiling.device_peak(jax.devices()[0], config.dtype)
     figures = {}
@@ -271,24 +273,17 @@ def benchmark_torch(
     ):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = _time_steps(call, device, steps, burn_in)
-        figure = profiling.summarise_times(times, config.batch_size, flops, peak)
-        figure.update(
-            {
-                "name": name,
-                "compile_s": compile_s,
-                "flops_per_image_analytic": flops,
-                "peak_memory_bytes": _peak_memory(device),
-            }
-        )
-        figures[name] = figure
+        times = profiling.time_steps(call, steps, burn_in, _wait_for(device))
+        figures[name] = {
+            "name": name,
+            **profiling.summarise_times(times, config.batch_size, flops, peak),
+            "compile_s": compile_s,
+            "peak_memory_bytes": _peak_memory(device),
+        }
     return {
-        "framework": "torch",
-        "torch_version": torch.__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(),
+        **environment(device),
         "mode": mode,
-        "parameters": parameter_count(model),
+        "parameters": sum(parameter.numel() for parameter in runner.model.parameters()),
         "peak_assumption": peak_how,
         **figures,
     }

@@ -4,20 +4,12 @@ CIFAR-10 arrays as ours: the peer that says whether a gap is the recipe or our c
   python -m vgg_jax.bench.torch_training --config=configs/vgg16_fast.py \
       --data=cifar10-jpeg.npz --metrics=twin.jsonl [--notorch_compile] [--config.X=...]
 
-The same recipe as `vgg_jax.main` with that config: the same network (built from the
-same `models.VGG`; PyTorch's default initialisation, the distribution ours draws from),
-normalisation (`data.stats`'s sample of the training images), crop_flip augmentation
-(zero padding, a crop per image, half flipped; `flip_only_last_epochs` too), learning-
-rate schedule (`optim`'s, evaluated per step), label smoothing, SGD with momentum,
-Nesterov and coupled L2 on every parameter (optax's add_decayed_weights -> trace),
-batch size, epochs (full batches only), evaluation on every test image after each epoch
-with flip-TTA. PyTorch side: bf16 autocast (config.dtype), channels_last,
-torch.compile of the model. Not the same: the random draws (data order, crops, init).
-Not implemented (refused in one line): EMA, decoupled weight decay, gradient clipping,
-fine-tuning, other augmentations.
-
-Writes one metrics record per epoch (the keys of our metrics.jsonl) to --metrics as the
-epoch ends, and with --json a summary with the seconds from launch.
+Everything `vgg_jax.main` does with that config, from the same `models.VGG`, `optim`
+schedule, `data.stats` normalisation and `views.crop_padding`, except the random draws
+(data order, crops, PyTorch's default initialisation from the distribution ours draws
+from) and what `unsupported` refuses in one line. Writes one record per epoch (the keys
+of our metrics.jsonl) to --metrics as the epoch ends, and with --json a summary with the
+seconds from launch.
 """
 
 from __future__ import annotations
@@ -36,7 +28,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from torch.nn import functional
 
-from vgg_jax import cli, models, optim
+from vgg_jax import cli, optim
 from vgg_jax.bench import cifar_arrays, torch_reference
 from vgg_jax.data import sharding, stats, views
 from vgg_jax.data.info import DatasetInfo
@@ -110,74 +102,35 @@ def epoch_batches(
         yield batch_images, labels[chosen]
 
 
-class Twin:
-    """The model, its optimiser and the (possibly compiled) forward pass."""
-
-    def __init__(self, config: ml_collections.ConfigDict, info: DatasetInfo, device, compile_):
-        torch.manual_seed(config.seed)
-        vgg = models.build_model(config, info)
-        model = torch_reference.build_torch_model(vgg, config.image_size).to(device)
-        self.model = model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=config.learning_rate,
-            momentum=config.momentum,
-            weight_decay=config.l2,
-            nesterov=config.nesterov,
+@torch.no_grad()
+def evaluate(runner: torch_reference.Runner, images, labels) -> dict[str, float]:
+    """Loss, accuracy and flip-TTA accuracy over every image (the last batch padded, so
+    that a compiled forward sees one shape)."""
+    sums = torch.zeros(3, device=runner.device)
+    for start in range(0, len(labels), EVAL_BATCH):
+        batch = images[start : start + EVAL_BATCH]
+        batch_labels = labels[start : start + EVAL_BATCH]
+        real = len(batch_labels)
+        if real < EVAL_BATCH:
+            batch = functional.pad(batch, (0, 0, 0, 0, 0, 0, 0, EVAL_BATCH - real))
+        logits = runner.forward(batch).float()[:real]
+        flipped = runner.forward(batch.flip(2)).float()[:real]
+        loss = functional.cross_entropy(logits, batch_labels, reduction="sum")
+        tta = logits.softmax(-1) + flipped.softmax(-1)
+        sums += torch.stack(
+            [
+                loss,
+                (logits.argmax(-1) == batch_labels).sum().float(),
+                (tta.argmax(-1) == batch_labels).sum().float(),
+            ]
         )
-        self.forward = torch.compile(self.model) if compile_ else self.model
-        self.dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
-        self.device = device
-        self.label_smoothing = config.label_smoothing
-
-    def autocast(self):
-        return torch.autocast(self.device.type, self.dtype, enabled=self.dtype is not None)
-
-    def train_step(self, images, labels, learning_rate: float) -> torch.Tensor:
-        """One step; returns (loss sum, correct count) on the device, not synchronised."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate
-        with self.autocast():
-            logits = self.forward(images).float()
-        loss = functional.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        correct = (logits.detach().argmax(-1) == labels).sum()
-        return torch.stack([loss.detach() * len(labels), correct.float()])
-
-    @torch.no_grad()
-    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Loss, accuracy and flip-TTA accuracy over every image (the last batch padded, so
-        that a compiled forward sees one shape)."""
-        self.model.eval()
-        sums = torch.zeros(3, device=self.device)
-        for start in range(0, len(labels), EVAL_BATCH):
-            batch = images[start : start + EVAL_BATCH]
-            batch_labels = labels[start : start + EVAL_BATCH]
-            real = len(batch_labels)
-            if real < EVAL_BATCH:
-                batch = functional.pad(batch, (0, 0, 0, 0, 0, 0, 0, EVAL_BATCH - real))
-            with self.autocast():
-                logits = self.forward(batch).float()[:real]
-                flipped = self.forward(batch.flip(2)).float()[:real]
-            loss = functional.cross_entropy(logits, batch_labels, reduction="sum")
-            tta = logits.softmax(-1) + flipped.softmax(-1)
-            sums += torch.stack(
-                [
-                    loss,
-                    (logits.argmax(-1) == batch_labels).sum().float(),
-                    (tta.argmax(-1) == batch_labels).sum().float(),
-                ]
-            )
-        self.model.train()
-        loss_sum, correct, correct_tta = (float(value) for value in sums.cpu())
-        count = len(labels)
-        return {
-            "test_loss": loss_sum / count,
-            "test_accuracy": correct / count,
-            "test_accuracy_flip_tta": correct_tta / count,
-        }
+    loss_sum, correct, correct_tta = (float(value) for value in sums.cpu())
+    count = len(labels)
+    return {
+        "test_loss": loss_sum / count,
+        "test_accuracy": correct / count,
+        "test_accuracy_flip_tta": correct_tta / count,
+    }
 
 
 def dataset_info(
@@ -210,16 +163,19 @@ def train(
         raise ValueError("the PyTorch twin does not implement " + ", ".join(problems))
     if arrays.train_images.shape[1] != config.image_size:
         raise ValueError(f"images are {arrays.train_images.shape[1]} px, not {config.image_size}")
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or torch_reference.default_device()
     torch.backends.cudnn.benchmark = True
-    info = dataset_info(config, arrays)
-    twin = Twin(config, info, device, compile_model)
+    steps = sharding.limited_steps(config, len(arrays.train_labels))
+    rates = learning_rates(config, steps)
+    twin = torch_reference.Runner(config, dataset_info(config, arrays), device, float(rates[0]))
+    if compile_model:
+        # The model only: the optimiser's rate, a Python float that changes every step,
+        # would make a compiled step recompile.
+        twin.compile(train_step=False)
     images = torch.from_numpy(arrays.train_images).to(device)
     labels = torch.from_numpy(arrays.train_labels).to(device)
     test_images = torch.from_numpy(arrays.test_images).to(device)
     test_labels = torch.from_numpy(arrays.test_labels).to(device)
-    steps = sharding.limited_steps(config, len(labels))
-    rates = learning_rates(config, steps)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     records = []
     for epoch in range(config.num_epochs):
@@ -227,12 +183,15 @@ def train(
         sums = torch.zeros(2, device=device)
         batches = epoch_batches(images, labels, config, epoch, steps, generator)
         for index, (batch_images, batch_labels) in enumerate(batches):
-            sums += twin.train_step(batch_images, batch_labels, float(rates[epoch * steps + index]))
+            rate = float(rates[epoch * steps + index])
+            loss, logits = twin.train_step(batch_images, batch_labels, rate)
+            correct = (logits.argmax(-1) == batch_labels).sum().float()
+            sums += torch.stack([loss * len(batch_labels), correct])
         loss_sum, correct = (float(value) for value in sums.cpu())
         seen = steps * config.batch_size
         record = {"epoch": epoch + 1, "step": (epoch + 1) * steps}
         record.update({"train_loss": loss_sum / seen, "train_accuracy": correct / seen})
-        record.update(twin.evaluate(test_images, test_labels))
+        record.update(evaluate(twin, test_images, test_labels))
         record["learning_rate"] = float(rates[(epoch + 1) * steps - 1])
         record["epoch_seconds"] = time.perf_counter() - start
         record["wall_time"] = time.time()
@@ -270,9 +229,7 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {cli.one_line(error)}")
     if FLAGS.json:
         summary = {
-            "framework": "torch",
-            "torch_version": torch.__version__,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            **torch_reference.environment(torch_reference.default_device()),
             "torch_compile": FLAGS.torch_compile,
             "config": FLAGS.config.to_dict(),
             "launch_to_end_s": time.time() - launch,
