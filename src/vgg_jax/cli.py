@@ -1,5 +1,6 @@
 """What the command-line programs share: flag parsing that reports a bad flag or config
-in one line, and the log format. Defines no flags itself."""
+in one line, the log format, and the checkpoint-reading flags (defined only when a
+command asks: `define_checkpoint_flags`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import traceback
 from typing import NoReturn
 
-from absl import flags
+from absl import app, flags
 from absl import logging as absl_logging
 
 from vgg_jax import config_checks, configuration, distributed
@@ -72,6 +73,28 @@ def one_line(error: BaseException) -> str:
     that ml_collections wraps around it."""
     text = re.sub(r"\\n|\s+", " ", str(error))
     return re.sub(r"[\\'\"]", "", text).strip()
+
+
+def define_checkpoint_flags() -> None:
+    """--workdir and --step, for the commands that read a checkpoint (`checkpoint_step`)."""
+    flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ folder, or a step.")
+    flags.DEFINE_string("step", "latest", "'latest', 'best' or a step number.")
+    flags.register_validator(
+        "step",
+        lambda value: value in ("latest", "best") or value.isdigit(),
+        "--step must be latest, best or a number",
+    )
+
+
+def checkpoint_step() -> int | str:
+    """--step as `inference.load` takes it: 'latest', 'best' or a number."""
+    return int(FLAGS.step) if FLAGS.step.isdigit() else FLAGS.step
+
+
+def no_arguments(argv: list[str]) -> None:
+    """For a command that takes flags only: anything else is a usage error."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

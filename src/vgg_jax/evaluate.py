@@ -20,12 +20,10 @@ from vgg_jax.cpu import host_memory
 from vgg_jax.metrics_log import to_json
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ folder, or a step.")
-flags.DEFINE_string("step", "latest", "'latest', 'best' or a step number.")
+cli.define_checkpoint_flags()
 flags.DEFINE_string("data_dir", None, "Override the data_dir stored with the checkpoint.")
 flags.DEFINE_integer("batch_size", 0, "Evaluation batch (0: the stored config's evaluation batch).")
 flags.mark_flag_as_required("workdir")
-flags.register_validator("step", inference.valid_step, "--step must be latest, best or a number")
 flags.register_validator("batch_size", lambda value: value >= 0, "--batch_size must be >= 0")
 
 
@@ -60,8 +58,7 @@ def evaluate_checkpoint(
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.no_arguments(argv)
     cli.configure_logging()
     expected = (
         checkpoint.NoCheckpointError,
@@ -70,7 +67,7 @@ def main(argv: list[str]) -> None:
         ValueError,
     )
     try:
-        predictor = inference.load(FLAGS.workdir, inference.parse_step(FLAGS.step))
+        predictor = inference.load(FLAGS.workdir, cli.checkpoint_step())
         metrics = evaluate_checkpoint(predictor, FLAGS.data_dir, FLAGS.batch_size)
     except expected as error:
         cli.exit_with_error(f"error: {error}")

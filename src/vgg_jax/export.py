@@ -28,15 +28,11 @@ def define_flags() -> None:
     """The command's flags, defined by `run` only: importing this module for
     `export_checkpoint` defines none (absl refuses a flag name defined twice, and the
     other commands define --workdir and --step too)."""
-    flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ folder, or a step.")
-    flags.DEFINE_string("step", "latest", "'latest', 'best' or a step number.")
+    cli.define_checkpoint_flags()
     flags.DEFINE_enum(
         "format", "torchvision", ["torchvision", "safetensors"], "A torch .pth or .safetensors."
     )
     flags.mark_flag_as_required("workdir")
-    flags.register_validator(
-        "step", inference.valid_step, "--step must be latest, best or a number"
-    )
 
 
 class ExportError(ValueError):
@@ -46,8 +42,9 @@ class ExportError(ValueError):
 def check_destination(out: str) -> None:
     """The output file's folder must exist and be writable: checked before the
     checkpoint is read, and without a library's traceback."""
-    folder = os.path.dirname(os.path.abspath(os.path.expanduser(out)))
-    if os.path.isdir(os.path.abspath(os.path.expanduser(out))):
+    target = os.path.abspath(os.path.expanduser(out))
+    folder = os.path.dirname(target)
+    if os.path.isdir(target):
         raise ExportError(f"{out} is a folder: give a file name, e.g. {out}/model.pth")
     if not os.path.isdir(folder):
         raise ExportError(f"cannot write {out}: no folder {folder}")
@@ -91,16 +88,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("give one output file, e.g. OUT.pth")
     cli.configure_logging(logging.WARNING)  # the result lines below are the output
     out = argv[1]
-    expected = (
-        checkpoint.NoCheckpointError,
-        checkpoint.DamagedCheckpointError,
-        ImportError,
-        ValueError,
-        OSError,
-    )
+    # OSError covers checkpoint.NoCheckpointError (a FileNotFoundError).
+    expected = (checkpoint.DamagedCheckpointError, ImportError, ValueError, OSError)
     try:
         predictor, layout, constructor = export_checkpoint(
-            FLAGS.workdir, out, FLAGS.format, inference.parse_step(FLAGS.step)
+            FLAGS.workdir, out, FLAGS.format, cli.checkpoint_step()
         )
     except expected as error:
         cli.exit_with_error(f"error: {error}")

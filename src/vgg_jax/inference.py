@@ -115,17 +115,6 @@ class Predictor:
         ]
 
 
-def valid_step(value: str) -> bool:
-    return value in ("latest", "best") or value.isdigit()
-
-
-def parse_step(value: str) -> int | str:
-    """A --step flag: 'latest', 'best' or a number."""
-    if not valid_step(value):
-        raise ValueError(f"step must be 'latest', 'best' or a number, got {value!r}")
-    return int(value) if value.isdigit() else value
-
-
 def load(path: str | os.PathLike, step: int | str = "latest") -> Predictor:
     """Loads a checkpoint written by any device count onto this process's first device.
 

@@ -1,20 +1,7 @@
-"""LPIPS (Zhang et al. 2018), the VGG variant, as the `lpips` PyTorch package computes it.
-
-metric = vgg_jax.lpips.LPIPS("torchvision:vgg16")        # version="0.1", spatial=False
-d = metric(x, y)               # x, y: float (N, H, W, 3) RGB in [-1, 1] -> (N,) distances
-loss = lambda x: metric.apply(metric.variables, x, y).mean()   # pure: jit and grad it
-
-The reference's steps, in its order: its ScalingLayer ((x - shift) / scale; version 0.0
-feeds the images unscaled, the original release's bug), torchvision VGG16's ReLU outputs
-relu1_2, relu2_2, relu3_3, relu4_3 and relu5_3 (our conv1_2 .. conv5_3), each position's
-channel vector divided by its norm + 1e-10, squared differences weighted by the learned
-non-negative 1x1 layers (no bias), then averaged over positions, or, with `spatial=True`,
-each layer's map upsampled to the input size (bilinear, align_corners=False) and summed.
-
-The learned layers come from the installed `lpips` package (`pip install 'vgg-jax[lpips]'`)
-or are downloaded once from the official repository into `pretrained.cache_dir()`; both
-are checked against the published SHA-256.
-"""
+"""LPIPS (Zhang et al. 2018), the VGG variant, as the `lpips` PyTorch package computes it,
+step for step in its order (docs/pretrained.md#lpips): version 0.0 feeds the images
+unscaled (the original release's bug); the learned layers come from the installed
+package or the official repository, checked against the published SHA-256."""
 
 from __future__ import annotations
 
@@ -48,16 +35,11 @@ _REPOSITORY = (
     "082bb24f84c091ea94de2867d34c4544f68e0963/lpips/weights"
 )
 WEIGHT_FILES = {
-    "0.1": pretrained.WeightFile(
-        f"{_REPOSITORY}/v0.1/vgg.pth",
-        "sha256",
-        "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868",
-    ),
-    "0.0": pretrained.WeightFile(
-        f"{_REPOSITORY}/v0.0/vgg.pth",
-        "sha256",
-        "b9e4236260c3dd988fc79d2a48d645d885afcbb21f9fd595e6744cf7419b582c",
-    ),
+    version: pretrained.WeightFile(f"{_REPOSITORY}/v{version}/vgg.pth", "sha256", digest)
+    for version, digest in (
+        ("0.1", "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868"),
+        ("0.0", "b9e4236260c3dd988fc79d2a48d645d885afcbb21f9fd595e6744cf7419b582c"),
+    )
 }
 
 
@@ -95,12 +77,7 @@ def load_linear_layers(source: str | os.PathLike) -> dict[str, np.ndarray]:
     path = weights_path(source) if source in VERSIONS else Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(
-            f"reading LPIPS's learned layers ({path}) needs PyTorch: {LPIPS_EXTRA_HINT}"
-        ) from None
+    torch = registry.import_torch(f"reading LPIPS's learned layers ({path})", LPIPS_EXTRA_HINT)
     state = torch.load(path, map_location="cpu", weights_only=True)
     channels = [block[-1] for block in spec.STAGES["vgg16"]]
     weights = {}
@@ -139,7 +116,7 @@ def _vgg16_convolutions(backbone: Any) -> dict[str, Any]:
 
 
 class LPIPS:
-    """The LPIPS distance with a VGG16 backbone; see the module's docstring.
+    """The LPIPS distance with a VGG16 backbone (docs/pretrained.md#lpips).
 
     backbone: 'torchvision:vgg16' (downloaded once), a .pth/.safetensors file or a state
       dict in torchvision's VGG16 layout, or a (model, variables) pair (VGG16, no BN).
@@ -211,9 +188,7 @@ def _check_images(x: Any, y: Any) -> None:
         raise ValueError(f"x and y must have the same shape, got {shape} and {np.shape(y)}")
     if len(shape) != 4 or shape[-1] != 3:
         raise ValueError(f"LPIPS takes RGB images (N, H, W, 3), got shape {shape}")
-    if not jnp.issubdtype(dtype, jnp.floating) or not jnp.issubdtype(
-        jnp.result_type(y), jnp.floating
-    ):
+    if not all(jnp.issubdtype(jnp.result_type(images), jnp.floating) for images in (x, y)):
         raise ValueError(f"LPIPS takes float images in [-1, 1] (uint8: x / 127.5 - 1), got {dtype}")
     if min(shape[1:3]) < MIN_SIZE:
         raise ValueError(f"LPIPS's VGG needs images of at least {MIN_SIZE}x{MIN_SIZE}, got {shape}")

@@ -36,8 +36,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.no_arguments(argv)
     cli.configure_logging()
     from vgg_jax import train  # imports JAX: only once the config has passed its check
     from vgg_jax.checkpoint import CheckpointWriteError

@@ -16,17 +16,15 @@ from absl import app, flags
 from vgg_jax import checkpoint, cli, inference, pretrained
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ folder, or a step.")
+cli.define_checkpoint_flags()
 flags.DEFINE_string(
     "weights",
     None,
     "Instead of --workdir: published weights ('torchvision:vgg16_bn', 'keras:vgg16') or a "
     "weight file (.pth, .safetensors, .h5).",
 )
-flags.DEFINE_string("step", "latest", "'latest', 'best' or a step number.")
 flags.DEFINE_integer("top", 5, "How many classes to print per image.", lower_bound=1)
 flags.mark_flags_as_mutual_exclusive(["workdir", "weights"], required=True)
-flags.register_validator("step", inference.valid_step, "--step must be latest, best or a number")
 
 
 def main(argv: list[str]) -> None:
@@ -38,12 +36,11 @@ def main(argv: list[str]) -> None:
         if FLAGS.weights:
             predictor = pretrained.predictor(FLAGS.weights)
         else:
-            predictor = inference.load(FLAGS.workdir, inference.parse_step(FLAGS.step))
+            predictor = inference.load(FLAGS.workdir, cli.checkpoint_step())
     except (
-        checkpoint.NoCheckpointError,
         checkpoint.DamagedCheckpointError,
         pretrained.WeightsUnavailableError,
-        FileNotFoundError,
+        FileNotFoundError,  # checkpoint.NoCheckpointError too
         ImportError,
         ValueError,
     ) as error:

@@ -1,30 +1,6 @@
-"""ImageNet VGG weights from torchvision and Keras as Flax variables, and back to PyTorch.
-
-model, variables = vgg_jax.pretrained.load("torchvision:vgg16_bn")   # download once, cached
-model, variables = vgg_jax.pretrained.from_torchvision("vgg16_bn.pth", "vgg16_bn")
-model, variables = vgg_jax.pretrained.from_keras("vgg16_weights_tf_dim_ordering_tf_kernels.h5")
-logits = model.apply(variables, uint8_images)                        # NHWC, 0..255 RGB
-feats = model.apply(variables, uint8_images, layers=("conv3_3",), method="features")
-state_dict = vgg_jax.pretrained.to_torchvision(model, variables)    # torch tensors
-
-The returned model carries the source's preprocessing as its `mean` / `std`, so it takes
-raw RGB images: torchvision's mean/std on 0..1 RGB (here in 0..255 units); Keras' "caffe"
-mode (BGR, mean subtraction, no scaling) as an RGB mean with std 1 and the channel swap
-folded into the first convolution's kernel, which is exact.
-
-torchvision's layout: `features.{i}` (conv, [BN,] ReLU per convolution, a max-pool per
-block), `avgpool` (AdaptiveAvgPool2d((7, 7)), the 'torchvision' head here),
-`classifier.{0,3,6}`. Its convolutions keep a bias ahead of BN, ours have none: the bias
-is folded into the BN running mean (BN(x + b) with mean m is BN(x) with mean m - b), and
-exported as a zero bias, so ours -> torchvision -> ours is exact. Its first classifier
-layer reads the pooled map in C, H, W order, ours in H, W, C: the rows are permuted.
-
-Modules: `registry.py` (published weights, downloads, shared errors), `torchvision.py`
-(torchvision's layout in and out, export), `keras.py` (Keras .h5), `finetune.py`
-(`merge_variables`, `start_from`).
-
-Reading `.pth` files needs PyTorch (the `torch` extra); `.safetensors` and Keras `.h5`
-files (h5py) do not. Nothing else is unpickled.
+"""ImageNet VGG weights from torchvision and Keras as Flax variables, and back to PyTorch
+(docs/pretrained.md). The model normalises its input as its source did, so it takes raw
+RGB images; torchvision.py says how torchvision's layout maps onto ours.
 """
 
 from __future__ import annotations

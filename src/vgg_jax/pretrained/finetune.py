@@ -16,8 +16,6 @@ from vgg_jax.pretrained.registry import WeightFormatError
 
 logger = logging.getLogger(__name__)
 
-# ------------------------------------------------------------------------ fine-tuning
-
 
 def _float32(leaf: Any) -> jax.Array:
     return jnp.asarray(leaf, jnp.float32)

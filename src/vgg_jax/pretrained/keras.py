@@ -14,8 +14,6 @@ import numpy as np
 from vgg_jax import models, spec
 from vgg_jax.pretrained.registry import WeightFormatError, check_arch
 
-# ---------------------------------------------------------------------------- Keras
-
 KERAS_HEAD = {"fc1": "fc1", "fc2": "fc2", "predictions": "classifier"}
 
 
@@ -29,13 +27,9 @@ def _keras_h5_layers(path: Path) -> dict[str, list[np.ndarray]]:
     with h5py.File(path, "r") as file:
         root = file.get("model_weights", file)
         if "layer_names" in root.attrs:
-            for name in root.attrs["layer_names"]:
-                name = name.decode() if isinstance(name, bytes) else str(name)
+            for name in map(_text, root.attrs["layer_names"]):
                 group = root[name]
-                weight_names = [
-                    w.decode() if isinstance(w, bytes) else str(w)
-                    for w in group.attrs.get("weight_names", [])
-                ]
+                weight_names = [_text(w) for w in group.attrs.get("weight_names", [])]
                 if weight_names:
                     layers[name] = [np.asarray(group[w]) for w in weight_names]
         elif "layers" in root:
@@ -43,12 +37,16 @@ def _keras_h5_layers(path: Path) -> dict[str, list[np.ndarray]]:
                 values = group.get("vars")
                 if values is None or not len(values):
                     continue
-                name = values.attrs.get("name", key)
-                name = name.decode() if isinstance(name, bytes) else str(name)
+                name = _text(values.attrs.get("name", key))
                 layers[name] = [np.asarray(values[str(i)]) for i in range(len(values))]
         else:
             raise WeightFormatError(f"{path}: not a Keras weight file (no layer_names)")
     return layers
+
+
+def _text(value: bytes | str) -> str:
+    """An HDF5 attribute's string: h5py gives bytes for the legacy files' names."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def from_keras(source: Any, arch: str | None = None) -> tuple[models.VGG, dict]:
@@ -85,20 +83,16 @@ def from_keras(source: Any, arch: str | None = None) -> tuple[models.VGG, dict]:
     stages = tuple(stages)
     name = check_arch(arch, stages, False, what)
     params = {}
-    for (block, index), (kernel, bias) in sorted(convs.items()):
-        kernel = np.asarray(kernel, np.float32)
+    for (block, index), (kernel, bias) in sorted(convs.items()):  # _check_keras_shapes' order
         if (block, index) == (1, 1):
             kernel = kernel[:, :, ::-1, :]  # Keras feeds BGR: swap the input channels
-        params[f"conv{block}_{index}"] = {"kernel": kernel, "bias": np.asarray(bias, np.float32)}
+        params[f"conv{block}_{index}"] = {"kernel": kernel, "bias": bias}
     present = [keras_name for keras_name in KERAS_HEAD if layers.get(keras_name)]
     if present and len(present) != len(KERAS_HEAD):
         raise WeightFormatError(f"{what} has {present} of the head's {list(KERAS_HEAD)}")
     for keras_name in present:
         kernel, bias = layers[keras_name]
-        params[KERAS_HEAD[keras_name]] = {
-            "kernel": np.asarray(kernel, np.float32),
-            "bias": np.asarray(bias, np.float32),
-        }
+        params[KERAS_HEAD[keras_name]] = {"kernel": kernel, "bias": bias}
     _check_keras_shapes(params, what)
     num_classes = params["classifier"]["kernel"].shape[1] if present else 1000
     model = models.create_model(
@@ -110,7 +104,7 @@ def from_keras(source: Any, arch: str | None = None) -> tuple[models.VGG, dict]:
         mean=spec.CAFFE_MEAN_RGB,
         std=spec.CAFFE_STD,
     )
-    return model, jax.tree.map(jnp.asarray, {"params": params})
+    return model, jax.tree.map(lambda value: jnp.asarray(value, jnp.float32), {"params": params})
 
 
 def _check_keras_shapes(params: dict[str, dict[str, np.ndarray]], what: str) -> None:
@@ -126,8 +120,7 @@ def _check_keras_shapes(params: dict[str, dict[str, np.ndarray]], what: str) -> 
                 f"the layers before it need {kernel_shape} and {bias_shape}"
             )
 
-    convs = sorted((n for n in params if n.startswith("conv")), key=_conv_order)
-    for name in convs:
+    for name in (name for name in params if name.startswith("conv")):  # in network order
         out = params[name]["kernel"].shape[-1]
         check(name, (3, 3, channels, out), (out,))
         channels = out
@@ -140,8 +133,3 @@ def _check_keras_shapes(params: dict[str, dict[str, np.ndarray]], what: str) -> 
         units = params[name]["kernel"].shape[-1]
         check(name, (width, units), (units,))
         width = units
-
-
-def _conv_order(name: str) -> tuple[int, int]:
-    block, index = name.removeprefix("conv").split("_")
-    return int(block), int(index)

@@ -44,8 +44,14 @@ def _torchvision_file(name: str) -> WeightFile:
     return WeightFile(url, "sha256", name.rsplit("-", 1)[1])
 
 
-_KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications"
-# keras.applications.vgg16 / vgg19: the URLs and the MD5s Keras itself checks.
+def _keras_file(model: str, suffix: str, md5: str) -> WeightFile:
+    """keras.applications.vgg16 / vgg19's files, with the MD5s Keras itself checks."""
+    url = "https://storage.googleapis.com/tensorflow/keras-applications"
+    return WeightFile(
+        f"{url}/{model}/{model}_weights_tf_dim_ordering_tf_kernels{suffix}.h5", "md5", md5
+    )
+
+
 WEIGHT_FILES: dict[str, WeightFile] = {
     "torchvision:vgg11": _torchvision_file("vgg11-8a719046"),
     "torchvision:vgg11_bn": _torchvision_file("vgg11_bn-6002323d"),
@@ -55,26 +61,10 @@ WEIGHT_FILES: dict[str, WeightFile] = {
     "torchvision:vgg16_bn": _torchvision_file("vgg16_bn-6c64b313"),
     "torchvision:vgg19": _torchvision_file("vgg19-dcbb9e9d"),
     "torchvision:vgg19_bn": _torchvision_file("vgg19_bn-c79401a0"),
-    "keras:vgg16": WeightFile(
-        f"{_KERAS_URL}/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels.h5",
-        "md5",
-        "64373286793e3c8b2b4e3219cbf3544b",
-    ),
-    "keras:vgg16_notop": WeightFile(
-        f"{_KERAS_URL}/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "md5",
-        "6d6bbae143d832006294945121d1f1fc",
-    ),
-    "keras:vgg19": WeightFile(
-        f"{_KERAS_URL}/vgg19/vgg19_weights_tf_dim_ordering_tf_kernels.h5",
-        "md5",
-        "cbe5617147190e668d6c5d5026f83318",
-    ),
-    "keras:vgg19_notop": WeightFile(
-        f"{_KERAS_URL}/vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "md5",
-        "253f8cb515780f3b799900260a226db6",
-    ),
+    "keras:vgg16": _keras_file("vgg16", "", "64373286793e3c8b2b4e3219cbf3544b"),
+    "keras:vgg16_notop": _keras_file("vgg16", "_notop", "6d6bbae143d832006294945121d1f1fc"),
+    "keras:vgg19": _keras_file("vgg19", "", "cbe5617147190e668d6c5d5026f83318"),
+    "keras:vgg19_notop": _keras_file("vgg19", "_notop", "253f8cb515780f3b799900260a226db6"),
 }
 
 
@@ -180,6 +170,17 @@ def check_arch(arch: str | None, stages, batch_norm: bool, what: str) -> str:
         if (spec.STAGES[base], arch.endswith("_bn")) != (stages, batch_norm):
             raise WeightFormatError(f"{what} holds {found}, not {arch}")
     return preset or "custom"
+
+
+def import_torch(what: str, hint: str = TORCH_EXTRA_HINT, otherwise: str = ""):
+    """torch, imported here (only these paths need it); without it, an ImportError
+    saying `what` needs PyTorch, how to install it, and what `otherwise` does without."""
+    try:
+        import torch
+    except ImportError:
+        alternative = f" (or {otherwise})" if otherwise else ""
+        raise ImportError(f"{what} needs PyTorch: {hint}{alternative}") from None
+    return torch
 
 
 @contextlib.contextmanager

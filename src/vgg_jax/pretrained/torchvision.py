@@ -17,10 +17,10 @@ import numpy as np
 from vgg_jax import models, spec
 from vgg_jax.pretrained.registry import (
     POOL,
-    TORCH_EXTRA_HINT,
     WeightFormatError,
     arch_name,
     check_arch,
+    import_torch,
     preset_of,
     reraised_as,
 )
@@ -43,12 +43,7 @@ def _read_state_dict(source: Any) -> tuple[dict[str, np.ndarray], str, Path | No
 
         with reraised_as(WeightFormatError, f"{path}: not a readable safetensors file"):
             return load_file(path), str(path), path
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(
-            f"reading {path} needs PyTorch: {TORCH_EXTRA_HINT} (or use a .safetensors file)"
-        ) from None
+    torch = import_torch(f"reading {path}", otherwise="use a .safetensors file")
     with reraised_as(WeightFormatError, f"{path}: not a readable PyTorch file"):
         state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, Mapping):
@@ -138,29 +133,25 @@ def _check_keys(state: Mapping[str, Any], expected: set[str], what: str) -> None
 def _torchvision_features(state: Mapping[str, Any], layout, batch_norm: bool):
     """The convolutional stack's params and BN statistics. torchvision's convolutions keep
     a bias before BN; ours have none, so it is folded into the running mean."""
-
-    def get(key):
-        return np.asarray(state[key], np.float32)
-
     params: dict[str, dict] = {}
     batch_stats: dict[str, dict] = {}
     conv_bias = {}
     for index, layer in layout:
         if layer.startswith("conv"):
-            params[layer] = {"kernel": get(f"features.{index}.weight").transpose(2, 3, 1, 0)}
+            params[layer] = {"kernel": state[f"features.{index}.weight"].transpose(2, 3, 1, 0)}
             if batch_norm:
-                conv_bias[layer] = get(f"features.{index}.bias")
+                conv_bias[layer] = state[f"features.{index}.bias"]
             else:
-                params[layer]["bias"] = get(f"features.{index}.bias")
+                params[layer]["bias"] = state[f"features.{index}.bias"]
         else:
             conv = "conv" + layer.removeprefix("bn")
             params[layer] = {
-                "scale": get(f"features.{index}.weight"),
-                "bias": get(f"features.{index}.bias"),
+                "scale": state[f"features.{index}.weight"],
+                "bias": state[f"features.{index}.bias"],
             }
             batch_stats[layer] = {
-                "mean": get(f"features.{index}.running_mean") - conv_bias[conv],
-                "var": get(f"features.{index}.running_var"),
+                "mean": state[f"features.{index}.running_mean"] - conv_bias[conv],
+                "var": state[f"features.{index}.running_var"],
             }
     return params, batch_stats
 
@@ -180,21 +171,17 @@ def _fc1_kernel(weight: np.ndarray, channels: int, block: int = 256) -> np.ndarr
 def _torchvision_head(state: Mapping[str, Any], channels: int, what: str) -> dict[str, dict]:
     """fc1, fc2 and the classifier; fc1's inputs are reordered from torch's (C, H, W)
     flattening to ours (H, W, C)."""
-
-    def get(key):
-        return np.asarray(state[key], np.float32)
-
-    fc1 = get("classifier.0.weight")
+    fc1 = state["classifier.0.weight"]
     hidden = spec.HEADS["torchvision"]["hidden"]
-    shapes = (fc1.shape, get("classifier.3.weight").shape)
+    shapes = (fc1.shape, state["classifier.3.weight"].shape)
     if shapes != ((hidden[0], channels * POOL * POOL), (hidden[1], hidden[0])):
         raise WeightFormatError(f"{what}: classifier {shapes} is not torchvision's VGG head")
     return {
-        "fc1": {"kernel": _fc1_kernel(fc1, channels), "bias": get("classifier.0.bias")},
-        "fc2": {"kernel": get("classifier.3.weight").T, "bias": get("classifier.3.bias")},
+        "fc1": {"kernel": _fc1_kernel(fc1, channels), "bias": state["classifier.0.bias"]},
+        "fc2": {"kernel": state["classifier.3.weight"].T, "bias": state["classifier.3.bias"]},
         "classifier": {
-            "kernel": get("classifier.6.weight").T,
-            "bias": get("classifier.6.bias"),
+            "kernel": state["classifier.6.weight"].T,
+            "bias": state["classifier.6.bias"],
         },
     }
 
@@ -221,6 +208,7 @@ def from_torchvision(
         if layer.startswith("bn"):
             expected |= {f"features.{index}.running_mean", f"features.{index}.running_var"}
     _check_keys(state, expected, what)
+    state = {key: np.asarray(state[key], np.float32) for key in expected}
 
     params, batch_stats = _torchvision_features(state, layout, batch_norm)
     params |= _torchvision_head(state, stages[-1][-1], what)
@@ -296,10 +284,7 @@ def torchvision_state_dict(model: models.VGG, variables: Mapping[str, Any]) -> d
 
 def to_torchvision(model: models.VGG, variables: Mapping[str, Any]) -> dict:
     """Our variables as a torchvision VGG state dict of torch tensors (needs torch)."""
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(f"to_torchvision needs PyTorch: {TORCH_EXTRA_HINT}") from None
+    torch = import_torch("to_torchvision")
     return {k: torch.from_numpy(v) for k, v in torchvision_state_dict(model, variables).items()}
 
 
@@ -324,13 +309,11 @@ def export_state_dict(
         return torchvision_state_dict(model, variables), "torchvision"
     except ValueError:
         pass
-    try:
-        from vgg_jax.bench import torch_reference
-    except ImportError:
-        raise ImportError(
-            f"head {model.head!r} exports in the layout of vgg_jax.bench.torch_reference, which "
-            f"needs PyTorch: {TORCH_EXTRA_HINT}"
-        ) from None
+    import_torch(
+        f"head {model.head!r} exports in the layout of vgg_jax.bench.torch_reference, which"
+    )
+    from vgg_jax.bench import torch_reference
+
     twin = torch_reference.build_torch_model(model, image_size)
     torch_reference.load_flax_variables(twin, variables)
     state = {k: v.detach().cpu().numpy() for k, v in twin.state_dict().items()}
@@ -350,12 +333,7 @@ def write_state_dict(
         with reraised_as(OSError, f"cannot write {path}"):
             save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path, metadata)
     elif file_format == "torchvision":
-        try:
-            import torch
-        except ImportError:
-            raise ImportError(
-                f"writing .pth files needs PyTorch: {TORCH_EXTRA_HINT} (or --format=safetensors)"
-            ) from None
+        torch = import_torch("writing .pth files", otherwise="--format=safetensors")
         with reraised_as(OSError, f"cannot write {path}"):
             arrays = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
             torch.save(arrays, path)
