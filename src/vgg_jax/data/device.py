@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from vgg_jax.configuration import DEVICE_AUGMENTATIONS
 from vgg_jax.data import sources, stats, views
 from vgg_jax.data.info import DatasetInfo
-from vgg_jax.data.sharding import DATA_AXIS, check_batch_fits, limited_steps
+from vgg_jax.data.sharding import DATA_AXIS, check_batch_fits, limited_steps, to_devices
 from vgg_jax.data.sources import Split
 
 
@@ -56,15 +56,8 @@ def put_train_split(split: Split, mesh: Mesh) -> DeviceSplit:
             f"the training split has {split.num_examples_global} examples, fewer than the "
             f"{jax.device_count()} devices"
         )
-    sharding = NamedSharding(mesh, P(DATA_AXIS))
-    global_rows = rows * jax.process_count()
-
-    def to_global(local: np.ndarray) -> jax.Array:
-        return jax.make_array_from_process_local_data(
-            sharding, local[:rows], (global_rows, *local.shape[1:])
-        )
-
-    return DeviceSplit(to_global(split.images), to_global(split.labels))
+    local = {"images": split.images[:rows], "labels": split.labels[:rows]}
+    return DeviceSplit(**to_devices(mesh, local, rows * jax.process_count()))
 
 
 def put_eval_batches(split: Split, global_batch_size: int, mesh: Mesh) -> dict[str, jax.Array]:
@@ -82,14 +75,8 @@ def put_eval_batches(split: Split, global_batch_size: int, mesh: Mesh) -> dict[s
 
     mask = np.zeros(padded, np.float32)
     mask[: len(split.labels)] = 1.0
-    sharding = NamedSharding(mesh, P(None, DATA_AXIS))
     local = {"image": pad(split.images), "label": pad(split.labels), "mask": pad(mask)}
-    return {
-        name: jax.make_array_from_process_local_data(
-            sharding, array, (steps, global_batch_size, *array.shape[2:])
-        )
-        for name, array in local.items()
-    }
+    return to_devices(mesh, local, global_batch_size, axis=1)
 
 
 def random_crop_flip(images: jax.Array, key: jax.Array, padding: int = 4) -> jax.Array:
@@ -169,16 +156,12 @@ def load(config: ml_collections.ConfigDict, normalisation=None) -> tuple[Split, 
     eval_source = sources.open_split(config, config.eval_split, train_source.class_names)
     train_split = sources.load_split(train_source, view, index, count)
     eval_split = sources.load_split(eval_source, view, index, count)
-    if normalisation is None:
-        sample = np.isin(train_split.indices, stats.sample_indices(train_source.size))
-        normalisation = stats.global_normalisation(stats.channel_sums(train_split.images[sample]))
-    info = DatasetInfo(
-        class_names=train_source.class_names,
-        mean=tuple(normalisation[0]),
-        std=tuple(normalisation[1]),
-        image_size=config.image_size,
-        num_train_examples=train_source.size,
-        num_eval_examples=eval_source.size,
+    info = stats.dataset_info(
+        config,
+        train_source.class_names,
+        (train_source.size, eval_source.size),
+        lambda sample: train_split.images[np.isin(train_split.indices, sample)],
+        normalisation,
     )
     return train_split, eval_split, info
 
@@ -195,8 +178,7 @@ class DeviceInput:
         self.eval_data = put_eval_batches(eval_split, eval_batch_size, mesh)
         self.steps_per_epoch = limited_steps(config, self.train_data.num_examples)
         self.data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-        self.skipped_files = len(train_split.skipped)  # counted once, at load
-        self.wait_seconds = 0.0
+        self.counts = {"input_wait_seconds": 0.0}
 
     def train_batches(self, epoch: int, start: int) -> Iterator[dict[str, jax.Array]]:
         """The batches of the remaining steps of `epoch`, from step `start`."""
@@ -210,7 +192,7 @@ class DeviceInput:
             mesh=self.mesh,
             crop_padding=views.crop_padding(self.config, epoch),
         )
-        self.wait_seconds += time.perf_counter() - began
+        self.counts["input_wait_seconds"] += time.perf_counter() - began
         for index in range(start, self.steps_per_epoch):
             yield _take(batches, np.int32(index))
 
@@ -228,6 +210,5 @@ class DeviceInput:
         """Nothing to stop."""
 
     def take_epoch_counts(self) -> dict[str, float]:
-        counts = {"input_wait_seconds": self.wait_seconds}
-        self.wait_seconds = 0.0
+        counts, self.counts = self.counts, dict.fromkeys(self.counts, 0.0)
         return counts

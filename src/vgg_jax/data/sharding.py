@@ -40,12 +40,15 @@ def limited_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
     return min(steps, config.max_steps_per_epoch or steps)
 
 
-def to_devices(mesh: Mesh, local: dict[str, np.ndarray], global_rows: int) -> dict[str, jax.Array]:
-    """This process's rows of a batch -> global arrays, rows sharded over the mesh."""
-    sharding = NamedSharding(mesh, P(DATA_AXIS))
+def to_devices(
+    mesh: Mesh, local: dict[str, np.ndarray], global_rows: int, axis: int = 0
+) -> dict[str, jax.Array]:
+    """This process's rows (along `axis`) of a batch -> global arrays, rows sharded over
+    the mesh."""
+    sharding = NamedSharding(mesh, P(*[None] * axis, DATA_AXIS))
     return {
         name: jax.make_array_from_process_local_data(
-            sharding, array, (global_rows, *array.shape[1:])
+            sharding, array, (*array.shape[:axis], global_rows, *array.shape[axis + 1 :])
         )
         for name, array in local.items()
     }
