@@ -23,12 +23,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vgg_jax.configuration import DEVICE_AUGMENTATIONS
-from vgg_jax.data import sources, stats, views
+from vgg_jax.data import sharding, sources, stats, views
 from vgg_jax.data.info import DatasetInfo
-from vgg_jax.data.sharding import DATA_AXIS, check_batch_fits, limited_steps, to_devices
 from vgg_jax.data.sources import Split
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DeviceSplit:
     """A split resident on the devices, rows sharded along the data axis."""
@@ -57,7 +57,7 @@ def put_train_split(split: Split, mesh: Mesh) -> DeviceSplit:
             f"{jax.device_count()} devices"
         )
     local = {"images": split.images[:rows], "labels": split.labels[:rows]}
-    return DeviceSplit(**to_devices(mesh, local, rows * jax.process_count()))
+    return DeviceSplit(**sharding.to_devices(mesh, local, rows * jax.process_count()))
 
 
 def put_eval_batches(split: Split, global_batch_size: int, mesh: Mesh) -> dict[str, jax.Array]:
@@ -67,16 +67,13 @@ def put_eval_batches(split: Split, global_batch_size: int, mesh: Mesh) -> dict[s
     local_batch = global_batch_size // process_count
     local_rows = -(-split.num_examples_global // process_count)  # the largest share
     steps = -(-local_rows // local_batch)
-    padded = steps * local_batch
-
-    def pad(array: np.ndarray) -> np.ndarray:
-        widths = [(0, padded - len(array))] + [(0, 0)] * (array.ndim - 1)
-        return np.pad(array, widths).reshape(steps, local_batch, *array.shape[1:])
-
-    mask = np.zeros(padded, np.float32)
-    mask[: len(split.labels)] = 1.0
-    local = {"image": pad(split.images), "label": pad(split.labels), "mask": pad(mask)}
-    return to_devices(mesh, local, global_batch_size, axis=1)
+    mask = np.ones(len(split.labels), np.float32)
+    rows = {"image": split.images, "label": split.labels, "mask": mask}
+    local = {
+        name: array.reshape(steps, local_batch, *array.shape[1:])
+        for name, array in sharding.padded(rows, steps * local_batch).items()
+    }
+    return sharding.to_devices(mesh, local, global_batch_size, axis=1)
 
 
 def random_crop_flip(images: jax.Array, key: jax.Array, padding: int = 4) -> jax.Array:
@@ -98,23 +95,8 @@ def random_crop_flip(images: jax.Array, key: jax.Array, padding: int = 4) -> jax
 
 
 @functools.partial(
-    jax.jit, static_argnames=("steps", "batch_size", "augment", "crop_padding", "mesh")
+    jax.jit, static_argnames=("steps", "batch_size", "augment", "mesh", "crop_padding")
 )
-def _epoch_batches(images, labels, key, *, steps, batch_size, augment, crop_padding, mesh):
-    order_key, augment_key = jax.random.split(key)
-    order = jax.random.permutation(order_key, images.shape[0])[: steps * batch_size]
-    images, labels = images[order], labels[order]
-    if augment == "crop_flip":
-        images = random_crop_flip(images, augment_key, crop_padding)
-    images = images.reshape(steps, batch_size, *images.shape[1:])
-    labels = labels.reshape(steps, batch_size)
-    sharding = NamedSharding(mesh, P(None, DATA_AXIS))
-    return {
-        "image": jax.lax.with_sharding_constraint(images, sharding),
-        "label": jax.lax.with_sharding_constraint(labels, sharding),
-    }
-
-
 def epoch_batches(
     split: DeviceSplit,
     key: jax.Array,
@@ -130,15 +112,17 @@ def epoch_batches(
     `crop_padding`: crop_flip's zero padding on each side."""
     if augment not in DEVICE_AUGMENTATIONS:
         raise ValueError(f"augment {augment!r} is not one of {DEVICE_AUGMENTATIONS} on devices")
-    return _epoch_batches(
-        split.images,
-        split.labels,
-        key,
-        steps=steps,
-        batch_size=batch_size,
-        augment=augment,
-        crop_padding=crop_padding,
-        mesh=mesh,
+    order_key, augment_key = jax.random.split(key)
+    order = jax.random.permutation(order_key, split.num_examples)[: steps * batch_size]
+    images, labels = split.images[order], split.labels[order]
+    if augment == "crop_flip":
+        images = random_crop_flip(images, augment_key, crop_padding)
+    batches = {
+        "image": images.reshape(steps, batch_size, *images.shape[1:]),
+        "label": labels.reshape(steps, batch_size),
+    }
+    return jax.lax.with_sharding_constraint(
+        batches, NamedSharding(mesh, P(None, sharding.DATA_AXIS))
     )
 
 
@@ -172,11 +156,11 @@ class DeviceInput:
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, normalisation=None):
         self.config, self.mesh = config, mesh
         train_split, eval_split, self.info = load(config, normalisation)
-        check_batch_fits(config, train_split.num_examples_global)
+        sharding.check_batch_fits(config, train_split.num_examples_global)
         self.train_data = put_train_split(train_split, mesh)
         eval_batch_size = config.eval_batch_size or config.batch_size
         self.eval_data = put_eval_batches(eval_split, eval_batch_size, mesh)
-        self.steps_per_epoch = limited_steps(config, self.train_data.num_examples)
+        self.steps_per_epoch = sharding.limited_steps(config, self.train_data.num_examples)
         self.data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
         self.counts = {"input_wait_seconds": 0.0}
 
