@@ -1,10 +1,7 @@
-"""The device input: splits that fit stay on the devices, each epoch shuffled and
-augmented there by one jit; evaluation batches padded and masked.
-
-Layout: a split lives on the devices once, its rows sharded over the mesh's `data`
-axis. Each epoch one jitted call permutes it with a key derived from (seed, epoch),
-augments it, and lays it out as (steps, global_batch, ...) with the batch axis
-sharded, so step i's batch is `epoch[i]` and every device already holds its part.
+"""Splits that fit, resident on the devices, rows sharded over the mesh's `data` axis.
+Each epoch one jitted call permutes a split with a key from (seed, epoch), augments it
+and lays it out as (steps, global_batch, ...), batch axis sharded: step i's batch is
+`epoch[i]`, and every device already holds its part.
 """
 
 from __future__ import annotations

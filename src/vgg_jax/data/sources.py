@@ -1,11 +1,7 @@
-"""Where images come from: TFDS, an image folder, or a synthetic learnable set.
-
-`open_split` gives a split as a `Source`: its class names, its size, and its elements
-(encoded image or decoded array, label) read in order and lazily, so that a split of any
-size can be streamed through. `records` gives random access for the grain stream (image
-folders; TFDS prepared as ArrayRecord). `load_split` decodes this process's share of a
-split into host memory through a view (the device input). TensorFlow is imported only on
-the TFDS path.
+"""Where images come from: TFDS, an image folder, or a synthetic learnable set, as a
+`Source` (read in order, lazily: a split of any size streams through), `Records` (random
+access: the grain stream) or a decoded `Split` in host memory (the device input).
+TensorFlow is imported only on the TFDS path.
 """
 
 from __future__ import annotations

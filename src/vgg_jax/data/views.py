@@ -1,16 +1,11 @@
 """The only code that turns an image into model input: decoding, the training views
-(one per `config.augment`), the one evaluation view of each augmentation family, and the
-views published weights were trained with (torchvision's, Keras's).
+(one per `config.augment`), the one evaluation view of each augmentation family
+(`eval_view`, which every path that evaluates or predicts follows: docs/architecture.md)
+and the views published weights were trained with (torchvision's, Keras's).
 
-Every path calls it: the device input (its splits are stored as evaluation views), the
-grain workers, `vgg_jax.load(...).predict`, `python -m vgg_jax.evaluate` and the
-pretrained predictors. A checkpoint's evaluation view follows from its stored config,
-once (`eval_view`), so what `evaluate` and `predict` compute is what training measured.
-
-Images are uint8 RGB numpy arrays (H, W, 3). JPEG is decoded by OpenCV (libjpeg-turbo:
-the same pixels as PIL, several times faster on the workers), anything else by PIL;
-OpenCV resizes. It is imported on first use: a device-resident run of data already at
-the model's size (CIFAR) never loads it.
+JPEG is decoded by OpenCV (libjpeg-turbo: the same pixels as PIL, several times faster
+on the workers), anything else by PIL; OpenCV resizes. It is imported on first use: a
+device-resident run of data already at the model's size (CIFAR) never loads it.
 """
 
 from __future__ import annotations
