@@ -48,7 +48,7 @@ def test_any_image_mode_becomes_rgb_uint8(mode):
         image = Image.fromarray(np.full((5, 7), 40000, np.uint16))
     else:
         image = Image.new(mode, (7, 5))
-    array = views.squash_view(views.decode(image), 4)
+    array = views.squash(views.decode(image), 4)
     assert array.shape == (4, 4, 3) and array.dtype == np.uint8
     if mode == "I;16":
         assert array.min() == round(40000 / 65535 * 255)

@@ -205,16 +205,16 @@ def test_the_same_seed_and_step_give_the_same_batch(tmp_path):
 
 def test_every_evaluation_pass_reads_the_whole_share_from_one_iterator(tmp_path):
     records = sources.image_folder_records(str(_folder(tmp_path)), "test")  # 12 images
-    dataset, batches = stream.eval_dataset(
+    passes = stream.EvalPasses(
         records,
         local_batch=5,
-        view=lambda image: views.squash_view(image, 8),
+        view=lambda image: views.squash(image, 8),
         image_size=8,
         process_index=1,
         process_count=2,
+        workers=0,
     )
-    assert (len(dataset), batches) == (2, 2)  # 6 images in this share: 5 + 1 (padded)
-    passes = stream.EvalPasses(dataset, batches, 5, 8, workers=0)
+    assert (len(passes.dataset), passes.batches) == (2, 2)  # 6 images in this share: 5 + 1
 
     def one_pass():
         return [batch["index"][batch["mask"] > 0].tolist() for batch in passes.one_pass()]

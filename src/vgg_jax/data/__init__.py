@@ -1,15 +1,5 @@
-"""Everything between image files and the devices.
-
-  info.py     DatasetInfo and the dataset errors
-  sources.py  TFDS, image folders, synthetic: elements in order, records, in-memory splits
-  views.py    the only code that turns an image into model input (train and eval views)
-  stats.py    the one normalisation policy
-  sharding.py the mesh; host batches -> global device arrays
-  device.py   splits that fit: on the devices, shuffled and augmented there
-  stream.py   splits that don't: grain worker processes
-
-Training reads either input through `Input`, without knowing which it has.
-"""
+"""Everything between image files and the devices (the modules: docs/architecture.md).
+Training reads either input, device-resident or streamed, through `Input`."""
 
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
-"""The device input: splits that fit stay on the devices, each epoch shuffled and
-augmented there by one jit; evaluation batches padded and masked.
-
-Layout: a split lives on the devices once, its rows sharded over the mesh's `data`
-axis. Each epoch one jitted call permutes it with a key derived from (seed, epoch),
-augments it, and lays it out as (steps, global_batch, ...) with the batch axis
-sharded, so step i's batch is `epoch[i]` and every device already holds its part.
+"""Splits that fit, resident on the devices, rows sharded over the mesh's `data` axis.
+Each epoch one jitted call permutes a split with a key from (seed, epoch), augments it
+and lays it out as (steps, global_batch, ...), batch axis sharded: step i's batch is
+`epoch[i]`, and every device already holds its part.
 """
 
 from __future__ import annotations
@@ -23,12 +20,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vgg_jax.configuration import DEVICE_AUGMENTATIONS
-from vgg_jax.data import sources, stats, views
+from vgg_jax.data import sharding, sources, stats, views
 from vgg_jax.data.info import DatasetInfo
-from vgg_jax.data.sharding import DATA_AXIS, check_batch_fits, limited_steps
 from vgg_jax.data.sources import Split
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DeviceSplit:
     """A split resident on the devices, rows sharded along the data axis."""
@@ -56,15 +53,8 @@ def put_train_split(split: Split, mesh: Mesh) -> DeviceSplit:
             f"the training split has {split.num_examples_global} examples, fewer than the "
             f"{jax.device_count()} devices"
         )
-    sharding = NamedSharding(mesh, P(DATA_AXIS))
-    global_rows = rows * jax.process_count()
-
-    def to_global(local: np.ndarray) -> jax.Array:
-        return jax.make_array_from_process_local_data(
-            sharding, local[:rows], (global_rows, *local.shape[1:])
-        )
-
-    return DeviceSplit(to_global(split.images), to_global(split.labels))
+    local = {"images": split.images[:rows], "labels": split.labels[:rows]}
+    return DeviceSplit(**sharding.to_devices(mesh, local, rows * jax.process_count()))
 
 
 def put_eval_batches(split: Split, global_batch_size: int, mesh: Mesh) -> dict[str, jax.Array]:
@@ -74,22 +64,13 @@ def put_eval_batches(split: Split, global_batch_size: int, mesh: Mesh) -> dict[s
     local_batch = global_batch_size // process_count
     local_rows = -(-split.num_examples_global // process_count)  # the largest share
     steps = -(-local_rows // local_batch)
-    padded = steps * local_batch
-
-    def pad(array: np.ndarray) -> np.ndarray:
-        widths = [(0, padded - len(array))] + [(0, 0)] * (array.ndim - 1)
-        return np.pad(array, widths).reshape(steps, local_batch, *array.shape[1:])
-
-    mask = np.zeros(padded, np.float32)
-    mask[: len(split.labels)] = 1.0
-    sharding = NamedSharding(mesh, P(None, DATA_AXIS))
-    local = {"image": pad(split.images), "label": pad(split.labels), "mask": pad(mask)}
-    return {
-        name: jax.make_array_from_process_local_data(
-            sharding, array, (steps, global_batch_size, *array.shape[2:])
-        )
-        for name, array in local.items()
+    mask = np.ones(len(split.labels), np.float32)
+    rows = {"image": split.images, "label": split.labels, "mask": mask}
+    local = {
+        name: array.reshape(steps, local_batch, *array.shape[1:])
+        for name, array in sharding.padded(rows, steps * local_batch).items()
     }
+    return sharding.to_devices(mesh, local, global_batch_size, axis=1)
 
 
 def random_crop_flip(images: jax.Array, key: jax.Array, padding: int = 4) -> jax.Array:
@@ -111,23 +92,8 @@ def random_crop_flip(images: jax.Array, key: jax.Array, padding: int = 4) -> jax
 
 
 @functools.partial(
-    jax.jit, static_argnames=("steps", "batch_size", "augment", "crop_padding", "mesh")
+    jax.jit, static_argnames=("steps", "batch_size", "augment", "mesh", "crop_padding")
 )
-def _epoch_batches(images, labels, key, *, steps, batch_size, augment, crop_padding, mesh):
-    order_key, augment_key = jax.random.split(key)
-    order = jax.random.permutation(order_key, images.shape[0])[: steps * batch_size]
-    images, labels = images[order], labels[order]
-    if augment == "crop_flip":
-        images = random_crop_flip(images, augment_key, crop_padding)
-    images = images.reshape(steps, batch_size, *images.shape[1:])
-    labels = labels.reshape(steps, batch_size)
-    sharding = NamedSharding(mesh, P(None, DATA_AXIS))
-    return {
-        "image": jax.lax.with_sharding_constraint(images, sharding),
-        "label": jax.lax.with_sharding_constraint(labels, sharding),
-    }
-
-
 def epoch_batches(
     split: DeviceSplit,
     key: jax.Array,
@@ -143,15 +109,17 @@ def epoch_batches(
     `crop_padding`: crop_flip's zero padding on each side."""
     if augment not in DEVICE_AUGMENTATIONS:
         raise ValueError(f"augment {augment!r} is not one of {DEVICE_AUGMENTATIONS} on devices")
-    return _epoch_batches(
-        split.images,
-        split.labels,
-        key,
-        steps=steps,
-        batch_size=batch_size,
-        augment=augment,
-        crop_padding=crop_padding,
-        mesh=mesh,
+    order_key, augment_key = jax.random.split(key)
+    order = jax.random.permutation(order_key, split.num_examples)[: steps * batch_size]
+    images, labels = split.images[order], split.labels[order]
+    if augment == "crop_flip":
+        images = random_crop_flip(images, augment_key, crop_padding)
+    batches = {
+        "image": images.reshape(steps, batch_size, *images.shape[1:]),
+        "label": labels.reshape(steps, batch_size),
+    }
+    return jax.lax.with_sharding_constraint(
+        batches, NamedSharding(mesh, P(None, sharding.DATA_AXIS))
     )
 
 
@@ -169,16 +137,12 @@ def load(config: ml_collections.ConfigDict, normalisation=None) -> tuple[Split, 
     eval_source = sources.open_split(config, config.eval_split, train_source.class_names)
     train_split = sources.load_split(train_source, view, index, count)
     eval_split = sources.load_split(eval_source, view, index, count)
-    if normalisation is None:
-        sample = np.isin(train_split.indices, stats.sample_indices(train_source.size))
-        normalisation = stats.global_normalisation(stats.channel_sums(train_split.images[sample]))
-    info = DatasetInfo(
-        class_names=train_source.class_names,
-        mean=tuple(normalisation[0]),
-        std=tuple(normalisation[1]),
-        image_size=config.image_size,
-        num_train_examples=train_source.size,
-        num_eval_examples=eval_source.size,
+    info = stats.dataset_info(
+        config,
+        train_source.class_names,
+        (train_source.size, eval_source.size),
+        lambda sample: train_split.images[np.isin(train_split.indices, sample)],
+        normalisation,
     )
     return train_split, eval_split, info
 
@@ -189,14 +153,13 @@ class DeviceInput:
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, normalisation=None):
         self.config, self.mesh = config, mesh
         train_split, eval_split, self.info = load(config, normalisation)
-        check_batch_fits(config, train_split.num_examples_global)
+        sharding.check_batch_fits(config, train_split.num_examples_global)
         self.train_data = put_train_split(train_split, mesh)
         eval_batch_size = config.eval_batch_size or config.batch_size
         self.eval_data = put_eval_batches(eval_split, eval_batch_size, mesh)
-        self.steps_per_epoch = limited_steps(config, self.train_data.num_examples)
+        self.steps_per_epoch = sharding.limited_steps(config, self.train_data.num_examples)
         self.data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-        self.skipped_files = len(train_split.skipped)  # counted once, at load
-        self.wait_seconds = 0.0
+        self.counts = {"input_wait_seconds": 0.0}
 
     def train_batches(self, epoch: int, start: int) -> Iterator[dict[str, jax.Array]]:
         """The batches of the remaining steps of `epoch`, from step `start`."""
@@ -210,7 +173,7 @@ class DeviceInput:
             mesh=self.mesh,
             crop_padding=views.crop_padding(self.config, epoch),
         )
-        self.wait_seconds += time.perf_counter() - began
+        self.counts["input_wait_seconds"] += time.perf_counter() - began
         for index in range(start, self.steps_per_epoch):
             yield _take(batches, np.int32(index))
 
@@ -228,6 +191,5 @@ class DeviceInput:
         """Nothing to stop."""
 
     def take_epoch_counts(self) -> dict[str, float]:
-        counts = {"input_wait_seconds": self.wait_seconds}
-        self.wait_seconds = 0.0
+        counts, self.counts = self.counts, dict.fromkeys(self.counts, 0.0)
         return counts

@@ -21,11 +21,6 @@ def create_mesh() -> Mesh:
     )
 
 
-def batch_count(num_examples: int, batch_size: int) -> int:
-    """Full training batches in an epoch (the remainder is left for the next shuffle)."""
-    return max(1, num_examples // batch_size)
-
-
 def check_batch_fits(config: ml_collections.ConfigDict, num_examples: int) -> None:
     if num_examples < config.batch_size:
         raise ValueError(
@@ -35,17 +30,21 @@ def check_batch_fits(config: ml_collections.ConfigDict, num_examples: int) -> No
 
 
 def limited_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
-    """Training steps per epoch: the full batches, capped by `max_steps_per_epoch`."""
-    steps = batch_count(num_examples, config.batch_size)
+    """Training steps per epoch: the full batches (the remainder is left for the next
+    shuffle), capped by `max_steps_per_epoch`."""
+    steps = max(1, num_examples // config.batch_size)
     return min(steps, config.max_steps_per_epoch or steps)
 
 
-def to_devices(mesh: Mesh, local: dict[str, np.ndarray], global_rows: int) -> dict[str, jax.Array]:
-    """This process's rows of a batch -> global arrays, rows sharded over the mesh."""
-    sharding = NamedSharding(mesh, P(DATA_AXIS))
+def to_devices(
+    mesh: Mesh, local: dict[str, np.ndarray], global_rows: int, axis: int = 0
+) -> dict[str, jax.Array]:
+    """This process's rows (along `axis`) of a batch -> global arrays, rows sharded over
+    the mesh."""
+    sharding = NamedSharding(mesh, P(*[None] * axis, DATA_AXIS))
     return {
         name: jax.make_array_from_process_local_data(
-            sharding, array, (global_rows, *array.shape[1:])
+            sharding, array, (*array.shape[:axis], global_rows, *array.shape[axis + 1 :])
         )
         for name, array in local.items()
     }

@@ -1,11 +1,7 @@
-"""Where images come from: TFDS, an image folder, or a synthetic learnable set.
-
-`open_split` gives a split as a `Source`: its class names, its size, and its elements
-(encoded image or decoded array, label) read in order and lazily, so that a split of any
-size can be streamed through. `records` gives random access for the grain stream (image
-folders; TFDS prepared as ArrayRecord). `load_split` decodes this process's share of a
-split into host memory through a view (the device input). TensorFlow is imported only on
-the TFDS path.
+"""Where images come from: TFDS, an image folder, or a synthetic learnable set, as a
+`Source` (read in order, lazily: a split of any size streams through), `Records` (random
+access: the grain stream) or a decoded `Split` in host memory (the device input).
+TensorFlow is imported only on the TFDS path.
 """
 
 from __future__ import annotations
@@ -90,20 +86,23 @@ def open_split(
     evaluation split's labels must index."""
     data_dir = data_dir or config.data_dir
     if config.dataset == "synthetic":
-        images, labels, names = synthetic_split(config, split)
-        source = array_source(images, labels, names)
+        source = records_source(synthetic_records(config, split))
     elif config.dataset == "image_folder":
         source = records_source(image_folder_records(data_dir, split, class_names))
     else:
         source = tfds_source(config.dataset, split, data_dir)
-    if class_names is not None and tuple(class_names) != source.class_names:
-        raise DatasetUnavailableError(
-            f"{config.dataset} split {split!r} has classes {source.class_names}, expected "
-            f"{tuple(class_names)}"
-        )
-    if not source.size:
-        raise DatasetUnavailableError(f"split {split!r} of {config.dataset} is empty")
+    _check_split(config, split, class_names, source.class_names, source.size)
     return source
+
+
+def _check_split(config, split: str, expected, class_names: tuple[str, ...], size: int) -> None:
+    """`split` must have examples, and the training split's classes (`expected`)."""
+    if expected is not None and tuple(expected) != class_names:
+        raise DatasetUnavailableError(
+            f"{config.dataset} split {split!r} has other classes than the training split"
+        )
+    if not size:
+        raise DatasetUnavailableError(f"split {split!r} of {config.dataset} is empty")
 
 
 def records_source(records: Records) -> Source:
@@ -112,14 +111,6 @@ def records_source(records: Records) -> Source:
             yield records.source[index]
 
     return Source(records.class_names, len(records), read, records.name)
-
-
-def array_source(images: np.ndarray, labels: np.ndarray, class_names) -> Source:
-    def read(start: int, end: int) -> Iterator[tuple[Any, int]]:
-        for index in range(start, end):
-            yield images[index], int(labels[index])
-
-    return Source(tuple(class_names), len(labels), read, lambda index: f"record {index}")
 
 
 def load_split(
@@ -244,11 +235,10 @@ def image_folder_records(root: str, split: str, class_names=None) -> Records:
 # ------------------------------------------------------------------------------- synthetic
 
 
-def synthetic_split(config: ml_collections.ConfigDict, split: str):
+def synthetic_records(config: ml_collections.ConfigDict, split: str) -> Records:
     """A small learnable dataset made offline: each class is a fixed coarse colour
     pattern; every example is its class's pattern, shifted by up to 3 pixels, with
-    random contrast and Gaussian noise. A tiny VGG learns it in a few epochs.
-    Returns (images, labels, class names)."""
+    random contrast and Gaussian noise. A tiny VGG learns it in a few epochs."""
     size, num_classes = config.image_size, config.synthetic_classes
     train = split == "train"
     num_examples = config.synthetic_train_size if train else config.synthetic_eval_size
@@ -265,7 +255,8 @@ def synthetic_split(config: ml_collections.ConfigDict, split: str):
         [np.roll(patterns[y], tuple(s), axis=(0, 1)) for y, s in zip(labels, shifts, strict=True)]
     )
     images = np.clip((images - 128) * contrast + 128 + noise, 0, 255).astype(np.uint8)
-    return images, labels, tuple(f"class_{i}" for i in range(num_classes))
+    names = tuple(f"class_{i}" for i in range(num_classes))
+    return Records(list(zip(images, labels.tolist(), strict=True)), names)
 
 
 # ------------------------------------------------------------------------------------ TFDS
@@ -407,12 +398,7 @@ def records(config: ml_collections.ConfigDict, split: str, class_names=None) -> 
         found = image_folder_records(config.data_dir, split, class_names)
     else:
         found = tfds_records(config.dataset, split, config.data_dir)
-        if class_names is not None and found.class_names != tuple(class_names):
-            raise DatasetUnavailableError(
-                f"{config.dataset} split {split!r} has other classes than the training split"
-            )
-    if not len(found):
-        raise DatasetUnavailableError(f"split {split!r} of {config.dataset} is empty")
+    _check_split(config, split, class_names, found.class_names, len(found))
     return found
 
 

@@ -10,9 +10,12 @@ which processes add them does not matter.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
+import ml_collections
 import numpy as np
 
-from vgg_jax.data.info import DatasetUnavailableError
+from vgg_jax.data.info import DatasetInfo, DatasetUnavailableError
 
 SAMPLE_SIZE = 1024  # training images: the mean to within a fraction of a level
 
@@ -44,3 +47,23 @@ def global_normalisation(local_sums: np.ndarray) -> tuple[tuple[float, ...], tup
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def dataset_info(
+    config: ml_collections.ConfigDict,
+    class_names: Sequence[str],
+    num_examples: tuple[int, int],
+    sample_views: Callable[[np.ndarray], np.ndarray],
+    normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> DatasetInfo:
+    """The info of a dataset of (train, eval) `num_examples`. Its normalisation is
+    `normalisation` (mean, std) where given, else measured: `sample_views(indices)` gives
+    this process's evaluation views (uint8 (n, H, W, 3), n may be 0) of its part of the
+    sample's training images."""
+    if normalisation is None:
+        local = sample_views(sample_indices(num_examples[0]))
+        normalisation = global_normalisation(channel_sums(local))
+    mean, std = normalisation
+    return DatasetInfo(
+        tuple(class_names), tuple(mean), tuple(std), config.image_size, *num_examples
+    )

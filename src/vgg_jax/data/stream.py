@@ -1,4 +1,4 @@
-"""Streaming input with grain: datasets that do not fit in memory, read and augmented on
+"""Splits that do not fit on the devices, streamed with grain: read and augmented on
 the host by worker processes, a batch at a time.
 
   records (image-folder paths or a TFDS ArrayRecord data source)
@@ -11,18 +11,9 @@ the host by worker processes, a batch at a time.
     -> mp_prefetch (config.input_workers processes, config.input_threads threads each;
        with no workers, the threads decode in the training process)
 
-`StreamInput` (at the end) is what the training loop reads from it, through the same
-interface as `device.DeviceInput`.
-
-Every batch is a deterministic function of (seed, step), so a stopped run ends with the
-parameters of one that never stopped: the stream resumes from the iterator's state saved
-in the checkpoint beside the model (grain's orbax handler), or, with another worker count
-(whose state that is not), is rebuilt at the step (`StreamInput.restore`).
-
-Unreadable files (truncated, corrupt, empty) never stop training: in the training
-stream the next record takes the place of an unreadable one (a warning names the file
-and the epoch's count of skipped files is logged); in evaluation an unreadable image is
-masked out, warned about and counted, never silently dropped.
+Every batch is a deterministic function of (seed, step), so a resumed run ends with the
+parameters of one that never stopped (`StreamInput.restore`). Unreadable files never
+stop training: they are replaced (training) or masked out (evaluation), and counted.
 """
 
 from __future__ import annotations
@@ -42,7 +33,7 @@ from absl import flags
 from jax.sharding import Mesh
 
 from vgg_jax.data import sharding, stats, views
-from vgg_jax.data.info import DatasetInfo, DatasetUnavailableError
+from vgg_jax.data.info import DatasetUnavailableError
 from vgg_jax.data.sources import Records, check_every_class_readable, records
 from vgg_jax.data.workers import SUPERVISOR, quiet_resource_tracker, worker_init
 
@@ -175,23 +166,6 @@ def train_dataset(
     return share.map(transform)
 
 
-def eval_dataset(
-    records: Records,
-    *,
-    local_batch: int,
-    view: views.View,
-    image_size: int,
-    process_index: int,
-    process_count: int,
-) -> tuple[grain.MapDataset, int]:
-    """This process's share of the evaluation split in batches of evaluation views, and
-    how many batches every process must run (the last ones padded with masked-out
-    examples)."""
-    share = grain.MapDataset.range(len(records))[process_index::process_count]
-    batches = -(-math.ceil(len(records) / process_count) // local_batch)
-    return share.batch(local_batch).map(EvalBatch(records, view, image_size)), batches
-
-
 # Batches come back from the workers through pipes rather than shared memory: grain's
 # shared-memory buffers still queued when a stream stops are reported as leaked at exit
 # (grain issue 398), and the two measured the same here (experiments/RESULTS.md).
@@ -233,28 +207,30 @@ def close(iterator: grain.DatasetIterator) -> None:
 
 
 class EvalPasses:
-    """Evaluation passes over this process's share, every one from the same iterator over
-    the repeated split: the decoding processes start once per run, not once per
-    evaluation (each start imports the libraries again: seconds per evaluation)."""
+    """Evaluation passes over this process's share of `records` in batches of evaluation
+    views, every one from the same iterator over the repeated split: the decoding
+    processes start once per run, not once per evaluation (each start imports the
+    libraries again: seconds per evaluation)."""
 
     def __init__(
         self,
-        dataset: grain.MapDataset,
-        batches: int,
+        records: Records,
+        *,
         local_batch: int,
+        view: views.View,
         image_size: int,
+        process_index: int,
+        process_count: int,
         workers: int,
         threads: int = 1,
     ):
-        self.dataset, self.batches, self.local_batch = dataset, batches, local_batch
-        self.workers, self.threads = workers, threads
-        self.empty = {
-            "image": np.zeros((0, image_size, image_size, 3), np.uint8),
-            "label": np.zeros((0,), np.int32),
-            "mask": np.zeros((0,), np.float32),
-            "skipped": np.zeros((0,), np.int32),
-            "index": np.zeros((0,), np.int64),
-        }
+        transform = EvalBatch(records, view, image_size)
+        share = grain.MapDataset.range(len(records))[process_index::process_count]
+        self.dataset = share.batch(local_batch).map(transform)
+        # Every process runs as many batches as the largest share needs.
+        self.batches = -(-math.ceil(len(records) / process_count) // local_batch)
+        self.local_batch, self.workers, self.threads = local_batch, workers, threads
+        self.empty = transform.map(np.zeros(0, np.int64))
         self.iterator = None
 
     def one_pass(self) -> Iterator[dict[str, np.ndarray]]:
@@ -290,26 +266,22 @@ class StreamInput:
         self.train_records = records(config, config.train_split)
         if config.dataset == "image_folder":  # TFDS records were checked when prepared
             check_every_class_readable(self.train_records)
-        self.eval_records = records(config, config.eval_split, self.train_records.class_names)
+        eval_records = records(config, config.eval_split, self.train_records.class_names)
         sharding.check_batch_fits(config, len(self.train_records))
         self.steps_per_epoch = sharding.limited_steps(config, len(self.train_records))
-        self.local_batch = config.batch_size // self.process_count
-        self.local_eval_batch = (config.eval_batch_size or config.batch_size) // self.process_count
         self.view = views.eval_view(config)
-        mean, std = normalisation or stats.global_normalisation(self._sample_sums())
-        self.info = DatasetInfo(
-            class_names=self.train_records.class_names,
-            mean=tuple(mean),
-            std=tuple(std),
-            image_size=config.image_size,
-            num_train_examples=len(self.train_records),
-            num_eval_examples=len(self.eval_records),
+        self.info = stats.dataset_info(
+            config,
+            self.train_records.class_names,
+            (len(self.train_records), len(eval_records)),
+            self._sample_views,
+            normalisation,
         )
         first = views.first_flip_only_epoch(config)
         self.dataset = train_dataset(
             self.train_records,
             seed=config.seed,
-            local_batch=self.local_batch,
+            local_batch=config.batch_size // self.process_count,
             image_size=config.image_size,
             augment=config.augment,
             process_index=self.process_index,
@@ -317,25 +289,33 @@ class StreamInput:
             crop_padding=config.crop_padding,
             flip_only_from_step=None if first is None else first * self.steps_per_epoch,
         )
-        self.iterator, self.eval_passes = None, None
-        self.next_step = 0
-        self.wait_seconds, self.skipped_files, self.eval_skipped_files = 0.0, 0, 0
+        self.eval_passes = EvalPasses(
+            eval_records,
+            local_batch=(config.eval_batch_size or config.batch_size) // self.process_count,
+            view=self.view,
+            image_size=config.image_size,
+            process_index=self.process_index,
+            process_count=self.process_count,
+            workers=config.input_workers,
+            threads=config.input_threads,
+        )
+        self.iterator, self.next_step = None, 0
+        self.counts = dict.fromkeys(
+            ("input_wait_seconds", "train_skipped_files", "test_skipped_files"), 0
+        )
 
-    def _sample_sums(self) -> np.ndarray:
-        """Channel sums over this process's part of the normalisation sample
-        (`stats.sample_indices`), as evaluation views."""
-        sample = stats.sample_indices(len(self.train_records))
+    def _sample_views(self, sample: np.ndarray) -> np.ndarray:
+        """The readable evaluation views of this process's part of the normalisation
+        sample."""
         mine = sample[sample % self.process_count == self.process_index]
         size = self.config.image_size
-        views_of_sample = EvalBatch(self.train_records, self.view, size, "training").map(mine)
-        pixels = views_of_sample["image"][views_of_sample["mask"] > 0]
-        return stats.channel_sums(pixels) if len(pixels) else np.zeros((3, 3))
+        batch = EvalBatch(self.train_records, self.view, size, "training").map(mine)
+        return batch["image"][batch["mask"] > 0]
 
     def close(self) -> None:
         """Stops the worker processes."""
         self._close_train_stream()
-        if self.eval_passes is not None:
-            self.eval_passes.close()
+        self.eval_passes.close()
 
     def _close_train_stream(self) -> None:
         if self.iterator is not None:
@@ -352,7 +332,11 @@ class StreamInput:
             self.next_step = global_step
         return self.iterator
 
-    def _to_devices(self, local: dict[str, np.ndarray], global_rows: int) -> dict[str, jax.Array]:
+    def _to_devices(
+        self, local: dict[str, np.ndarray], global_rows: int, skipped: str
+    ) -> dict[str, jax.Array]:
+        """A batch's arrays on the devices; its unreadable files counted in `skipped`."""
+        self.counts[skipped] += int(local["skipped"].sum())
         arrays = {k: v for k, v in local.items() if k not in ("skipped", "index")}
         return sharding.to_devices(self.mesh, arrays, global_rows)
 
@@ -363,35 +347,15 @@ class StreamInput:
         for _ in range(start, self.steps_per_epoch):
             began = time.perf_counter()
             SUPERVISOR.check()
-            local = next(iterator)
-            batch = self._to_devices(local, self.config.batch_size)
-            self.wait_seconds += time.perf_counter() - began
-            self.skipped_files += int(local["skipped"].sum())
+            batch = self._to_devices(next(iterator), self.config.batch_size, "train_skipped_files")
+            self.counts["input_wait_seconds"] += time.perf_counter() - began
             self.next_step += 1
             yield batch
 
     def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
-        if self.eval_passes is None:
-            dataset, batches = eval_dataset(
-                self.eval_records,
-                local_batch=self.local_eval_batch,
-                view=self.view,
-                image_size=self.config.image_size,
-                process_index=self.process_index,
-                process_count=self.process_count,
-            )
-            self.eval_passes = EvalPasses(
-                dataset,
-                batches,
-                self.local_eval_batch,
-                self.config.image_size,
-                self.config.input_workers,
-                self.config.input_threads,
-            )
-        global_rows = self.local_eval_batch * self.process_count
+        global_rows = self.eval_passes.local_batch * self.process_count
         for local in self.eval_passes.one_pass():
-            self.eval_skipped_files += int(local["skipped"].sum())
-            yield self._to_devices(local, global_rows)
+            yield self._to_devices(local, global_rows, "test_skipped_files")
 
     def checkpoint_items(self) -> dict[str, Any]:
         if self.iterator is None:
@@ -423,10 +387,5 @@ class StreamInput:
         self.iterator, self.next_step = iterator, step
 
     def take_epoch_counts(self) -> dict[str, float]:
-        counts = {
-            "input_wait_seconds": self.wait_seconds,
-            "train_skipped_files": self.skipped_files,
-            "test_skipped_files": self.eval_skipped_files,
-        }
-        self.wait_seconds, self.skipped_files, self.eval_skipped_files = 0.0, 0, 0
+        counts, self.counts = self.counts, dict.fromkeys(self.counts, 0)
         return counts

@@ -1,16 +1,11 @@
 """The only code that turns an image into model input: decoding, the training views
-(one per `config.augment`), the one evaluation view of each augmentation family, and the
-views published weights were trained with (torchvision's, Keras's).
+(one per `config.augment`), the one evaluation view of each augmentation family
+(`eval_view`, which every path that evaluates or predicts follows: docs/architecture.md)
+and the views published weights were trained with (torchvision's, Keras's).
 
-Every path calls it: the device input (its splits are stored as evaluation views), the
-grain workers, `vgg_jax.load(...).predict`, `python -m vgg_jax.evaluate` and the
-pretrained predictors. A checkpoint's evaluation view follows from its stored config,
-once (`eval_view`), so what `evaluate` and `predict` compute is what training measured.
-
-Images are uint8 RGB numpy arrays (H, W, 3). JPEG is decoded by OpenCV (libjpeg-turbo:
-the same pixels as PIL, several times faster on the workers), anything else by PIL;
-OpenCV resizes. It is imported on first use: a device-resident run of data already at
-the model's size (CIFAR) never loads it.
+JPEG is decoded by OpenCV (libjpeg-turbo: the same pixels as PIL, several times faster
+on the workers), anything else by PIL; OpenCV resizes. It is imported on first use: a
+device-resident run of data already at the model's size (CIFAR) never loads it.
 """
 
 from __future__ import annotations
@@ -129,27 +124,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
 # ---------------------------------------------------------------------------- resizing
 
 
-def resize(image: np.ndarray, width: int, height: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Bilinear, as tf.image.resize; with an area filter where it shrinks by more than 2x
-    (bilinear alone would alias there). Written into `out` when given."""
+def resize(
+    image: np.ndarray, width: int, height: int, out: np.ndarray | None = None, cubic: bool = False
+) -> np.ndarray:
+    """Bilinear, as tf.image.resize (bicubic with `cubic`); with an area filter where it
+    shrinks by more than 2x (either alone would alias there). Written into `out` when
+    given."""
     cv2 = _cv2()
-    shrink = image.shape[1] > 2 * width or image.shape[0] > 2 * height
-    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    if image.shape[1] > 2 * width or image.shape[0] > 2 * height:
+        interpolation = cv2.INTER_AREA
+    else:
+        interpolation = cv2.INTER_CUBIC if cubic else cv2.INTER_LINEAR
     return cv2.resize(image, (width, height), dst=out, interpolation=interpolation)
 
 
 def squash(image: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
-    """The whole image resized to size x size: bicubic, or an area filter where it shrinks
-    by more than 2x. An image already of that size is copied unchanged."""
-    if image.shape[:2] == (size, size):
-        if out is None:
-            return image.copy()
-        out[...] = image
-        return out
-    cv2 = _cv2()
-    shrink = image.shape[1] > 2 * size or image.shape[0] > 2 * size
-    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_CUBIC
-    return cv2.resize(image, (size, size), dst=out, interpolation=interpolation)
+    """The whole image resized (bicubic) to size x size: the evaluation view of 'none'
+    and 'crop_flip'. An image already of that size is copied unchanged."""
+    if image.shape[:2] != (size, size):
+        return resize(image, size, size, out, cubic=True)
+    if out is None:
+        return image.copy()
+    out[...] = image
+    return out
 
 
 def resize_shorter_side(image: np.ndarray, side: int) -> np.ndarray:
@@ -167,11 +164,6 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 # ----------------------------------------------------------------------- the eval views
 
 
-def squash_view(image: np.ndarray, size: int) -> np.ndarray:
-    """The evaluation view of 'none' and 'crop_flip': the whole image, squashed."""
-    return squash(image, size)
-
-
 def center_view(image: np.ndarray, size: int) -> np.ndarray:
     """The evaluation view of the ImageNet-style augmentations: the shorter side resized
     to size * 256 / 224, then the centre size x size."""
@@ -180,7 +172,7 @@ def center_view(image: np.ndarray, size: int) -> np.ndarray:
 
 def eval_view(config: ml_collections.ConfigDict) -> View:
     """The view a model trained with `config` is evaluated on, wherever it is evaluated."""
-    family = center_view if config.augment in IMAGENET_STYLE else squash_view
+    family = center_view if config.augment in IMAGENET_STYLE else squash
     return functools.partial(family, size=config.image_size)
 
 
