@@ -137,16 +137,8 @@ def dataset_info(
     config: ml_collections.ConfigDict, arrays: cifar_arrays.CifarArrays
 ) -> DatasetInfo:
     """Class names and the normalisation ours computes for the same training images."""
-    sample = stats.sample_indices(len(arrays.train_labels))
-    mean, std = stats.global_normalisation(stats.channel_sums(arrays.train_images[sample]))
-    return DatasetInfo(
-        class_names=arrays.classes,
-        mean=mean,
-        std=std,
-        image_size=config.image_size,
-        num_train_examples=len(arrays.train_labels),
-        num_eval_examples=len(arrays.test_labels),
-    )
+    sizes = (len(arrays.train_labels), len(arrays.test_labels))
+    return stats.dataset_info(config, arrays.classes, sizes, lambda s: arrays.train_images[s])
 
 
 def train(
