@@ -23,55 +23,47 @@ STAGES: dict[str, tuple[tuple[int, ...], ...]] = {
     "vgg_tiny": ((16,), (32,), (64,)),
 }
 
-# The classifier heads. hidden: widths of the dense-BN/ReLU-dropout layers; batch_norm:
-# whether those use BN; dropout: the default rate; dropout_first: dropout on the flattened
-# features before the first dense layer; linear: widths of plain dense layers (no
-# activation) between the hidden layers and the classifier.
+
+def _head(
+    hidden: tuple[int, ...],
+    *,
+    batch_norm: bool = False,
+    dropout: float = 0.5,
+    dropout_first: bool = False,
+    linear: tuple[int, ...] = (),
+    pool: int | None = None,
+) -> dict:
+    """A classifier head. hidden: widths of the dense-BN/ReLU-dropout layers; batch_norm:
+    whether those use BN; dropout: the default rate; dropout_first: dropout on the
+    flattened features before the first dense layer; linear: widths of plain dense layers
+    (no activation) between the hidden layers and the classifier; pool: if given, the side
+    the last feature map is average-pooled to first."""
+    head = {
+        "hidden": hidden,
+        "batch_norm": batch_norm,
+        "dropout": dropout,
+        "dropout_first": dropout_first,
+        "linear": linear,
+    }
+    if pool is not None:
+        head["pool"] = pool
+    return head
+
+
 HEADS: dict[str, dict] = {
     # The PaddlePaddle reference: dropout -> fc512 -> BN+ReLU+dropout -> fc512 -> fc(classes).
-    "cifar": {
-        "hidden": (512,),
-        "batch_norm": True,
-        "dropout": 0.5,
-        "dropout_first": True,
-        "linear": (512,),
-    },
+    "cifar": _head((512,), batch_norm=True, dropout_first=True, linear=(512,)),
     # The paper's ImageNet head: fc4096-ReLU-dropout x2 -> fc(classes).
-    "imagenet": {
-        "hidden": (4096, 4096),
-        "batch_norm": False,
-        "dropout": 0.5,
-        "dropout_first": False,
-        "linear": (),
-    },
+    "imagenet": _head((4096, 4096)),
     # Only the classifier on the flattened features (512 numbers for VGG at 32x32): the
     # usual CIFAR VGG of PyTorch tutorials; dropout (off by default) on its input.
-    "linear": {
-        "hidden": (),
-        "batch_norm": False,
-        "dropout": 0.0,
-        "dropout_first": True,
-        "linear": (),
-    },
+    "linear": _head((), dropout=0.0, dropout_first=True),
     # torchvision's VGG head: AdaptiveAvgPool2d((7, 7)) on the last feature map (so any
     # input size feeds fc1 a 7x7 map, as in torchvision), then the ImageNet head. At 224
     # pixels the pool is the identity and the parameters are the 'imagenet' head's.
-    "torchvision": {
-        "hidden": (4096, 4096),
-        "batch_norm": False,
-        "dropout": 0.5,
-        "dropout_first": False,
-        "linear": (),
-        "pool": 7,
-    },
+    "torchvision": _head((4096, 4096), pool=7),
     # The TensorFlow reference benchmark: fc2048-ReLU-dropout x2 -> fc(classes), no BN.
-    "tf_benchmark": {
-        "hidden": (2048, 2048),
-        "batch_norm": False,
-        "dropout": 0.5,
-        "dropout_first": False,
-        "linear": (),
-    },
+    "tf_benchmark": _head((2048, 2048)),
 }
 
 # Per-convolution dropout patterns by name. 'paddle': the PaddlePaddle reference's 0.3
