@@ -17,7 +17,6 @@ from vgg_jax.configuration import (
     CONV_IMPLS,
     DEVICE_AUGMENTATIONS,
     DTYPES,
-    INIT_FROM_PREFIXES,
     INPUTS,
     LENGTH_DEPENDENT_SCHEDULES,
     MAX_IMAGE_SIZE,
@@ -27,16 +26,10 @@ from vgg_jax.configuration import (
 )
 
 
-def _one_of(choices: tuple[str, ...], field: str = "") -> Callable[[Any], str | None]:
-    def check(value):
-        if value in choices:
-            return None
-        renamed = spec.RENAMED.get(field, {}).get(value)
-        if renamed:
-            return f"{value!r} is now called {renamed!r}"
-        return f"{value!r} is not one of {', '.join(choices)}"
-
-    return check
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda value: (
+        None if value in choices else f"{value!r} is not one of {', '.join(choices)}"
+    )
 
 
 def _number(low: float, high: float = math.inf, *, low_open=False, high_open=True):
@@ -60,9 +53,6 @@ def _optional(check):
 def _conv_dropout(value):
     if value in spec.CONV_DROPOUT_PATTERNS or spec.parse_rate(str(value)) is not None:
         return None
-    renamed = spec.RENAMED["conv_dropout"].get(value)
-    if renamed:
-        return f"{value!r} is now called {renamed!r}"
     return f"{value!r} is not 'paddle', 'none' or a rate in [0, 1)"
 
 
@@ -89,7 +79,8 @@ def _init_from(value):
         return f"{value!r} is not a weights name or a path"
     if value in spec.PRETRAINED:
         return None
-    if value.startswith(INIT_FROM_PREFIXES):
+    source, colon, _ = value.partition(":")
+    if colon and source in {name.partition(":")[0] for name in spec.PRETRAINED}:
         return f"{value!r} is not one of {', '.join(spec.PRETRAINED)}"
     if not os.path.exists(os.path.expanduser(value)):
         return f"{value!r}: no such file or folder"
@@ -123,15 +114,11 @@ def _host_port(value):
     return None
 
 
-def _whole(low: int):
-    """A whole number from `low` up (JAX takes its timeouts as whole seconds)."""
-
-    def check(value):
-        if isinstance(value, bool) or not isinstance(value, int):
-            return f"{value!r} is not a whole number"
-        return None if value >= low else f"{value!r} is below {low}"
-
-    return check
+def _seconds(value):
+    # JAX takes its timeouts as whole seconds.
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{value!r} is not a whole number"
+    return None if value >= 1 else f"{value!r} is below 1"
 
 
 POSITIVE = _number(1)
@@ -143,7 +130,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "stages": _stages,
     "width": _number(0, low_open=True),
     "conv_dropout": _conv_dropout,
-    "head": _one_of(tuple(spec.HEADS), "head"),
+    "head": _one_of(tuple(spec.HEADS)),
     "head_dropout": FRACTION,
     "dtype": _one_of(DTYPES),
     "conv_impl": _one_of(CONV_IMPLS),
@@ -184,8 +171,8 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "warmup_epochs": NON_NEGATIVE,
     "label_smoothing": FRACTION,
     "ema_decay": FRACTION,
-    "distributed_init_timeout_seconds": _whole(1),
-    "distributed_heartbeat_timeout_seconds": _whole(1),
+    "distributed_init_timeout_seconds": _seconds,
+    "distributed_heartbeat_timeout_seconds": _seconds,
     "log_every_steps": POSITIVE,
     "checkpoint_every_epochs": POSITIVE,
     "keep_checkpoints": POSITIVE,
@@ -197,10 +184,14 @@ def problems(config: ml_collections.ConfigDict, device_count: int | None = None)
     found = [
         f"{field}: {message}"
         for field, check in CHECKS.items()
-        if (message := check(config[field])) is not None
+        if (message := _renamed(field, config[field]) or check(config[field])) is not None
     ]
-    found += _cross_field_problems(config, device_count)
-    return found
+    return found + _cross_field_problems(config, device_count)
+
+
+def _renamed(field: str, value: Any) -> str | None:
+    new_name = spec.RENAMED.get(field, {}).get(value) if isinstance(value, str) else None
+    return f"{value!r} is now called {new_name!r}" if new_name else None
 
 
 def _cross_field_problems(config: ml_collections.ConfigDict, device_count: int | None):

@@ -28,12 +28,6 @@ INPUTS = ("auto", "device", "stream")
 # xla: stock Flax layers everywhere; matmul: the CPU kernels on any backend.
 CONV_IMPLS = ("auto", "xla", "matmul")
 SYNTHETIC_SPLITS = ("train", "test")
-# init_from: None or '' (random init), published weights by name (spec.PRETRAINED, e.g.
-# 'torchvision:vgg16_bn', 'keras:vgg16'), a weight file (.pth, .safetensors, .h5) or
-# another run's workdir / checkpoint. Layers whose shapes differ in the head (the
-# classifier when the class count differs) are re-initialised; the input normalisation
-# becomes the source's.
-INIT_FROM_PREFIXES = ("torchvision:", "keras:")
 MAX_IMAGE_SIZE = 1024
 # Schedules shaped by the run's length: a warm-up, then a decay to 0 at the last step. A
 # run with one may not be resumed with another num_epochs (the rate would jump).
@@ -68,15 +62,15 @@ def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     # Model.
-    config.model = "vgg16"  # vgg11 | vgg13 | vgg16 | vgg19 | vgg_tiny
+    config.model = "vgg16"  # a key of spec.STAGES
     config.stages = config_dict.placeholder(tuple)  # explicit channels per block; overrides model
     config.width = 1.0  # channel multiplier applied to every convolution
     config.batch_norm = True  # BN after every convolution (and in the cifar head)
     config.conv_dropout = "paddle"  # 'paddle' (0.3/0.4 pattern), 'none', or a rate like '0.2'
-    config.head = "cifar"  # cifar (fc512-BN-fc512) | linear | imagenet (4096x2) | tf_benchmark
+    config.head = "cifar"  # a key of spec.HEADS
     config.head_dropout = 0.5  # dropout rate in the classifier head
-    config.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    config.conv_impl = "auto"  # auto | xla | matmul (see CONV_IMPLS above)
+    config.dtype = "float32"  # compute dtype, one of DTYPES (params stay float32)
+    config.conv_impl = "auto"  # one of CONV_IMPLS
 
     # Data.
     config.dataset = "cifar10"  # a TFDS name, 'image_folder' or 'synthetic'
@@ -84,7 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.train_split = "train"  # split to train on
     config.eval_split = "test"  # split to evaluate on after every epoch (all of it)
     config.image_size = 32  # images are resized to image_size x image_size if needed
-    config.augment = "none"  # none | crop_flip | random_resized_crop | scale_jitter (docs/data.md)
+    config.augment = "none"  # one of AUGMENTATIONS (docs/data.md)
     config.crop_padding = 4  # crop_flip: zero pixels added on each side before the random crop
     config.flip_only_last_epochs = 0  # crop_flip: the last this many epochs flip, never crop
     config.input = "auto"  # auto | device (splits on the devices) | stream (grain, host)
@@ -96,7 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.synthetic_classes = 10  # classes in the synthetic dataset
 
     # Starting point: fine-tuning.
-    config.init_from = config_dict.placeholder(str)  # weights to start from (see INIT_FROM)
+    config.init_from = config_dict.placeholder(str)  # weights to start from (docs/pretrained.md)
     config.freeze = "none"  # none | features | blockN: these conv blocks are not trained
     config.backbone_lr_factor = 1.0  # conv layers' learning rate as a fraction of the head's
 
@@ -118,7 +112,7 @@ def _add_training_fields(config: ml_collections.ConfigDict) -> None:
     config.l2 = 2e-4  # coupled L2: l2 * params added to the gradient before momentum
     config.weight_decay = 0.0  # decoupled weight decay, applied after momentum
     config.grad_clip_norm = 0.0  # clip the global gradient norm (0: off)
-    config.schedule = "discexp"  # discexp | multistep | cosine | onecycle | constant
+    config.schedule = "discexp"  # one of SCHEDULES
     config.lr_decay_rate = 0.1  # discexp / multistep factor
     config.lr_decay_samples = 50000 * 100  # discexp: decay every this many samples seen
     config.lr_boundaries_epochs = (100, 150)  # multistep: epochs where lr is multiplied
