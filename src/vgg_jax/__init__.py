@@ -14,17 +14,6 @@ from __future__ import annotations
 import importlib
 
 __version__ = "0.1.0"
-__all__ = [
-    "VGG",
-    "Predictor",
-    "create_model",
-    "load",
-    "lpips",
-    "perceptual_loss",
-    "pretrained",
-    "__version__",
-]
-
 # Imported on first use, so that `python -m vgg_jax.main` can check its config before
 # JAX is loaded.
 _LAZY = {
@@ -35,6 +24,7 @@ _LAZY = {
     "perceptual_loss": "vgg_jax.perceptual",
 }
 _SUBMODULES = ("lpips", "pretrained")
+__all__ = [*_LAZY, *_SUBMODULES, "__version__"]
 
 
 def __getattr__(name: str):

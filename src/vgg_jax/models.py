@@ -19,8 +19,6 @@ import numpy as np
 
 from vgg_jax import cpu, spec
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 # PyTorch's default initialisation for conv and dense kernels (kaiming_uniform with
 # a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Under BN a smaller initial scale means a
 # larger effective step early on, which the reference recipe's heavily dropped-out net
@@ -98,15 +96,11 @@ class VGG(nn.Module):
         before_relu: bool = False,
         train: bool = False,
     ) -> dict[str, jax.Array]:
-        """Named activations of the convolutional part, for perceptual losses.
-
-        `layers`: names from `spec.feature_layer_names` ('conv3_3', 'pool2', ...); None:
-        the last convolution of every block. 'convB_I' is the output of that convolution's
-        ReLU (after its BN), or with `before_relu` the ReLU's input. Nothing past the
-        deepest layer asked for is computed, and the head is never touched, so variables
-        with the convolutions only will do. Differentiable with respect to `images`.
-        Call as `model.apply(variables, images, layers=(...), method="features")`.
-        """
+        """Named activations of the convolutional part, for perceptual losses
+        (docs/pretrained.md). `layers`: names from `spec.feature_layer_names`; None: the
+        last convolution of every block. 'convB_I' is that convolution's ReLU output, or
+        with `before_relu` the ReLU's input. Nothing past the deepest layer asked for is
+        computed and the head is never touched, so convolutions-only variables will do."""
         known = spec.feature_layer_names(self.stages)
         layers = spec.block_outputs(self.stages) if layers is None else tuple(layers)
         unknown = [name for name in layers if name not in known]
@@ -148,13 +142,11 @@ class VGG(nn.Module):
                 )(x)
                 if self.batch_norm:
                     x = self._batch_norm(f"bn{name}", train)(x)
-                if before_relu and f"conv{name}" in wanted:
-                    found[f"conv{name}"] = x.astype(out)
-                x = nn.relu(x)
-                if not before_relu and f"conv{name}" in wanted:
-                    found[f"conv{name}"] = x.astype(out)
-                if feature_layers is not None and len(found) == len(wanted):
-                    return found
+                pre_relu, x = x, nn.relu(x)
+                if f"conv{name}" in wanted:
+                    found[f"conv{name}"] = (pre_relu if before_relu else x).astype(out)
+                    if len(found) == len(wanted):
+                        return found
                 rate = self.conv_dropout[block_index][conv_index] if self.conv_dropout else 0.0
                 if rate > 0:
                     x = self.dropout(rate, deterministic=not train)(x)
@@ -243,7 +235,7 @@ def build_model(config: ml_collections.ConfigDict, info: Any) -> VGG:
         conv_dropout=config.conv_dropout,
         head=config.head,
         head_dropout=config.head_dropout,
-        dtype=DTYPES[config.dtype],
+        dtype=jnp.dtype(config.dtype),
         mean=info.mean,
         std=info.std,
         stages=config.stages,

@@ -1,10 +1,5 @@
-"""A perceptual loss: the weighted distance between a VGG's activations of two images.
-
-model, variables = vgg_jax.pretrained.load("torchvision:vgg16")
-loss = vgg_jax.perceptual_loss(x, y, model, variables)       # x, y: (N, H, W, 3), 0..255
-
-Gradients flow to both images (jit and grad as usual); the VGG's weights are constants.
-"""
+"""A perceptual loss: the weighted distance between a VGG's activations of two images
+(docs/pretrained.md). Gradients flow to both images; the VGG's weights are constants."""
 
 from __future__ import annotations
 
