@@ -1,15 +1,5 @@
-"""CPU speed work, kept out of the core and injected only where it applies.
-
-- `conv.Conv`: 3x3 convolutions as Winograd transforms and matrix products;
-- `layers.ByteDropout`, `layers.max_pool_2x2`: cheaper dropout masks and max-pool
-  backward on XLA:CPU;
-- `host_memory`: the CLIs restart once with glibc malloc settings that keep XLA:CPU's
-  step buffers in the heap.
-
-The core asks `tuning(conv_impl)` once, in `models.backend_tuning`, and gets a `Tuning`
-whose fields say what to change: the layers to build with, compiler options for the
-program that runs once, whether to wait for each step, and orbax's array writer. On other
-backends every field is the neutral one.
+"""CPU speed work, kept out of the core and injected only where it applies, through
+`models.backend_tuning` (docs/architecture.md, `cpu/`).
 """
 
 from __future__ import annotations
@@ -47,7 +37,6 @@ class Tuning:
 def tuning(conv_impl: str) -> Tuning:
     """The CPU speed work for a model built with `conv_impl`, or none off a CPU.
 
-    - layers: these kernels on a CPU backend ('auto') or everywhere ('matmul');
     - init_compiler_options: on CPU, LLVM's optimisation of the random-number generator
       for every parameter is most of the initialisation's compile time and buys little for
       a single run; the values are the same bit for bit (tests/test_cpu.py);

@@ -1,21 +1,14 @@
 """A drop-in replacement for `flax.linen.Conv` whose 3x3 stride-1 SAME convolutions run
-as Winograd transforms and matrix products: faster than XLA:CPU's own convolution for
-VGG's layers (measurements in experiments/RESULTS.md, "Speed", CPU).
+as Winograd F(2x2, 3x3) or im2col matrix products (`plan` says which): faster than
+XLA:CPU's own convolution for VGG's layers (measurements in experiments/RESULTS.md,
+"Speed", CPU).
 
 Why: XLA:CPU's convolution falls off a cliff on small feature maps (VGG-CIFAR's last
 blocks are 2x2) and elsewhere runs well below the machine's matrix-product rate, its
 kernel gradient at about half its forward speed.
 
-So 3x3 convolutions on maps of at least 4x4 use Winograd F(2x2, 3x3) (Lavin & Gray
-2015): 16 batched matrix products with 4 instead of 9 multiplies per output, plus cheap
-transforms; its custom VJP reuses the forward's transformed tiles and kernel. Maps below
-4x4 use one im2col matrix product, and so does an RGB stem (few input channels); taps
-that only ever see padding (the outer ring of a 3x3 kernel on a 1-pixel-wide map) are
-skipped. Any other convolution is `lax.conv_general_dilated`. Every path is tested
-against `lax.conv_general_dilated`, forward and both gradients (tests/test_cpu.py).
-
-Parameters are those of nn.Conv: `kernel` (kh, kw, Cin, Cout) and `bias` (Cout,), with
-nn.Conv's initialisers, so checkpoints are interchangeable.
+Every path is tested against `lax.conv_general_dilated`, forward and both gradients
+(tests/test_cpu.py).
 """
 
 from __future__ import annotations
@@ -313,8 +306,9 @@ class Conv(nn.Module):
     """nn.Conv for 2-D NHWC inputs, with the convolution from `conv_same`.
 
     Takes nn.Conv's arguments (those VGG uses, plus strides/precision/initialisers) and
-    creates the same parameters with the same initialisers and names. Anything other than
-    stride 1 / SAME falls back to lax.conv_general_dilated.
+    creates the same parameters with the same initialisers and names (checkpoints are
+    interchangeable). Anything other than stride 1 / SAME falls back to
+    lax.conv_general_dilated.
     """
 
     features: int
