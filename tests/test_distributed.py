@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from vgg_jax import distributed, stderr_watch
+from vgg_jax import stderr_watch
 
 SETTINGS = {"coordinator": "localhost:1234", "init_timeout": "300", "heartbeat_timeout": "60"}
 STACK_AND_DUMP = b"""*** Check failure stack trace: ***
@@ -93,7 +93,7 @@ def test_the_fatal_abort_becomes_one_line(text, process, line):
 
 
 def test_the_process_index_learnt_after_start_up_names_the_process():
-    control = distributed.WATCH_CONTROL + b"1 2\n"
+    control = stderr_watch.CONTROL + b"1\n"
     out = _through(b"\rprogress 10%" + control + LOST_COORDINATOR)
     assert out.split("\n") == [
         "\rprogress 10%[process 1] error: lost the coordinator (process 0, localhost:1234): "

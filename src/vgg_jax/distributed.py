@@ -26,17 +26,12 @@ import time
 from typing import TYPE_CHECKING
 
 from vgg_jax import stderr_watch
+from vgg_jax.preemption import PreemptionGuard, exit_status
 
 if TYPE_CHECKING:
     import ml_collections
 
-    from vgg_jax.preemption import PreemptionGuard
-
 logger = logging.getLogger(__name__)
-
-# The line this process writes to the watcher once JAX knows its process index (the
-# index is auto-detected on Slurm): the watcher names the process in its message.
-WATCH_CONTROL = stderr_watch.CONTROL
 
 # A start-up wait longer than this is said, once, by every waiting process.
 WAIT_NOTICE_SECONDS = 5.0
@@ -55,8 +50,8 @@ class DistributedStartError(RuntimeError):
 
 
 def process_label() -> str:
-    """'[process N] ' on every process but the first of a distributed run, else ''."""
-    return f"[process {_process_index}] " if _process_index else ""
+    """This process's `stderr_watch.process_label`."""
+    return stderr_watch.process_label(_process_index)
 
 
 def lost_peer_message(error: BaseException) -> str | None:
@@ -69,8 +64,7 @@ def lost_peer_message(error: BaseException) -> str | None:
         return None
     return (
         f"a collective operation with the other processes failed ({text[:300]}): another "
-        "process died or is unreachable, so this process stopped; rerun the same command "
-        "for every process to resume from the last checkpoint"
+        f"process died or is unreachable, so this process stopped; {stderr_watch.RERUN}"
     )
 
 
@@ -84,54 +78,57 @@ def start(config: ml_collections.ConfigDict, guard: PreemptionGuard | None = Non
     _watch_stderr(config)
     import jax
 
-    _initialize_interruptibly(
-        guard,
-        f"waiting for every process to connect to the coordinator "
-        f"({config.coordinator_address or 'auto-detected'}), up to "
-        f"{config.distributed_init_timeout_seconds} s (distributed_init_timeout_seconds)",
-        # None fields are auto-detected (Slurm, Open MPI, cloud TPU/GPU environments).
-        coordinator_address=config.coordinator_address,
-        num_processes=config.num_processes,
-        process_id=config.process_id,
-        initialization_timeout=config.distributed_init_timeout_seconds,
-        heartbeat_timeout_seconds=config.distributed_heartbeat_timeout_seconds,
-    )
+    _initialize_interruptibly(config, guard)
     _process_index = jax.process_index()
-    _tell_watcher(_process_index, jax.process_count())
+    if _watcher is not None:  # the watcher names the process in its message
+        sys.stderr.flush()
+        os.write(2, stderr_watch.CONTROL + f"{_process_index}\n".encode())
     if _process_index > 0:
         quiet = logging.getLogger("vgg_jax")
         quiet.setLevel(max(quiet.getEffectiveLevel(), logging.WARNING))
 
 
-def _initialize_interruptibly(guard: PreemptionGuard | None, waiting: str, **arguments) -> None:
+def _initialize_interruptibly(
+    config: ml_collections.ConfigDict, guard: PreemptionGuard | None
+) -> None:
     """Runs `jax.distributed.initialize` in a thread: the wait for the other processes is
-    one blocking C++ call, during which this thread could not answer a signal. Says
-    `waiting` once the wait is long enough to be noticed."""
+    one blocking C++ call, during which this thread could not answer a signal. Says what
+    it waits for once the wait is long enough to be noticed."""
     import jax
 
     failure: list[BaseException] = []
 
     def initialize() -> None:
         try:
-            jax.distributed.initialize(**arguments)
+            jax.distributed.initialize(
+                # None fields are auto-detected (Slurm, Open MPI, cloud TPU/GPU environments).
+                coordinator_address=config.coordinator_address,
+                num_processes=config.num_processes,
+                process_id=config.process_id,
+                initialization_timeout=config.distributed_init_timeout_seconds,
+                heartbeat_timeout_seconds=config.distributed_heartbeat_timeout_seconds,
+            )
         except BaseException as error:  # noqa: BLE001 - re-raised in the calling thread
             failure.append(error)
 
     thread = threading.Thread(target=initialize, name="jax-distributed-initialize", daemon=True)
     thread.start()
-    started = time.monotonic()
+    notice_at = time.monotonic() + WAIT_NOTICE_SECONDS
     while thread.is_alive():
         thread.join(0.2)
-        if waiting and time.monotonic() - started > WAIT_NOTICE_SECONDS:
-            logger.info("distributed: %s", waiting)
-            waiting = ""
+        if notice_at and time.monotonic() > notice_at:
+            notice_at = 0.0
+            logger.info(
+                "distributed: waiting for every process to connect to the coordinator (%s), "
+                "up to %s s (distributed_init_timeout_seconds)",
+                config.coordinator_address or "auto-detected",
+                config.distributed_init_timeout_seconds,
+            )
         if guard is not None and guard.requested and thread.is_alive():
-            from vgg_jax.preemption import Preempted
-
             raise DistributedStartError(
                 f"stopped by signal {guard.signal_number} while waiting for the other "
                 "processes of the run; nothing was trained",
-                Preempted(guard.signal_number, "").exit_code,
+                exit_status(guard.signal_number),
             )
     if failure:
         text = " ".join(str(failure[0]).split())
@@ -179,10 +176,3 @@ def _exit_on_abort() -> None:
         libc.signal(signal.SIGABRT, ctypes.cast(libc._exit, ctypes.c_void_p))
     except (OSError, AttributeError):  # not glibc-like: the abort stays as it was
         pass
-
-
-def _tell_watcher(index: int, count: int) -> None:
-    if os.environ.get("VGG_JAX_STDERR_WATCH", "1") == "0":
-        return
-    sys.stderr.flush()
-    os.write(2, WATCH_CONTROL + f"{index} {count}\n".encode())

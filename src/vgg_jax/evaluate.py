@@ -38,12 +38,12 @@ def evaluate_checkpoint(
         raise configuration.ConfigError(
             f"--batch_size={batch_size} does not divide over {jax.device_count()} devices"
         )
-    replicated = NamedSharding(mesh, P())
+    variables = jax.device_put(predictor.variables, NamedSharding(mesh, P()))
     state = train.TrainState(
         step=0,
         apply_fn=predictor.model.apply,
-        params=jax.device_put(predictor.variables["params"], replicated),
-        batch_stats=jax.device_put(predictor.variables["batch_stats"], replicated),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
         tx=None,
         opt_state=None,
         rng=None,

@@ -10,15 +10,20 @@ from types import FrameType
 SECOND_INTERRUPT_MESSAGE = "interrupted (second Ctrl-C): stopped without saving"
 
 
+def exit_status(signal_number: int) -> int:
+    """What a command stopped by `signal_number` returns: 0 on SIGTERM so that schedulers
+    treat the job as cleanly stopped and restart it; 128 + N otherwise (130 on Ctrl-C),
+    the shell's convention for an interrupted command."""
+    return 0 if signal_number == signal.SIGTERM else 128 + signal_number
+
+
 class Preempted(Exception):  # noqa: N818 (it is a state, not a failure)
     """Training stopped on a signal after saving; `exit_code` is what the CLI returns."""
 
     def __init__(self, signal_number: int, message: str):
         super().__init__(message)
         self.signal_number = signal_number
-        # 0 on SIGTERM so that schedulers treat the job as cleanly stopped and restart
-        # it; 130 on Ctrl-C, the shell's convention for an interrupted command.
-        self.exit_code = 0 if signal_number == signal.SIGTERM else 128 + signal_number
+        self.exit_code = exit_status(signal_number)
 
 
 class PreemptionGuard:
@@ -46,7 +51,7 @@ class PreemptionGuard:
             if self.exit_on_second_interrupt:
                 # os.write: a buffered print could re-enter a write the step was making.
                 os.write(2, f"{SECOND_INTERRUPT_MESSAGE}\n".encode())
-                os._exit(128 + signal.SIGINT)  # the shell's status for an interrupted command
+                os._exit(exit_status(signal.SIGINT))
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self.signal_number = signal_number

@@ -26,9 +26,15 @@ STACK_MARK = b"*** Check failure stack trace ***"
 ERROR_LOG_LINE = re.compile(rb"^[EF]\d{4} \d\d:\d\d:\d\d")
 # The coordination service's error lines precede the fatal line by about a millisecond.
 HOLD_SECONDS = 2.0
-# Written by `vgg_jax.distributed` once JAX knows the process index: b"...INDEX COUNT\n".
+# Written by `vgg_jax.distributed` once JAX knows the process index (auto-detected on
+# Slurm), so that the message names the process: CONTROL + b"INDEX\n".
 CONTROL = b"\0vgg-jax-process "
 RERUN = "rerun the same command for every process to resume from the last checkpoint"
+
+
+def process_label(index: int | None) -> str:
+    """'[process N] ' for every process but the first of a distributed run, else ''."""
+    return f"[process {index}] " if index else ""
 
 
 class Watch:
@@ -98,7 +104,7 @@ class Watch:
     def message(self) -> str:
         """The one line for the fatal error seen."""
         text = b"".join(self.fatal or []).decode(errors="replace")
-        who = f"[process {self.process}] " if self.process else ""
+        who = process_label(self.process)
         where = self.settings["coordinator"] or "the auto-detected coordinator"
         if "RegisterTask" in text:
             return (
@@ -132,17 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parser = argparse.ArgumentParser()
-    parser.add_argument("--process", default="")
-    parser.add_argument("--coordinator", default="")
-    parser.add_argument("--init-timeout", default="")
-    parser.add_argument("--heartbeat-timeout", default="")
-    args = parser.parse_args(argv)
-    settings = {
-        "coordinator": args.coordinator,
-        "init_timeout": args.init_timeout,
-        "heartbeat_timeout": args.heartbeat_timeout,
-    }
-    watch = Watch(_writer(), int(args.process) if args.process else None, settings)
+    for option in ("--process", "--coordinator", "--init-timeout", "--heartbeat-timeout"):
+        parser.add_argument(option, default="")
+    settings = vars(parser.parse_args(argv))
+    watch = Watch(_write, int(settings["process"]) if settings["process"] else None, settings)
     while True:
         timeout = HOLD_SECONDS if watch.held else None
         if select.select([0], [], [], timeout)[0]:
@@ -154,15 +153,12 @@ def main(argv: list[str] | None = None) -> None:
     watch.finish()
 
 
-def _writer() -> Callable[[bytes], None]:
-    def write(data: bytes) -> None:
-        try:
-            while data:
-                data = data[os.write(1, data) :]
-        except OSError:
-            pass  # the terminal or pipe is gone: keep reading, so the process never blocks
-
-    return write
+def _write(data: bytes) -> None:
+    try:
+        while data:
+            data = data[os.write(1, data) :]
+    except OSError:
+        pass  # the terminal or pipe is gone: keep reading, so the process never blocks
 
 
 if __name__ == "__main__":

@@ -42,30 +42,34 @@ class WorkdirLock:
         os.makedirs(self.workdir, exist_ok=True)
         folder_fd = os.open(self.workdir, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            if not _try_lock(folder_fd, self.workdir):
-                os.close(folder_fd)
-                folder_fd = None
-        except WorkdirBusyError:
+            self._lock(folder_fd)
+            self._folder_fd = folder_fd
+        except OSError as error:  # the file system cannot lock a folder
+            logger.info(
+                "cannot lock the folder %s (%s): locking %s only", self.workdir, error, LOCK_NAME
+            )
             os.close(folder_fd)
-            raise self._busy() from None
         try:
             self._fd = self._lock_file()
         except BaseException:
-            if folder_fd is not None:
-                os.close(folder_fd)
+            self.release()
             raise
-        self._folder_fd = folder_fd
         return self
 
-    def _lock_file(self) -> int:
-        """Opens, locks and fills in WORKDIR/.lock (also what an older version of this
-        package locks); WorkdirBusyError if another trainer holds it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    def _lock(self, fd: int) -> None:
+        """Locks `fd` exclusively; where another process holds it, closes it and raises
+        WorkdirBusyError."""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise self._busy() from None
+
+    def _lock_file(self) -> int:
+        """Opens, locks and fills in WORKDIR/.lock (also what an older version of this
+        package locks)."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock(fd)
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.ctime()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
@@ -104,19 +108,6 @@ class WorkdirLock:
 
     def __exit__(self, *exc_info) -> None:
         self.release()
-
-
-def _try_lock(fd: int, where: str) -> bool:
-    """Locks `fd` exclusively: True; False where the file system cannot lock it;
-    WorkdirBusyError where another process holds it."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise WorkdirBusyError(where) from None
-    except OSError as error:
-        logger.info("cannot lock the folder %s (%s): locking %s only", where, error, LOCK_NAME)
-        return False
-    return True
 
 
 def _same_file(path: str, fd: int) -> bool:

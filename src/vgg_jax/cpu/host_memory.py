@@ -27,6 +27,8 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 
+from vgg_jax.preemption import PreemptionGuard
+
 TUNABLES = (
     # Back the heap with transparent huge pages where the kernel allows it: far fewer
     # page faults while the heap grows, and fewer TLB misses on large activations.
@@ -99,9 +101,8 @@ def restart_with_retained_memory() -> None:
     # handlers and kill it (status 143): held blocked across the exec (the mask and
     # pending signals survive it), they reach the handlers once preemption.PreemptionGuard
     # installs them and unblocks.
-    stops = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    signal.pthread_sigmask(signal.SIG_BLOCK, PreemptionGuard.SIGNALS)
     try:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     finally:  # only reached if the exec failed
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, PreemptionGuard.SIGNALS)

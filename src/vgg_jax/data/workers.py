@@ -1,7 +1,7 @@
 """Supervision of the stream's worker processes: none outlives its parent, and a worker's
 death ends the run in one line instead of a hang.
 
-- Each worker watches its parent (`watch_parent`, grain's worker_init_fn): when the
+- Each worker watches its parent (`worker_init`, grain's worker_init_fn): when the
   parent is gone (SIGKILL, OOM killer), the worker exits within a second. With the
   workers gone, multiprocessing's resource tracker sees its pipe close, removes what
   was registered with it (semaphores in /dev/shm) and exits too.
@@ -36,25 +36,19 @@ class InputWorkerError(RuntimeError):
     """An input worker process died while its stream was open."""
 
 
-def watch_parent(parent_pid: int) -> None:
-    """In a worker process: exit as soon as `parent_pid` is no longer its parent. A
-    thread polling getppid (not PR_SET_PDEATHSIG, which fires when the thread that
-    started the worker ends, not the process)."""
+def worker_init(parent_pid: int):
+    """grain's worker_init_fn: in a worker process, exit as soon as `parent_pid` is no
+    longer its parent. A thread polling getppid (not PR_SET_PDEATHSIG, which fires when
+    the thread that started the worker ends, not the process)."""
 
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(POLL_SECONDS)
         os._exit(0)
 
-    threading.Thread(target=watch, name="vgg-jax-watch-parent", daemon=True).start()
-
-
-def worker_init(parent_pid: int):
-    """grain's worker_init_fn (called with the worker's index and count)."""
-
     def init(index: int, count: int) -> None:
         del index, count
-        watch_parent(parent_pid)
+        threading.Thread(target=watch, name="vgg-jax-watch-parent", daemon=True).start()
 
     return init
 
@@ -115,16 +109,13 @@ class Supervisor:
             yield
         finally:
             with self.lock:
-                self._forget_dead()
+                self.known = {pid: p for pid, p in self.known.items() if p.exitcode is None}
                 self.closing -= 1
 
     def check(self) -> None:
         """Raises InputWorkerError if a worker died (in library use)."""
         if self.error:
             raise InputWorkerError(self.error)
-
-    def _forget_dead(self) -> None:
-        self.known = {pid: p for pid, p in self.known.items() if p.exitcode is None}
 
     def _run(self) -> None:
         while True:
