@@ -90,8 +90,7 @@ def test_keeps_the_latest_checkpoints_and_the_best(tiny_config, tmp_path):
     manager = checkpoint.create_manager(str(tmp_path / "ckpt"), keep=2, async_save=False)
     for step, accuracy in zip(range(1, 6), [0.5, 0.9, 0.6, 0.7, 0.65], strict=True):
         stepped = state.replace(step=step)
-        meta = {"test_accuracy": accuracy}
-        checkpoint.save(manager, stepped, tiny_config, meta, accuracy)
+        checkpoint.save(manager, stepped, tiny_config, {"test_accuracy": accuracy})
     manager.wait_until_finished()
     assert sorted(manager.all_steps()) == [2, 4, 5]
     assert checkpoint.locate(str(tmp_path / "ckpt"), "best").step == 2

@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import shutil
-import types
 
 import numpy as np
 import pytest
@@ -33,14 +32,15 @@ from vgg_jax.workdir_lock import WorkdirBusyError, WorkdirLock
 # ----------------------------------------------------------- the best checkpoint (1)
 
 
-def _state(step: int):
-    return types.SimpleNamespace(
+def _state(step: int) -> train.TrainState:
+    return train.TrainState(
         step=step,
+        apply_fn=None,
+        tx=None,
         params={"w": np.full(3, step, np.float32)},
         batch_stats={"m": np.zeros(2, np.float32)},
         opt_state={"s": np.ones(2, np.float32)},
         rng=np.zeros(2, np.uint32),
-        ema={},
     )
 
 
@@ -49,7 +49,7 @@ def _save_epochs(directory, config, first_step: int, accuracies: list[float]) ->
     its test accuracy, by a manager keeping the latest step and the best."""
     manager = checkpoint.create_manager(str(directory), keep=1, async_save=False)
     for step, accuracy in enumerate(accuracies, first_step):
-        checkpoint.save(manager, _state(step), config, {"test_accuracy": accuracy}, accuracy)
+        checkpoint.save(manager, _state(step), config, {"test_accuracy": accuracy})
     manager.close()
 
 
@@ -93,13 +93,14 @@ def test_a_changed_stream_position_is_damage(stream_config, tmp_path, monkeypatc
     steps = tmp_path / "run" / "checkpoints"
     mid_epoch = max(int(p.name) for p in steps.iterdir() if p.name.isdigit())
     manager = checkpoint.create_manager(str(steps), read_only=True)
-    checkpoint.check_data_item(manager, mid_epoch)  # intact as written
+    meta = checkpoint.read_meta(manager, mid_epoch)
+    checkpoint.check_data_item(manager, mid_epoch, meta)  # intact as written
     (position,) = (steps / str(mid_epoch) / "data").glob("*.json")
     state = json.loads(position.read_text())
     state["next_index"] += 1
     position.write_text(json.dumps(state, indent=4))
     with pytest.raises(checkpoint.DamagedCheckpointError, match="'data' item fails"):
-        checkpoint.check_data_item(manager, mid_epoch)
+        checkpoint.check_data_item(manager, mid_epoch, meta)
     manager.close()
 
     with caplog.at_level(logging.INFO, logger="vgg_jax"):

@@ -313,17 +313,19 @@ def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
 
 
 def test_a_non_finite_state_is_never_saved(tiny_config, tmp_path):
-    class State:
-        step = 3
-        params = {"w": np.array([1.0, np.nan], np.float32)}
-        batch_stats = {}
-        opt_state = {}
-        rng = np.zeros(2, np.uint32)
-        ema = {}
+    state = train.TrainState(
+        step=3,
+        apply_fn=None,
+        tx=None,
+        params={"w": np.array([1.0, np.nan], np.float32)},
+        batch_stats={},
+        opt_state={},
+        rng=np.zeros(2, np.uint32),
+    )
 
     manager = checkpoint.create_manager(str(tmp_path), async_save=False)
     with pytest.raises(checkpoint.NonFiniteStateError, match="params"):
-        checkpoint.save(manager, State(), tiny_config, {})
+        checkpoint.save(manager, state, tiny_config, {})
     assert manager.all_steps() == []
     manager.close()
 
@@ -542,16 +544,18 @@ def test_a_failed_save_is_reported_in_one_line(tiny_config, tmp_path, monkeypatc
 
     monkeypatch.setattr(manager, "save", full)
 
-    class State:
-        step = 1
-        params = {"w": np.ones(2, np.float32)}
-        batch_stats = {}
-        opt_state = {}
-        rng = np.zeros(2, np.uint32)
-        ema = {}
+    state = train.TrainState(
+        step=1,
+        apply_fn=None,
+        tx=None,
+        params={"w": np.ones(2, np.float32)},
+        batch_stats={},
+        opt_state={},
+        rng=np.zeros(2, np.uint32),
+    )
 
     with pytest.raises(checkpoint.CheckpointWriteError, match=f"in {tmp_path}: 5 bytes: disk"):
-        checkpoint.save(manager, State(), tiny_config, {})
+        checkpoint.save(manager, state, tiny_config, {})
     manager.close()
 
 

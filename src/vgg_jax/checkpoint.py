@@ -13,8 +13,8 @@ Each step folder holds four items, five for a streamed run, and orbax's metrics:
 Nothing is pickled. Arrays are restored against shapes and shardings built here from the
 config, so a checkpoint written on 8 GPUs restores on 1 CPU without knowing its origin.
 A step that cannot be read back exactly (an item missing, a chunk or manifest deleted or
-truncated, a digest that does not match) is damaged: a trainer moves it aside as
-`<step>.damaged` and resumes from the newest intact one; readers refuse it.
+truncated, a digest that does not match) is damaged: a trainer moves it aside
+(resume.py), readers refuse it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -62,9 +63,9 @@ class NoCheckpointError(FileNotFoundError):
 class DamagedCheckpointError(RuntimeError):
     """A checkpoint step cannot be read back as it was written."""
 
-    def __init__(self, directory: str, step: int, reason: str):
+    def __init__(self, directory: str | os.PathLike, step: int, reason: str):
         super().__init__(f"checkpoint {directory}/{step} is damaged: {reason}")
-        self.directory = directory
+        self.directory = str(directory)
         self.step = step
         self.reason = reason
 
@@ -92,8 +93,8 @@ def check_writes(manager: ocp.CheckpointManager, wait: bool = False) -> None:
 
 
 def _write_error(manager: ocp.CheckpointManager, error: Exception) -> CheckpointWriteError:
-    text = str(error).strip()
-    reason = text.split("Failed to write")[-1].strip() if "Failed to write" in text else text
+    # Orbax's message ends in the writer's, after "Failed to write" where TensorStore's.
+    reason = str(error).strip().split("Failed to write")[-1].strip()
     return CheckpointWriteError(
         f"could not write a checkpoint in {manager.directory}: "
         f"{reason.splitlines()[-1][-200:] if reason else type(error).__name__}"
@@ -162,7 +163,6 @@ def save(
     state: Any,
     config: ml_collections.ConfigDict,
     meta: dict[str, Any],
-    test_accuracy: float | None = None,
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Saves `state` at its step (asynchronously where the manager is async), with the
@@ -181,7 +181,9 @@ def save(
         digests["data"] = data_digests(extra["data"].item.get_state())
     meta = {**meta, "digests": digests}
     meta["digests"]["meta"] = meta_digest(meta)
-    metrics = None if test_accuracy is None else {"test_accuracy": float(test_accuracy)}
+    # What the retention policy ranks the steps by (`best_step` reads the meta's).
+    accuracy = meta.get("test_accuracy")
+    metrics = None if accuracy is None else {"test_accuracy": float(accuracy)}
     check_writes(manager)  # the previous save's failure first, in one line
     args = ocp.args.Composite(
         model=ocp.args.StandardSave(model),
@@ -198,7 +200,7 @@ def save(
 
 def split_state(state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """The state as the `model` and `train` items."""
-    raw = {"params": state.params, "batch_stats": state.batch_stats}
+    raw = state.model_variables()
     train = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
     if state.ema:
         return state.ema, {**train, "raw": raw}
@@ -216,12 +218,18 @@ def read_json_item(manager: ocp.CheckpointManager, step: int, name: str) -> dict
     try:
         args = ocp.args.Composite(**{name: ocp.args.JsonRestore()})
         return manager.restore(step, args=args)[name]
-    except KeyboardInterrupt:
-        raise
     except Exception as error:  # noqa: BLE001 - a missing or garbled file, as orbax says it
-        raise DamagedCheckpointError(
-            str(manager.directory), step, f"its {name} item is unreadable ({_first_line(error)})"
-        ) from None
+        reason = f"its {name} item is unreadable ({_first_line(error)})"
+        raise DamagedCheckpointError(manager.directory, step, reason) from None
+
+
+def _check_digest(manager, step: int, name: str, expected, digest_of: Callable, value) -> None:
+    """DamagedCheckpointError where item `name` as read back (`digest_of(value)`) has
+    not the digest recorded when it was written; `expected` None (a step written before
+    digests) passes."""
+    if expected is not None and digest_of(value) != expected:
+        reason = f"the {name!r} item fails its checksum"
+        raise DamagedCheckpointError(manager.directory, step, reason)
 
 
 def _first_line(error: BaseException) -> str:
@@ -241,10 +249,7 @@ def read_stored_config(manager: ocp.CheckpointManager, step: int) -> dict[str, A
     """The config item of `step` as stored, checked against its digest in the meta."""
     saved = read_json_item(manager, step, "config")
     expected = read_meta(manager, step).get("digests", {}).get("config")
-    if expected is not None and json_digest(saved) != expected:
-        raise DamagedCheckpointError(
-            str(manager.directory), step, "the 'config' item fails its checksum"
-        )
+    _check_digest(manager, step, "config", expected, json_digest, saved)
     return saved
 
 
@@ -259,14 +264,10 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     they are)."""
     meta = read_json_item(manager, step, "meta")
     if not isinstance(meta, dict):
-        raise DamagedCheckpointError(str(manager.directory), step, "its meta item is no object")
-    expected = (
-        meta.get("digests", {}).get("meta") if isinstance(meta.get("digests"), dict) else None
-    )
-    if expected is not None and meta_digest(meta) != expected:
-        raise DamagedCheckpointError(
-            str(manager.directory), step, "the 'meta' item fails its checksum"
-        )
+        raise DamagedCheckpointError(manager.directory, step, "its meta item is no object")
+    digests = meta.get("digests")
+    expected = digests.get("meta") if isinstance(digests, dict) else None
+    _check_digest(manager, step, "meta", expected, meta_digest, meta)
     schema = meta.get("schema", 1)
     if schema == 1:
         meta = {**meta, "schema": META_SCHEMA}
@@ -280,46 +281,39 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     return meta
 
 
-def check_data_item(manager: ocp.CheckpointManager, step: int) -> None:
-    """The stream position files of `step` against their digests (every process's file:
-    they are read by every process alike, so all processes reach the same verdict)."""
-    digests = read_meta(manager, step).get("digests", {})
+def check_data_item(manager: ocp.CheckpointManager, step: int, meta: dict[str, Any]) -> None:
+    """The stream position files of `step` against their digests in its `meta` (every
+    process's file: they are read by every process alike, so all processes reach the
+    same verdict)."""
+    expected = meta.get("digests", {}).get("data")
     folder = os.path.join(str(manager.directory), str(step), "data")
-    if "data" not in digests or not os.path.isdir(folder):
+    if expected is None or not os.path.isdir(folder):
         return
     try:
-        found = data_folder_digests(folder)
+        _check_digest(manager, step, "data", sorted(expected), data_folder_digests, folder)
     except (OSError, ValueError) as error:
-        raise DamagedCheckpointError(
-            str(manager.directory), step, f"its data item is unreadable ({_first_line(error)})"
-        ) from None
-    if found != sorted(digests["data"]):
-        raise DamagedCheckpointError(
-            str(manager.directory), step, "the 'data' item fails its checksum"
-        )
+        reason = f"its data item is unreadable ({_first_line(error)})"
+        raise DamagedCheckpointError(manager.directory, step, reason) from None
 
 
-def _restore_verified(manager: ocp.CheckpointManager, step: int, items: dict[str, Any]):
+def _restore_verified(
+    manager: ocp.CheckpointManager, step: int, items: dict[str, Any], meta: dict[str, Any]
+) -> dict[str, Any]:
     """Restores the named items against their abstract trees and checks each one's
-    digest; any failure to read them back exactly raises DamagedCheckpointError."""
-    directory = str(manager.directory)
-    digests = read_meta(manager, step).get("digests", {})
+    digest in the step's `meta`; any failure to read them back exactly raises
+    DamagedCheckpointError."""
+    args = ocp.args.Composite(**{name: ocp.args.StandardRestore(t) for name, t in items.items()})
     try:
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{name: ocp.args.StandardRestore(tree) for name, tree in items.items()}
-            ),
-        )
-    except (IncompatibleCheckpointError, KeyboardInterrupt):
+        restored = manager.restore(step, args=args)
+    except IncompatibleCheckpointError:
         raise
     except Exception as error:  # noqa: BLE001 - whatever orbax/tensorstore raise
         raise DamagedCheckpointError(
-            directory, step, f"unreadable ({_first_line(error)})"
+            manager.directory, step, f"unreadable ({_first_line(error)})"
         ) from None
+    digests = meta.get("digests", {})
     for name in items:
-        if name in digests and digest(restored[name]) != digests[name]:
-            raise DamagedCheckpointError(directory, step, f"the {name!r} item fails its checksum")
+        _check_digest(manager, step, name, digests.get(name), digest, restored[name])
     return restored
 
 
@@ -327,22 +321,23 @@ def restore_model(
     manager: ocp.CheckpointManager, step: int, abstract_variables: Any
 ) -> dict[str, Any]:
     """Params and BN statistics only (what a predictor needs), checked."""
-    return _restore_verified(manager, step, {"model": abstract_variables})["model"]
+    items = {"model": abstract_variables}
+    return _restore_verified(manager, step, items, read_meta(manager, step))["model"]
 
 
-def restore_state(manager: ocp.CheckpointManager, step: int, state: Any, sharding) -> Any:
+def restore_state(
+    manager: ocp.CheckpointManager, step: int, state: Any, sharding
+) -> tuple[Any, dict[str, Any]]:
     """`state` (a template with the right structure) filled from checkpoint `step`,
-    checked."""
+    checked, and the step's meta."""
+    meta = read_meta(manager, step)
     model, train = split_state(state)
-    restored = _restore_verified(
-        manager,
-        step,
-        {"model": abstract_like(model, sharding), "train": abstract_like(train, sharding)},
-    )
-    check_data_item(manager, step)
+    items = {"model": abstract_like(model, sharding), "train": abstract_like(train, sharding)}
+    restored = _restore_verified(manager, step, items, meta)
+    check_data_item(manager, step, meta)
     model, train = restored["model"], restored["train"]
     raw = train.get("raw", model)
-    return state.replace(
+    restored_state = state.replace(
         params=raw["params"],
         batch_stats=raw["batch_stats"],
         opt_state=train["opt_state"],
@@ -350,6 +345,7 @@ def restore_state(manager: ocp.CheckpointManager, step: int, state: Any, shardin
         rng=train["rng"],
         ema=model if state.ema else {},
     )
+    return restored_state, meta
 
 
 def quarantine(manager: ocp.CheckpointManager, step: int, reason: str) -> None:

@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 logger = logging.getLogger(__name__)
+FILENAME = "metrics.jsonl"  # in the workdir
 
 
 class MetricsLog:
@@ -20,7 +21,7 @@ class MetricsLog:
     """
 
     def __init__(self, workdir: str, enabled: bool = True):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = os.path.join(workdir, FILENAME)
         self.enabled = enabled
         self._tensorboard = None
         if not enabled:
@@ -50,14 +51,9 @@ class MetricsLog:
         are not whole records (a line cut short by a crash), with a warning."""
         if not self.enabled or not os.path.exists(self.path):
             return
-        lines = _read_lines(self.path)
-        records = _parse(lines, self.path)
-        kept = [
-            line
-            for line, record in zip(lines, records, strict=True)
-            if record and record["epoch"] <= epoch
-        ]
-        if len(kept) != len(lines):
+        entries = _read_records(self.path)
+        kept = [line for line, record in entries if record and record["epoch"] <= epoch]
+        if len(kept) != len(entries):
             with open(self.path, "w", encoding="utf-8") as f:
                 f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
 
@@ -75,28 +71,18 @@ def to_json(record: dict[str, Any]) -> str:
     return json.dumps(clean, allow_nan=False)
 
 
-def _read_lines(path: str) -> list[str | bytes]:
-    """The non-blank lines of `path`: text, or the raw bytes of a line that is not
-    UTF-8 (a byte damaged on disk), which `_parse` then drops with a warning."""
+def _read_records(path: str) -> list[tuple[str | bytes, dict[str, Any] | None]]:
+    """Each non-blank line of `path` and its record, or None (with a warning) for a line
+    that is not one: not UTF-8 (a byte damaged on disk; the line stays bytes), not JSON,
+    or without a whole-number epoch."""
     with open(path, "rb") as f:
-        raw = [line for line in f if line.strip()]
-    lines = []
-    for line in raw:
-        try:
-            lines.append(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            lines.append(line)
-    return lines
-
-
-def _parse(lines: list[str | bytes], path: str) -> list[dict[str, Any] | None]:
-    """Each line's record, or None (with a warning) for a line that is not one: not
-    UTF-8, not JSON, or without a whole-number epoch."""
-    records = []
+        lines = [line for line in f if line.strip()]
+    entries = []
     for number, line in enumerate(lines, 1):
         try:
-            record = json.loads(line) if isinstance(line, str) else None
-        except ValueError:
+            line = line.decode("utf-8")
+            record = json.loads(line)
+        except ValueError:  # UnicodeDecodeError included
             record = None
         epoch = record.get("epoch") if isinstance(record, dict) else None
         if isinstance(epoch, bool) or not isinstance(epoch, int):
@@ -104,14 +90,13 @@ def _parse(lines: list[str | bytes], path: str) -> list[dict[str, Any] | None]:
                 "%s line %d is not a whole record: dropped (%r)", path, number, line[:80]
             )
             record = None
-        records.append(record)
-    return records
+        entries.append((line, record))
+    return entries
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """The whole records of WORKDIR/metrics.jsonl, in order."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    return [record for record in _parse(_read_lines(path), path) if record]
+    return [record for _, record in _read_records(os.path.join(workdir, FILENAME)) if record]
 
 
 def _import_summary_writer():

@@ -114,14 +114,10 @@ def param_groups(params: Any, freeze: str = "none") -> Any:
     covers, their BN included), 'backbone' (the other conv blocks) or 'head'."""
     through = frozen_blocks(freeze)
 
-    def group(layer: str) -> str:
-        block = spec.block_of(layer)
+    def group(path: tuple, _) -> str:
+        block = spec.block_of(path[0].key)  # the leaf's layer
         if block is None:
             return "head"
         return "frozen" if block <= through else "backbone"
 
-    labels = {}
-    for layer, tree in params.items():
-        label = group(layer)
-        labels[layer] = jax.tree.map(lambda _, label=label: label, tree)
-    return labels
+    return jax.tree_util.tree_map_with_path(group, params)

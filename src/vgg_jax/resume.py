@@ -96,8 +96,7 @@ def restore_newest_intact(manager, point: ResumePoint, state: Any, sharding):
     that step's meta; (state unchanged, None) when every step is damaged."""
     for step in [s for s in checkpoint.usable_steps(manager) if s <= point.step]:
         try:
-            restored = checkpoint.restore_state(manager, step, state, sharding)
-            meta = checkpoint.read_meta(manager, step)
+            restored, meta = checkpoint.restore_state(manager, step, state, sharding)
         except checkpoint.DamagedCheckpointError as error:
             checkpoint.quarantine(manager, step, error.reason)
             continue

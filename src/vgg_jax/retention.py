@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 from typing import Any
 
 from orbax.checkpoint import checkpoint_managers
@@ -13,15 +14,6 @@ from orbax.checkpoint import checkpoint_managers
 
 def accuracy_of(metrics: dict[str, Any]) -> float:
     return metrics["test_accuracy"]
-
-
-@dataclasses.dataclass(frozen=True)
-class _StepInfo:
-    """A step's (step, time, metrics), as orbax's preservation policies take them."""
-
-    step: int
-    time: Any
-    metrics: dict[str, Any] | None
 
 
 @dataclasses.dataclass
@@ -34,12 +26,10 @@ class BestTestAccuracy:
     directory: str
 
     def should_preserve(self, checkpoints, *, context) -> list[bool]:
-        filled = [
-            info
-            if info.metrics is not None
-            else _StepInfo(info.step, info.time, self._stored(info.step))
-            for info in checkpoints
-        ]
+        filled = []  # orbax's PolicyCheckpointInfo is a protocol: step, time, metrics
+        for info in checkpoints:
+            metrics = self._stored(info.step) if info.metrics is None else info.metrics
+            filled.append(types.SimpleNamespace(step=info.step, time=info.time, metrics=metrics))
         best = checkpoint_managers.BestN(
             get_metric_fn=accuracy_of, n=1, keep_checkpoints_without_metrics=False
         )

@@ -14,7 +14,6 @@ import jax
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh
 from tqdm import tqdm
 
 from vgg_jax import checkpoint, data
@@ -30,7 +29,6 @@ class Run:
     """Everything the epoch loop needs, made once by `setup`."""
 
     config: ml_collections.ConfigDict
-    mesh: Mesh
     manager: Any  # orbax CheckpointManager
     log: MetricsLog
     input: data.Input
@@ -40,10 +38,6 @@ class Run:
     partial_sums: dict[str, float] | None  # metric sums of a resumed, unfinished epoch
     wait_each_step: bool = False  # the backend's step pacing (models.backend_tuning)
     lock: WorkdirLock | None = None  # held by process 0 for the whole run
-
-    @property
-    def info(self) -> data.DatasetInfo:
-        return self.input.info
 
     @property
     def steps_per_epoch(self) -> int:
@@ -61,7 +55,7 @@ def save_checkpoint(
     `step_in_epoch` steps) and, mid-epoch, the epoch's partial metric sums."""
     meta = {
         "schema": checkpoint.META_SCHEMA,
-        "dataset": run.info.to_json(),
+        "dataset": run.input.info.to_json(),
         "steps_per_epoch": run.steps_per_epoch,
         "epoch": epoch,
         "step_in_epoch": step_in_epoch,
@@ -70,14 +64,7 @@ def save_checkpoint(
         meta.update(test_accuracy=record["test_accuracy"], record=record)
     if sums is not None:
         meta["partial_train_sums"] = {k: float(v) for k, v in jax.device_get(sums).items()}
-    checkpoint.save(
-        run.manager,
-        state,
-        run.config,
-        meta,
-        meta.get("test_accuracy"),
-        extra=run.input.checkpoint_items(),
-    )
+    checkpoint.save(run.manager, state, run.config, meta, extra=run.input.checkpoint_items())
 
 
 def close(run: Run) -> None:

@@ -57,11 +57,13 @@ class TrainState(train_state.TrainState):
     rng: jax.Array
     ema: Any = flax.struct.field(default_factory=dict)
 
+    def model_variables(self) -> dict[str, Any]:
+        """The trained weights as the model's variables (not the EMA)."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
     def eval_variables(self) -> dict[str, Any]:
         """The weights to evaluate: the EMA when there is one."""
-        if self.ema:
-            return self.ema
-        return {"params": self.params, "batch_stats": self.batch_stats}
+        return self.ema or self.model_variables()
 
 
 def create_train_state(
@@ -78,16 +80,14 @@ def create_train_state(
     def init() -> TrainState:
         images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
         variables = model.init(params_key, images, train=False)
-        batch_stats = variables.get("batch_stats", {})
-        ema = {"params": variables["params"], "batch_stats": batch_stats}
-        return TrainState.create(
+        state = TrainState.create(
             apply_fn=model.apply,
             params=variables["params"],
             tx=tx,
-            batch_stats=batch_stats,
+            batch_stats=variables.get("batch_stats", {}),
             rng=jax.random.key_data(dropout_key),
-            ema=ema if config.ema_decay else {},
         )
+        return state.replace(ema=state.model_variables()) if config.ema_decay else state
 
     out_shardings = NamedSharding(mesh, P()) if mesh is not None else None
     lowered = jax.jit(init, out_shardings=out_shardings).lower()
@@ -111,8 +111,7 @@ def update_ema(state: TrainState, decay: float) -> TrainState:
     if not state.ema:
         return state
     rate = jnp.minimum(decay, (1.0 + state.step) / (10.0 + state.step))
-    current = {"params": state.params, "batch_stats": state.batch_stats}
-    ema = jax.tree.map(lambda e, c: rate * e + (1.0 - rate) * c, state.ema, current)
+    ema = jax.tree.map(lambda e, c: rate * e + (1.0 - rate) * c, state.ema, state.model_variables())
     return state.replace(ema=ema)
 
 
@@ -255,13 +254,13 @@ def evaluate(state: TrainState, batches, eval_fn, wait: bool = False) -> dict[st
 def setup(
     config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard | None = None
 ) -> tuple[Run, TrainState]:
-    """The other processes (a distributed run; `guard` ends the wait for them), devices,
-    checkpoint manager, data on the devices, model and state (restored when the workdir
-    holds a checkpoint), metrics log and step functions, in that order."""
+    """The run and its state, restored when the workdir holds a checkpoint. `guard` ends
+    the wait for the other processes of a distributed run."""
     distributed.start(config, guard)
     config_checks.validate(config, jax.device_count())
     mesh = data.create_mesh()
     lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+    manager = None
     try:
         manager = checkpoint.create_manager(
             checkpoint.checkpoint_dir(workdir),
@@ -269,13 +268,10 @@ def setup(
             async_save=config.async_checkpointing,
             array_handler=models.backend_tuning(config).array_handler,
         )
-    except BaseException:
-        lock and lock.release()
-        raise
-    try:
         run, state = _prepare(config, workdir, mesh, manager)
     except BaseException:
-        manager.close()  # an early error ends in its own message, not in orbax's
+        if manager is not None:
+            manager.close()  # an early error ends in its own message, not in orbax's
         lock and lock.release()
         raise
     run.lock = lock
@@ -314,7 +310,6 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manage
     train_fn, eval_fn = make_step_functions(config, mesh)
     run = Run(
         config=config,
-        mesh=mesh,
         manager=manager,
         log=log,
         input=batches,
@@ -383,11 +378,10 @@ def train_epoch(
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard | None = None
 ) -> TrainState:
-    """Trains for `config.num_epochs` passes, evaluating on every test example after each;
-    logs to WORKDIR/metrics.jsonl and TensorBoard; checkpoints to WORKDIR/checkpoints and
-    resumes from there. Raises `Preempted` after saving if SIGTERM/SIGINT arrives (the
-    CLI passes a `guard` installed before anything slow), `DivergedError` if the loss becomes
-    NaN or infinite. Returns the final state."""
+    """Trains and evaluates for `config.num_epochs` epochs in `workdir`, resuming from its
+    checkpoints (docs/training.md); returns the final state. Raises `Preempted` after
+    saving if SIGTERM/SIGINT arrives (the CLI passes a `guard` installed before anything
+    slow), `DivergedError` if the loss becomes NaN or infinite."""
     if guard is None:
         # The guard covers set-up too: a signal during data loading or compilation is
         # answered after the first step, with a checkpoint.
