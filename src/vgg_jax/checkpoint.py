@@ -137,8 +137,10 @@ def create_manager(
         absl_logger = logging.getLogger("absl")
         level = absl_logger.level
         absl_logger.setLevel(logging.ERROR)  # orbax warns that the handler is replaced
-        ocp.type_handlers.register_type_handler(jax.Array, array_handler, override=True)
-        absl_logger.setLevel(level)
+        try:
+            ocp.type_handlers.register_type_handler(jax.Array, array_handler, override=True)
+        finally:
+            absl_logger.setLevel(level)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=None if read_only else policy,
         # With `best_fn` set, orbax writes each step's metrics beside it (the

@@ -246,7 +246,8 @@ def build_model(config: ml_collections.ConfigDict, info: Any) -> VGG:
 def backend_tuning(config: ml_collections.ConfigDict) -> cpu.Tuning:
     """The backend's speed work for a run of `config`: the one place it is injected.
     Model building takes its layers; training its compiler options and step pacing; the
-    checkpoint manager its array writer. Off a CPU it changes nothing (`vgg_jax.cpu`)."""
+    checkpoint manager its array writer. Off a CPU only the layers can apply
+    (`conv_impl='matmul'`); the rest is neutral (`vgg_jax.cpu`)."""
     return cpu.tuning(config.conv_impl)
 
 

@@ -35,7 +35,8 @@ class Tuning:
 
 
 def tuning(conv_impl: str) -> Tuning:
-    """The CPU speed work for a model built with `conv_impl`, or none off a CPU.
+    """The CPU speed work for a model built with `conv_impl`: off a CPU only the layers
+    of `conv_impl='matmul'` apply, every other field is neutral.
 
     - init_compiler_options: on CPU, LLVM's optimisation of the random-number generator
       for every parameter is most of the initialisation's compile time and buys little for

@@ -99,7 +99,8 @@ def _check_split(config, split: str, expected, class_names: tuple[str, ...], siz
     """`split` must have examples, and the training split's classes (`expected`)."""
     if expected is not None and tuple(expected) != class_names:
         raise DatasetUnavailableError(
-            f"{config.dataset} split {split!r} has other classes than the training split"
+            f"{config.dataset} split {split!r} has classes {class_names}, expected "
+            f"{tuple(expected)} (the training split's)"
         )
     if not size:
         raise DatasetUnavailableError(f"split {split!r} of {config.dataset} is empty")

@@ -300,9 +300,7 @@ class StreamInput:
             threads=config.input_threads,
         )
         self.iterator, self.next_step = None, 0
-        self.counts = dict.fromkeys(
-            ("input_wait_seconds", "train_skipped_files", "test_skipped_files"), 0
-        )
+        self.counts = _zero_counts()
 
     def _sample_views(self, sample: np.ndarray) -> np.ndarray:
         """The readable evaluation views of this process's part of the normalisation
@@ -387,5 +385,9 @@ class StreamInput:
         self.iterator, self.next_step = iterator, step
 
     def take_epoch_counts(self) -> dict[str, float]:
-        counts, self.counts = self.counts, dict.fromkeys(self.counts, 0)
+        counts, self.counts = self.counts, _zero_counts()
         return counts
+
+
+def _zero_counts() -> dict[str, float]:
+    return {"input_wait_seconds": 0.0, "train_skipped_files": 0, "test_skipped_files": 0}
