@@ -73,3 +73,32 @@ def test_nothing_of_a_killed_trainer_survives_it(tmp_path):
 def test_exit_descriptions_name_the_signal():
     assert workers.describe_exit(-9) == "killed by signal 9 (SIGKILL)"
     assert workers.describe_exit(3) == "exit code 3"
+
+
+def _sleep_forever() -> None:
+    import time
+
+    time.sleep(600)
+
+
+def test_a_worker_killed_while_its_stream_closes_is_not_reported():
+    # grain's close kills a worker that does not stop within its timeout (one blocked on
+    # a full pipe) and returns at once: the exit is asked for, however late it lands.
+    import multiprocessing
+    import time
+
+    supervisor = workers.Supervisor()
+    worker = multiprocessing.get_context("spawn").Process(
+        target=_sleep_forever, name=f"{workers.GRAIN_WORKER_PREFIX}-test", daemon=True
+    )
+    worker.start()
+    supervisor.start()
+    deadline = time.monotonic() + 30
+    while worker.pid not in supervisor.known and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert worker.pid in supervisor.known
+    with supervisor.stopping():
+        worker.kill()  # as grain does, without waiting for the death
+    time.sleep(3 * workers.POLL_SECONDS)
+    assert supervisor.error is None
+    assert worker.exitcode == -9

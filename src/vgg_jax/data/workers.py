@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 EXIT_ON_WORKER_DEATH = False
 GRAIN_WORKER_PREFIX = "grain-process-prefetch"
 POLL_SECONDS = 0.5
+KILL_GRACE_SECONDS = 0.2
 
 
 class InputWorkerError(RuntimeError):
@@ -108,6 +109,11 @@ class Supervisor:
         try:
             yield
         finally:
+            # grain's close kills a worker that does not stop within its timeout (one
+            # blocked on a full pipe: every stream of large batches, at its end) and
+            # returns without waiting for it to die: give the kill time to land, so that
+            # this exit is not reported later as a death.
+            time.sleep(KILL_GRACE_SECONDS)
             with self.lock:
                 self.known = {pid: p for pid, p in self.known.items() if p.exitcode is None}
                 self.closing -= 1
