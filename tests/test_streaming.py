@@ -216,17 +216,20 @@ def test_every_evaluation_pass_reads_the_whole_share_from_one_iterator(tmp_path)
     )
     assert (len(passes.dataset), passes.batches) == (2, 2)  # 6 images in this share: 5 + 1
 
-    def one_pass():
-        return [batch["index"][batch["mask"] > 0].tolist() for batch in passes.one_pass()]
+    def one_pass(passes_left=3):
+        batches = passes.one_pass(passes_left)
+        return [batch["index"][batch["mask"] > 0].tolist() for batch in batches]
 
     first = one_pass()
     iterator = passes.iterator
     assert sorted(sum(first, [])) == list(range(1, 12, 2))
     assert one_pass() == first and passes.iterator is iterator  # no new decoding processes
-    stopped = passes.one_pass()
+    stopped = passes.one_pass(1)
     next(stopped)
     stopped.close()  # an evaluation cut short: the next pass starts at the start again
-    assert one_pass() == first
+    assert one_pass(1) == first
+    # The stream was built for that one pass: nothing of a next one is read ahead.
+    assert list(passes.iterator) == []
     passes.close()
 
 
@@ -396,3 +399,23 @@ def test_a_streamed_test_split_of_unreadable_files_is_refused(stream_config, tmp
     stream_config.num_epochs, stream_config.max_steps_per_epoch = 1, 1
     with pytest.raises(DatasetUnavailableError, match="no readable image in the evaluation"):
         train.train_and_evaluate(stream_config, str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_a_finished_stream_closes_without_waiting_for_its_workers(stream_config):
+    # Batches larger than a pipe (48 x 48 x 3 x 16 bytes = 110 KB > 64 KB): a decoding
+    # process that read ahead beyond the run could not hand its batch over and would keep
+    # grain's close waiting its 25 s kill timeout, per stream.
+    import time
+
+    from vgg_jax import data
+
+    stream_config.image_size, stream_config.batch_size = 48, 16
+    stream_config.input, stream_config.input_workers, stream_config.num_epochs = "stream", 2, 1
+    stream_config.max_steps_per_epoch = 2
+    batches = data.create(stream_config, data.create_mesh(), ((100.0,) * 3, (50.0,) * 3))
+    assert len(list(batches.train_batches(0, 0))) == 2
+    assert sum(1 for _ in batches.eval_batches()) == batches.eval_passes.batches
+    start = time.perf_counter()
+    batches.close()
+    assert time.perf_counter() - start < 20  # grain's kill timeout is 25 s

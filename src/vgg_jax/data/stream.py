@@ -233,11 +233,15 @@ class EvalPasses:
         self.empty = transform.map(np.zeros(0, np.int64))
         self.iterator = None
 
-    def one_pass(self) -> Iterator[dict[str, np.ndarray]]:
-        """Exactly `batches` padded batches: this process's share, then empty ones."""
+    def one_pass(self, passes_left: int) -> Iterator[dict[str, np.ndarray]]:
+        """Exactly `batches` padded batches: this process's share, then empty ones.
+        `passes_left` (this one included) bounds the stream: decoding processes that
+        read ahead into a pass nobody asks for hold batches they cannot hand over, and a
+        blocked one delays the stream's close by grain's kill timeout."""
         own = len(self.dataset)
         if self.iterator is None and own:
-            self.iterator = iterate(self.dataset.repeat(), self.workers, self.threads)
+            passes = self.dataset.repeat(max(1, passes_left))
+            self.iterator = iterate(passes, self.workers, self.threads)
         finished = False
         try:
             for batch in range(self.batches):
@@ -269,6 +273,7 @@ class StreamInput:
         eval_records = records(config, config.eval_split, self.train_records.class_names)
         sharding.check_batch_fits(config, len(self.train_records))
         self.steps_per_epoch = sharding.limited_steps(config, len(self.train_records))
+        self.last_step = config.num_epochs * self.steps_per_epoch
         self.view = views.eval_view(config)
         self.info = stats.dataset_info(
             config,
@@ -324,8 +329,11 @@ class StreamInput:
         if self.iterator is None or self.next_step != global_step:
             # A fresh stream positioned at `global_step` (batches are indexed by step).
             self._close_train_stream()
+            # The stream ends with the run's last step (see EvalPasses.one_pass for why).
             self.iterator = iterate(
-                self.dataset[global_step:], self.config.input_workers, self.config.input_threads
+                self.dataset[global_step : self.last_step],
+                self.config.input_workers,
+                self.config.input_threads,
             )
             self.next_step = global_step
         return self.iterator
@@ -352,7 +360,8 @@ class StreamInput:
 
     def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
         global_rows = self.eval_passes.local_batch * self.process_count
-        for local in self.eval_passes.one_pass():
+        epoch = max(0, self.next_step // self.steps_per_epoch - 1)  # the one just trained
+        for local in self.eval_passes.one_pass(self.config.num_epochs - epoch):
             yield self._to_devices(local, global_rows, "test_skipped_files")
 
     def checkpoint_items(self) -> dict[str, Any]:
@@ -372,7 +381,7 @@ class StreamInput:
         if workers < 0 or saved_config.get("input_workers") != workers:
             logger.info("stream positioned at step %d (input_workers changed)", step)
             return
-        iterator = iterate(self.dataset, workers, self.config.input_threads)
+        iterator = iterate(self.dataset[: self.last_step], workers, self.config.input_threads)
         try:
             manager.restore(
                 step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator))
