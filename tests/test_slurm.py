@@ -86,6 +86,8 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe
 def slurm(tmp_path_factory):
     """A one-node cluster whose node is this host; yields the environment for srun."""
     reason = _missing()
+    if reason and os.environ.get("VGG_JAX_REQUIRE_SLURM") == "1":  # CI installs Slurm
+        pytest.fail(f"VGG_JAX_REQUIRE_SLURM=1 but {reason}")
     if reason:
         pytest.skip(reason)
     root = tmp_path_factory.mktemp("slurm")
