@@ -259,6 +259,7 @@ def setup(
     distributed.start(config, guard)
     config_checks.validate(config, jax.device_count())
     mesh = data.create_mesh()
+    tuning = models.backend_tuning(config)
     lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
     manager = None
     try:
@@ -266,9 +267,9 @@ def setup(
             checkpoint.checkpoint_dir(workdir),
             keep=config.keep_checkpoints,
             async_save=config.async_checkpointing,
-            array_handler=models.backend_tuning(config).array_handler,
+            array_handler=tuning.array_handler,
         )
-        run, state = _prepare(config, workdir, mesh, manager)
+        run, state = _prepare(config, workdir, mesh, manager, tuning.wait_each_step)
     except BaseException:
         if manager is not None:
             manager.close()  # an early error ends in its own message, not in orbax's
@@ -278,7 +279,9 @@ def setup(
     return run, state
 
 
-def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manager):
+def _prepare(
+    config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manager, wait_each_step: bool
+):
     point = resume.find_resume_point(manager, config)
     normalisation, source_variables = starting_point(config, point)
     batches = data.create(config, mesh, normalisation)
@@ -317,7 +320,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manage
         train_fn=train_fn,
         eval_fn=eval_fn,
         partial_sums=(meta or {}).get("partial_train_sums"),
-        wait_each_step=models.backend_tuning(config).wait_each_step,
+        wait_each_step=wait_each_step,
     )
     return run, state
 
