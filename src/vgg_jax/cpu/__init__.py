@@ -1,6 +1,4 @@
-"""CPU speed work, kept out of the core and injected only where it applies, through
-`models.backend_tuning` (docs/architecture.md, `cpu/`).
-"""
+"""CPU speed work, kept out of the core: injected only through `models.backend_tuning`."""
 
 from __future__ import annotations
 
@@ -35,8 +33,7 @@ class Tuning:
 
 
 def tuning(conv_impl: str) -> Tuning:
-    """The CPU speed work for a model built with `conv_impl`: off a CPU only the layers
-    of `conv_impl='matmul'` apply, every other field is neutral.
+    """The CPU speed work for `conv_impl`: off a CPU only the layers of 'matmul' apply.
 
     - init_compiler_options: on CPU, LLVM's optimisation of the random-number generator
       for every parameter is most of the initialisation's compile time and buys little for
@@ -49,7 +46,16 @@ def tuning(conv_impl: str) -> Tuning:
       the host's memory: there each slice is only an eager slicing operation per array,
       device and save (experiments/RESULTS.md). The files are the same kind either way.
     """
-    layers = _layers() if uses_cpu_kernels(conv_impl) else {}
+    layers = {}
+    if uses_cpu_kernels(conv_impl):
+        from vgg_jax.cpu import conv
+        from vgg_jax.cpu import layers as cpu_layers
+
+        layers = {
+            "conv": conv.Conv,
+            "dropout": cpu_layers.ByteDropout,
+            "max_pool": cpu_layers.max_pool_2x2,
+        }
     if backend() != "cpu":
         return Tuning(layers=layers)
     import jax
@@ -64,14 +70,3 @@ def tuning(conv_impl: str) -> Tuning:
             ocp.type_handlers.ArrayHandler(use_replica_parallel=False) if several_devices else None
         ),
     )
-
-
-def _layers() -> dict[str, Any]:
-    from vgg_jax.cpu import conv
-    from vgg_jax.cpu import layers as cpu_layers
-
-    return {
-        "conv": conv.Conv,
-        "dropout": cpu_layers.ByteDropout,
-        "max_pool": cpu_layers.max_pool_2x2,
-    }

@@ -1,15 +1,8 @@
-"""A drop-in replacement for `flax.linen.Conv` whose 3x3 stride-1 SAME convolutions run
-as Winograd F(2x2, 3x3) or im2col matrix products (`plan` says which): faster than
-XLA:CPU's own convolution for VGG's layers (measurements in experiments/RESULTS.md,
-"Speed", CPU).
-
-Why: XLA:CPU's convolution falls off a cliff on small feature maps (VGG-CIFAR's last
-blocks are 2x2) and elsewhere runs well below the machine's matrix-product rate, its
-kernel gradient at about half its forward speed.
-
-Every path is tested against `lax.conv_general_dilated`, forward and both gradients
-(tests/test_cpu.py).
-"""
+"""A drop-in `flax.linen.Conv` whose 3x3 stride-1 SAME convolutions run as Winograd
+F(2x2, 3x3) or im2col matrix products (`plan` says which). Why: XLA:CPU's convolution
+falls off a cliff on small maps (VGG-CIFAR's last blocks are 2x2) and elsewhere runs well
+below the machine's matrix-product rate, its kernel gradient at half its forward speed
+(experiments/RESULTS.md, "Speed", CPU)."""
 
 from __future__ import annotations
 
@@ -30,8 +23,7 @@ _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How each part of one convolution is computed: 'xla' or 'im2col' each, or
-    'winograd' for all three (WINOGRAD)."""
+    """How each part of a convolution is computed: 'xla' or 'im2col', or WINOGRAD."""
 
     forward: str
     input_grad: str
@@ -53,37 +45,18 @@ def plan(height: int, width: int, in_channels: int) -> Plan:
     return WINOGRAD
 
 
-def _taps(size: int, kernel: int) -> list[int]:
-    """Kernel offsets along one axis that touch at least one real (non-padding) pixel."""
-    half = kernel // 2
-    return [k for k in range(kernel) if abs(k - half) < size]
-
-
-def _shifted(x_padded: jax.Array, i: int, j: int, height: int, width: int) -> jax.Array:
-    return lax.slice(
-        x_padded, (0, i, j, 0), (x_padded.shape[0], i + height, j + width, x_padded.shape[3])
-    )
-
-
-def _pad(x: jax.Array, kh: int, kw: int) -> jax.Array:
-    return jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-
-
 def _live_taps(x: jax.Array, kh: int, kw: int) -> list[tuple[int, int]]:
-    return [(i, j) for i in _taps(x.shape[1], kh) for j in _taps(x.shape[2], kw)]
+    """Kernel offsets (i, j) that touch at least one real (non-padding) pixel of `x`."""
+    rows = [i for i in range(kh) if abs(i - kh // 2) < x.shape[1]]
+    return [(i, j) for i in rows for j in range(kw) if abs(j - kw // 2) < x.shape[2]]
 
 
 def _patches(x: jax.Array, taps: list[tuple[int, int]], kh: int, kw: int) -> jax.Array:
     """im2col: (N*H*W, len(taps)*Cin), tap-major like the rows of the flattened kernel."""
     n, h, w, c = x.shape
-    padded = _pad(x, kh, kw)
-    columns = [_shifted(padded, i, j, h, w) for i, j in taps]
+    padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    columns = [lax.slice(padded, (0, i, j, 0), (n, i + h, j + w, c)) for i, j in taps]
     return jnp.concatenate(columns, axis=-1).reshape(n * h * w, len(taps) * c)
-
-
-def _tap_kernel(kernel: jax.Array, taps: list[tuple[int, int]]) -> jax.Array:
-    """The kernel rows of the live taps, flattened to (len(taps)*Cin, Cout)."""
-    return jnp.concatenate([kernel[i, j] for i, j in taps], axis=0)
 
 
 def _xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -93,8 +66,8 @@ def _xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 def _im2col_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     kh, kw, _, c_out = kernel.shape
     taps = _live_taps(x, kh, kw)
-    out = _patches(x, taps, kh, kw) @ _tap_kernel(kernel, taps)
-    return out.reshape(*x.shape[:3], c_out)
+    kernel_rows = jnp.concatenate([kernel[i, j] for i, j in taps], axis=0)
+    return (_patches(x, taps, kh, kw) @ kernel_rows).reshape(*x.shape[:3], c_out)
 
 
 # Winograd F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
@@ -117,8 +90,7 @@ _MIRROR = np.array([3, 1, 2, 0])
 
 
 def _tile_grid(shape: Sequence[int]) -> tuple[int, int]:
-    """Number of 2x2 output tiles down and across an NHWC `shape` (the last ones may
-    overhang)."""
+    """2x2 output tiles down and across an NHWC `shape` (the last ones may overhang)."""
     return -(-shape[1] // _STEP), -(-shape[2] // _STEP)
 
 
@@ -235,11 +207,6 @@ def _winograd_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 _winograd_conv.defvjp(_winograd_forward, _winograd_backward)
 
 
-def _flipped(kernel: jax.Array) -> jax.Array:
-    """The kernel of the transposed convolution: spatially flipped, in/out swapped."""
-    return jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
-
-
 def _kernel_grad(x: jax.Array, dy: jax.Array, kh: int, kw: int, how: str) -> jax.Array:
     c_in, c_out = x.shape[-1], dy.shape[-1]
     if how == "xla":
@@ -282,8 +249,10 @@ def _planned_bwd(how, residuals, dy):
     x, kernel = residuals
     dy = lax.optimization_barrier(dy)
     kh, kw = kernel.shape[:2]
-    # The input gradient is the convolution of dy with the flipped kernel (SAME, odd k).
-    dx = _FORWARD[how.input_grad](dy, _flipped(kernel)).astype(x.dtype)
+    # The input gradient is the convolution of dy with the kernel flipped in space, its
+    # in/out channels swapped (SAME, odd k).
+    flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+    dx = _FORWARD[how.input_grad](dy, flipped).astype(x.dtype)
     dk = _kernel_grad(x, dy, kh, kw, how.kernel_grad).astype(kernel.dtype)
     return dx, dk
 
@@ -303,13 +272,9 @@ def _as_pair(value: int | Sequence[int]) -> tuple[int, int]:
 
 
 class Conv(nn.Module):
-    """nn.Conv for 2-D NHWC inputs, with the convolution from `conv_same`.
-
-    Takes nn.Conv's arguments (those VGG uses, plus strides/precision/initialisers) and
-    creates the same parameters with the same initialisers and names (checkpoints are
-    interchangeable). Anything other than stride 1 / SAME falls back to
-    lax.conv_general_dilated.
-    """
+    """nn.Conv for 2-D NHWC inputs (the arguments VGG uses, plus strides, precision and
+    initialisers), with the same parameters, so checkpoints are interchangeable; only
+    stride-1 SAME convolutions go through `conv_same`."""
 
     features: int
     kernel_size: int | Sequence[int] = (3, 3)
@@ -324,16 +289,13 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        kernel_size = _as_pair(self.kernel_size)
-        strides = _as_pair(self.strides)
-        kernel_shape = (*kernel_size, inputs.shape[-1], self.features)
+        kernel_shape = (*_as_pair(self.kernel_size), inputs.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        strides = _as_pair(self.strides)
         if strides == (1, 1) and self.padding == "SAME" and self.precision is None:
             y = conv_same(inputs, kernel)
         else:
@@ -345,6 +307,4 @@ class Conv(nn.Module):
                 dimension_numbers=_DIMENSIONS,
                 precision=self.precision,
             )
-        if bias is not None:
-            y = y + bias
-        return y
+        return y if bias is None else y + bias

@@ -1,20 +1,16 @@
 """Keep freed host memory in the process, so that XLA:CPU does not page-fault its step
-buffers in afresh on every step (measurements: experiments/RESULTS.md, "Speed", CPU).
+buffers in afresh on every step (experiments/RESULTS.md, "Speed", CPU).
 
-Why: XLA:CPU allocates each execution's temporaries (about a gigabyte for a VGG16-CIFAR
-train step) with malloc, and glibc serves blocks that large with a fresh mmap and hands
-them back with munmap on free; blocks requested from a worker thread's own arena fall
-back to mmap even when mmap is switched off. So every step touched hundreds of
-thousands of new pages. With one arena, no mmap, no trimming and a 1 GiB top pad, freed
-blocks stay in the heap and the next step reuses them.
+Why: XLA:CPU mallocs each execution's temporaries (about a gigabyte for a VGG16-CIFAR
+train step); glibc serves blocks that large with a fresh mmap (from a worker thread's
+arena even with mmap off) and munmaps them on free. With one arena, no mmap, no trimming
+and a 1 GiB top pad, freed blocks stay in the heap and the next step reuses them.
 
-glibc reads these settings only at process start (mallopt() later does not help), so
-the command-line entry points restart themselves once with GLIBC_TUNABLES set: same
-process id, arguments and streams. Only where JAX will run on the CPU: a machine with a
-GPU or TPU plugin installed keeps its allocator unless JAX_PLATFORMS=cpu. Never for a
-program read from stdin or given with -c (it cannot be replayed), nor in an interactive
-session or notebook kernel. The cost: the process keeps its peak heap until it exits.
-Opt out with VGG_JAX_KEEP_MEMORY=0, or set any glibc.malloc tunable yourself.
+glibc reads these settings only at process start, so the CLIs restart themselves once
+(same process id, arguments and streams) with GLIBC_TUNABLES set: only where JAX runs on
+the CPU, never for a program read from stdin or given with -c, nor in an interactive
+session or notebook. The cost: the process keeps its peak heap until it exits. Opt out
+with VGG_JAX_KEEP_MEMORY=0, or set any glibc.malloc tunable yourself.
 """
 
 from __future__ import annotations
@@ -76,9 +72,7 @@ def restart_environment(environ: Mapping[str, str]) -> dict[str, str] | None:
     existing = environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc." in existing:
         return None
-    env = dict(environ)
-    env["GLIBC_TUNABLES"] = ":".join(filter(None, [existing, *TUNABLES]))
-    return env
+    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [existing, *TUNABLES]))}
 
 
 def interactive() -> bool:
@@ -87,9 +81,8 @@ def interactive() -> bool:
 
 
 def restart_with_retained_memory() -> None:
-    """Re-executes this Python command with the tunables above, unless not wanted.
-    Returns only when no restart is wanted; call it first thing in a CLI's entry point.
-    A CLI's `run()` called from Jupyter or Colab just runs without the settings."""
+    """Re-executes this Python command with the tunables above; returns only where no
+    restart is wanted. Call it first thing in a CLI's entry point."""
     if interactive() or not replayable(sys.orig_argv):
         return
     env = restart_environment(os.environ)

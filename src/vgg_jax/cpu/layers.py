@@ -1,8 +1,5 @@
-"""The CPU versions of VGG's dropout and max-pool (measurements: experiments/RESULTS.md).
-
-Both compute what the stock layers compute, in forms XLA:CPU runs faster; neither has
-parameters, so checkpoints are the same with either.
-"""
+"""VGG's dropout and max-pool in forms XLA:CPU runs faster (experiments/RESULTS.md);
+neither has parameters, so checkpoints are the same with the stock layers."""
 
 from __future__ import annotations
 
@@ -13,28 +10,23 @@ from jax import lax
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max-pool with stride 2 (an odd last row or column is dropped), written as a
-    reshape and a max.
-
-    Why: XLA:CPU differentiates reduce_window max into select_and_scatter, several times
-    slower than the backward of this form. Where the maximum is tied, the gradient is
-    shared among the tied inputs instead of going to the first; after a ReLU such ties
-    are zeros, whose gradient the ReLU zeroes anyway.
-    """
+    """2x2 max-pool with stride 2 (an odd last row or column is dropped) as a reshape and
+    a max. Why: XLA:CPU differentiates reduce_window max into select_and_scatter, several
+    times slower than this form's backward. A tied maximum shares its gradient among the
+    tied inputs instead of giving it to the first; after a ReLU such ties are zeros, whose
+    gradient the ReLU zeroes anyway."""
     n, h, w, c = x.shape
     x = x[:, : h - h % 2, : w - w % 2]
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 class ByteDropout(nn.Module):
-    """nn.Dropout drawing one random byte per element instead of 32 bits.
-
-    The rate is rounded to a multiple of 1/256 (0.3 -> 77/256 = 0.3008, 0.4 -> 0.3984,
-    0.5 exactly) and the kept values are scaled by 1 / (1 - that rate), so the
-    expectation is exact. Why: threefry costs the same per 32-bit word whatever the
-    requested width, so packing four bytes per word makes the masks 4x cheaper, a
-    noticeable share of a CPU train step with the reference recipe's per-conv dropout.
-    """
+    """nn.Dropout drawing one random byte per element instead of 32 bits. The rate is
+    rounded to a multiple of 1/256 (0.3 -> 77/256 = 0.3008, 0.4 -> 0.3984, 0.5 exactly)
+    and the kept values scaled by 1 / (1 - that rate), so the expectation is exact. Why:
+    threefry costs the same per 32-bit word whatever the requested width, so four bytes
+    per word make the masks 4x cheaper, a noticeable share of a CPU train step with the
+    reference recipe's per-conv dropout."""
 
     rate: float
     deterministic: bool = False
