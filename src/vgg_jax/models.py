@@ -1,10 +1,6 @@
-"""VGG (Simonyan & Zisserman 2014) as one configurable Flax linen module.
-
-The module takes uint8 (or float 0..255) NHWC images and normalises them itself, so a
-checkpoint plus its config is everything a predictor needs. Its layers are stock Flax
-(`nn.Conv`, `nn.Dropout`, `nn.max_pool`) unless others are passed in: `build_model`
-passes the CPU kernels of `vgg_jax.cpu` where the backend is a CPU.
-"""
+"""VGG (Simonyan & Zisserman 2014) as one configurable Flax linen module. It normalises
+its uint8 (or float 0..255) NHWC images itself, so a checkpoint plus its config is all a
+predictor needs."""
 
 from __future__ import annotations
 
@@ -32,8 +28,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
 
 def _bin_matrix(size: int, bins: int) -> np.ndarray:
-    """(bins, size) averaging weights of torchvision's adaptive pooling along one axis:
-    bin i covers floor(i * size / bins) .. ceil((i + 1) * size / bins) - 1."""
+    """(bins, size) weights of torchvision's adaptive average pooling along one axis."""
     matrix = np.zeros((bins, size), np.float32)
     for i in range(bins):
         start, end = (i * size) // bins, -(-((i + 1) * size) // bins)
@@ -55,22 +50,12 @@ def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
 
 
 class VGG(nn.Module):
-    """A VGG network: blocks of 3x3 convolutions and 2x2 max-pools, then a dense head.
-
-    `model.apply(variables, images)` gives logits; `model.apply(variables, images,
-    layers=(...), method="features")` the named activations (see `features`).
-
-    Attributes:
-      stages: channels of each convolution, one tuple per block.
-      num_classes: size of the output layer.
-      batch_norm: BN after every convolution (and in the head where it asks for BN).
-      conv_dropout: dropout rate after each convolution, same shape as `stages`.
-      head: a key of `spec.HEADS` ('torchvision' pools the last map to 7x7 first).
-      head_dropout: dropout rate in the head (overrides the head's default if set).
-      dtype: compute dtype; parameters and BN statistics stay float32.
-      mean, std: per-channel input statistics in 0..255 units.
-      conv, dropout, max_pool: the layers to build with (drop-in replacements allowed).
-    """
+    """Blocks of 3x3 convolutions (channels: `stages`) and 2x2 max-pools, then a head of
+    `spec.HEADS`. `apply(variables, images)` gives logits, `apply(variables, images,
+    layers=(...), method="features")` named activations. `conv_dropout`: a rate per
+    convolution; `head_dropout` overrides the head's own rate; `dtype`: the compute dtype
+    (parameters and BN statistics stay float32); `mean`, `std`: per channel, 0..255 units;
+    `conv`, `dropout`, `max_pool`: the layers (stock Flax unless replaced: `vgg_jax.cpu`)."""
 
     stages: Sequence[Sequence[int]]
     num_classes: int
@@ -191,18 +176,15 @@ def create_model(
     num_classes: int,
     *,
     width: float = 1.0,
-    batch_norm: bool = True,
     conv_dropout: str = "none",
     head: str = "cifar",
-    head_dropout: float | None = None,
-    dtype: Any = jnp.float32,
     mean: Sequence[float] = spec.IMAGENET_MEAN,
     std: Sequence[float] = spec.IMAGENET_STD,
     stages: Sequence[Sequence[int]] | None = None,
-    **layers: Any,
+    **fields: Any,
 ) -> VGG:
     """A VGG from a preset name ('vgg11' .. 'vgg19', 'vgg_tiny') or explicit stages;
-    `layers` may replace `conv`, `dropout` and `max_pool`."""
+    `fields`: VGG's other attributes (batch_norm, head_dropout, dtype, the layers)."""
     if stages is None:
         if name not in spec.STAGES:
             raise ValueError(f"unknown model {name!r}; choose one of {sorted(spec.STAGES)}")
@@ -213,14 +195,11 @@ def create_model(
     return VGG(
         stages=stages,
         num_classes=num_classes,
-        batch_norm=batch_norm,
         conv_dropout=spec.conv_dropout_rates(stages, conv_dropout),
         head=head,
-        head_dropout=head_dropout,
-        dtype=dtype,
         mean=tuple(mean),
         std=tuple(std),
-        **layers,
+        **fields,
     )
 
 
@@ -244,10 +223,9 @@ def build_model(config: ml_collections.ConfigDict, info: Any) -> VGG:
 
 
 def backend_tuning(config: ml_collections.ConfigDict) -> cpu.Tuning:
-    """The backend's speed work for a run of `config`: the one place it is injected.
-    Model building takes its layers; training its compiler options and step pacing; the
-    checkpoint manager its array writer. Off a CPU only the layers can apply
-    (`conv_impl='matmul'`); the rest is neutral (`vgg_jax.cpu`)."""
+    """The backend's speed work for a run of `config` (`vgg_jax.cpu`), the one place it is
+    injected: layers for the model, compiler options and step pacing for training, the
+    array writer for checkpoints."""
     return cpu.tuning(config.conv_impl)
 
 
