@@ -61,11 +61,9 @@ def _stages(value):
         return None
     ok = (
         isinstance(value, tuple)
-        and len(value) > 0
+        and value
         and all(
-            isinstance(block, tuple)
-            and len(block) > 0
-            and all(isinstance(c, int) and c > 0 for c in block)
+            isinstance(block, tuple) and block and all(isinstance(c, int) and c > 0 for c in block)
             for block in value
         )
     )
@@ -96,9 +94,9 @@ def _freeze(value):
 
 
 def _seed(value):
-    if _number(0)(value) is None and (not isinstance(value, int) or value >= 2**32):
+    if NON_NEGATIVE(value) is None and (not isinstance(value, int) or value >= 2**32):
         return f"{value!r} is not an integer in [0, 2**32 - 1] (grain takes 32-bit seeds)"
-    return _number(0)(value)
+    return NON_NEGATIVE(value)
 
 
 def _nonempty(value):
@@ -181,17 +179,14 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
 
 def problems(config: ml_collections.ConfigDict, device_count: int | None = None) -> list[str]:
     """Every problem of `config`, one 'field: what is wrong' line each."""
-    found = [
-        f"{field}: {message}"
-        for field, check in CHECKS.items()
-        if (message := _renamed(field, config[field]) or check(config[field])) is not None
-    ]
+    found = []
+    for field, check in CHECKS.items():
+        value = config[field]
+        new_name = spec.RENAMED.get(field, {}).get(value) if isinstance(value, str) else None
+        message = f"{value!r} is now called {new_name!r}" if new_name else check(value)
+        if message is not None:
+            found.append(f"{field}: {message}")
     return found + _cross_field_problems(config, device_count)
-
-
-def _renamed(field: str, value: Any) -> str | None:
-    new_name = spec.RENAMED.get(field, {}).get(value) if isinstance(value, str) else None
-    return f"{value!r} is now called {new_name!r}" if new_name else None
 
 
 def _cross_field_problems(config: ml_collections.ConfigDict, device_count: int | None):

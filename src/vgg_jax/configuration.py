@@ -1,10 +1,6 @@
 """Every configuration field with its default, what may change when a run resumes, and
-the loading of config files and of configs stored with checkpoints. Which values the
-fields accept: `config_checks`.
-
-This module and `config_checks` import no JAX, so a config is checked in a fraction of a
-second, before any data is read or any device is touched.
-"""
+configs read from files and checkpoints. Like `config_checks` (which values the fields
+accept), it imports no JAX: a config is checked before any data or device is touched."""
 
 from __future__ import annotations
 
@@ -35,25 +31,14 @@ LENGTH_DEPENDENT_SCHEDULES = ("cosine", "onecycle")
 # Fields that may change between a run and its resumption: they do not alter the
 # parameters' shapes, the data order or the optimisation path already taken.
 RESUMABLE_CHANGES = frozenset(
-    {
-        "num_epochs",
-        "data_dir",
-        "progress_bar",
-        "log_every_steps",
-        "checkpoint_every_epochs",
-        "keep_checkpoints",
-        "eval_batch_size",
-        "distributed",
-        "coordinator_address",
-        "num_processes",
-        "process_id",
-        "distributed_init_timeout_seconds",
-        "distributed_heartbeat_timeout_seconds",
-        "input_workers",
-        "input_threads",
-        "conv_impl",
-        "async_checkpointing",
-    }
+    # the run's length, where its data is, what it reports and how it checkpoints
+    ("num_epochs", "data_dir", "progress_bar", "log_every_steps", "eval_batch_size")
+    + ("checkpoint_every_epochs", "keep_checkpoints", "async_checkpointing")
+    # how its processes meet
+    + ("distributed", "coordinator_address", "num_processes", "process_id")
+    + ("distributed_init_timeout_seconds", "distributed_heartbeat_timeout_seconds")
+    # how the same numbers are computed
+    + ("input_workers", "input_threads", "conv_impl")
 )
 
 
@@ -176,11 +161,10 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def resume_differences(saved: dict[str, Any], current: ml_collections.ConfigDict) -> list[str]:
-    """What stops `current` from resuming a run stored with config `saved` (JSON values):
-    'field: saved -> current' for every changed field outside RESUMABLE_CHANGES (fields
-    only one side has, added or removed in a later version, are not compared; values
-    renamed since, under their new names). num_epochs, resumable in general, is not with
-    a LENGTH_DEPENDENT_SCHEDULES schedule: `resume` says so in its own words."""
+    """'field: saved -> current' for every field outside RESUMABLE_CHANGES that differs
+    between `current` and the run stored with config `saved` (JSON values); fields only
+    one side has are not compared. (num_epochs with a LENGTH_DEPENDENT_SCHEDULES
+    schedule: `resume` says so in its own words.)"""
     saved_values = json.loads(from_stored(saved).to_json())
     current_values = json.loads(current.to_json())
     names = sorted((set(saved) & set(current_values)) - RESUMABLE_CHANGES)

@@ -1,10 +1,11 @@
 """The facts that define a VGG network, in plain Python: read by the Flax model, the
-PyTorch twin, the FLOP count, the config check and the checkpoint loader alike.
-"""
+PyTorch twin, the FLOP count, the config check and the checkpoint loader alike."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from typing import Any
 
 # Channels of each convolution, grouped into the blocks that end in a 2x2 max-pool.
 # A/B/D/E are the paper's Table 1 columns.
@@ -24,30 +25,13 @@ STAGES: dict[str, tuple[tuple[int, ...], ...]] = {
 }
 
 
-def _head(
-    hidden: tuple[int, ...],
-    *,
-    batch_norm: bool = False,
-    dropout: float = 0.5,
-    dropout_first: bool = False,
-    linear: tuple[int, ...] = (),
-    pool: int | None = None,
-) -> dict:
-    """A classifier head. hidden: widths of the dense-BN/ReLU-dropout layers; batch_norm:
-    whether those use BN; dropout: the default rate; dropout_first: dropout on the
-    flattened features before the first dense layer; linear: widths of plain dense layers
-    (no activation) between the hidden layers and the classifier; pool: if given, the side
-    the last feature map is average-pooled to first."""
-    head = {
-        "hidden": hidden,
-        "batch_norm": batch_norm,
-        "dropout": dropout,
-        "dropout_first": dropout_first,
-        "linear": linear,
-    }
-    if pool is not None:
-        head["pool"] = pool
-    return head
+def _head(hidden: tuple[int, ...], **options: Any) -> dict:
+    """A classifier head: dense layers of widths `hidden`, each followed by BN (where
+    `batch_norm`), ReLU and dropout (rate `dropout`); then plain dense layers `linear` (no
+    activation) and the classifier. `dropout_first`: dropout on the flattened features
+    first; `pool`: the side the last feature map is average-pooled to first."""
+    defaults = {"batch_norm": False, "dropout": 0.5, "dropout_first": False, "linear": ()}
+    return {**defaults, **options, "hidden": hidden}
 
 
 HEADS: dict[str, dict] = {
@@ -107,12 +91,10 @@ def scaled_stages(stages: Sequence[Sequence[int]], width: float) -> tuple[tuple[
 def conv_dropout_rates(stages: Sequence[Sequence[int]], spec: str) -> tuple[tuple[float, ...], ...]:
     """Per-convolution dropout rates: 'paddle', 'none', or one rate such as '0.2' after
     every convolution but a block's last."""
-    if spec == "none":
-        return tuple(tuple(0.0 for _ in block) for block in stages)
     if spec == "paddle":
         first_rates = [0.3] + [0.4] * (len(stages) - 1)
     else:
-        rate = parse_rate(spec)
+        rate = 0.0 if spec == "none" else parse_rate(spec)
         if rate is None:
             raise ValueError(
                 f"conv_dropout must be 'paddle', 'none' or a rate in [0, 1), got {spec!r}"
@@ -147,11 +129,8 @@ def head_input_side(head: str, side: int) -> int:
 def block_of(layer: str) -> int | None:
     """The block number of a feature layer ('conv3_2', 'bn3_2', 'pool3' -> 3); None for
     the head's layers."""
-    for prefix in ("conv", "bn", "pool"):
-        rest = layer[len(prefix) :]
-        if layer.startswith(prefix) and rest.split("_")[0].isdigit():
-            return int(rest.split("_")[0])
-    return None
+    match = re.match(r"(?:conv|bn|pool)(\d+)(?:_|$)", layer)
+    return int(match[1]) if match else None
 
 
 def feature_layer_names(stages: Sequence[Sequence[int]]) -> tuple[str, ...]:
