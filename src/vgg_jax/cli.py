@@ -1,6 +1,5 @@
 """What the command-line programs share: flag parsing that reports a bad flag or config
-in one line, the log format, and the checkpoint-reading flags (defined only when a
-command asks: `define_checkpoint_flags`)."""
+in one line, the log format, the checkpoint-reading flags."""
 
 from __future__ import annotations
 
@@ -57,11 +56,9 @@ def _quiet_unraisable(unraisable) -> None:
 
 
 def exit_with_error(message: str, code: int = 1) -> NoReturn:
-    """Ends a command after a failure the library has already cleaned up after (its saves
-    finished or abandoned), with `message` as the only line on stderr. Skips the
-    interpreter's teardown, where orbax's and tensorstore's abandoned reads and writes are
-    collected, each printing a long 'Exception ignored in ...' traceback after the line
-    that matters (seen after a failed checkpoint read and after a full disk)."""
+    """Ends a command after a failure the library has cleaned up after, with `message` as
+    the only line on stderr. Skips the interpreter's teardown, where each of orbax's and
+    tensorstore's abandoned reads and writes prints an 'Exception ignored in ...' traceback."""
     print(distributed.process_label() + message, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -69,8 +66,7 @@ def exit_with_error(message: str, code: int = 1) -> NoReturn:
 
 
 def one_line(error: BaseException) -> str:
-    """An exception's message on one line, without the quoting and escaped newlines
-    that ml_collections wraps around it."""
+    """An exception's message on one line, without ml_collections' quotes and escapes."""
     text = re.sub(r"\\n|\s+", " ", str(error))
     return re.sub(r"[\\'\"]", "", text).strip()
 
@@ -98,8 +94,8 @@ def no_arguments(argv: list[str]) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing; then, where the program has a --config flag, the config is
-    checked (`config_checks.validate`). Any problem ends the program in one line."""
+    """absl flag parsing, then the check of --config where there is one; any problem ends
+    the program in one line."""
     try:
         argv = FLAGS(argv)
         if "config" in FLAGS:
