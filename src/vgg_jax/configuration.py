@@ -4,9 +4,9 @@ accept), it imports no JAX: a config is checked before any data or device is tou
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import runpy
 from typing import Any
 
 import ml_collections
@@ -150,14 +150,7 @@ def _to_tuple(value: Any) -> Any:
 
 def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
     """Runs `get_config()` of the Python file at `path`."""
-    path = os.fspath(path)
-    name = "vgg_jax_config_" + os.path.splitext(os.path.basename(path))[0]
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise FileNotFoundError(f"no config file at {path}")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config()
+    return runpy.run_path(os.fspath(path))["get_config"]()
 
 
 def resume_differences(saved: dict[str, Any], current: ml_collections.ConfigDict) -> list[str]:
