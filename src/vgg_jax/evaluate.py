@@ -20,9 +20,8 @@ from vgg_jax.metrics_log import to_json
 FLAGS = flags.FLAGS
 cli.define_checkpoint_flags()
 flags.DEFINE_string("data_dir", None, "Override the data_dir stored with the checkpoint.")
-flags.DEFINE_integer("batch_size", 0, "Evaluation batch (0: the stored config's evaluation batch).")
+flags.DEFINE_integer("batch_size", 0, "Evaluation batch (0: the stored config's).", lower_bound=0)
 flags.mark_flag_as_required("workdir")
-flags.register_validator("batch_size", lambda value: value >= 0, "--batch_size must be >= 0")
 
 
 def evaluate_checkpoint(
