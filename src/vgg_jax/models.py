@@ -140,13 +140,13 @@ class VGG(nn.Module):
                 found[f"pool{block_index + 1}"] = x.astype(out)
                 if len(found) == len(wanted):
                     return found
-        pool = spec.HEADS[self.head].get("pool")
-        if pool is not None:
-            x = adaptive_avg_pool(x, pool)
-        return self._head(x.reshape((x.shape[0], -1)), train)
+        return self._head(x, train)
 
     def _head(self, x: jax.Array, train: bool) -> jax.Array:
         head = spec.HEADS[self.head]
+        if "pool" in head:
+            x = adaptive_avg_pool(x, head["pool"])
+        x = x.reshape((x.shape[0], -1))
         rate = head["dropout"] if self.head_dropout is None else self.head_dropout
         if head["dropout_first"]:
             x = self.dropout(rate, deterministic=not train)(x)
@@ -223,9 +223,8 @@ def build_model(config: ml_collections.ConfigDict, info: Any) -> VGG:
 
 
 def backend_tuning(config: ml_collections.ConfigDict) -> cpu.Tuning:
-    """The backend's speed work for a run of `config` (`vgg_jax.cpu`), the one place it is
-    injected: layers for the model, compiler options and step pacing for training, the
-    array writer for checkpoints."""
+    """The backend's speed work for a run of `config` (`cpu.Tuning`): the one place it
+    is injected."""
     return cpu.tuning(config.conv_impl)
 
 
