@@ -1,7 +1,6 @@
-"""Where images come from: TFDS, an image folder, or a synthetic learnable set, as a
-`Source` (read in order, lazily: a split of any size streams through), `Records` (random
-access: the grain stream) or a decoded `Split` in host memory (the device input).
-TensorFlow is imported only on the TFDS path.
+"""Where images come from: TFDS (TensorFlow imported only there), an image folder, or a
+synthetic learnable set, as a `Source` (read lazily, in order), `Records` (random access:
+the stream) or a decoded `Split` in host memory (the device input).
 """
 
 from __future__ import annotations
@@ -160,16 +159,6 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
-def _images_in(folder: Path) -> list[Path]:
-    """The entries of a folder named like images (one that is not a regular file, a
-    FIFO say, is refused when read, with a warning naming it)."""
-    return sorted(
-        path
-        for path in folder.iterdir()
-        if _visible(path) and path.suffix.lower() in IMAGE_SUFFIXES
-    )
-
-
 def split_folder(root: str, split: str) -> Path:
     """root/split, or for an evaluation split the folder the dataset has of
     validation/val/test (ImageNet-style folders say 'val', CIFAR-style ones 'test')."""
@@ -200,7 +189,14 @@ def list_image_folder(
             f"image folder {split_dir} has one class ({', '.join(folders)}): a classifier "
             "needs at least two class folders"
         )
-    images = {name: _images_in(folder) for name, folder in sorted(folders.items())}
+    # Entries named like images: one that is not a regular file (a FIFO, say) is refused
+    # when read, with a warning naming it.
+    images = {
+        name: sorted(
+            p for p in folder.iterdir() if _visible(p) and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        for name, folder in sorted(folders.items())
+    }
     empty = [name for name, paths in images.items() if not paths]
     if empty:
         raise DatasetUnavailableError(
@@ -360,8 +356,7 @@ def tfds_source(name: str, split: str, data_dir: str | None) -> Source:
 
 
 class _TfdsRecords(Sequence):
-    """A TFDS data source as (image array, label) pairs (decoded where read: in the
-    workers)."""
+    """A TFDS data source as (image array, label) pairs, decoded where read (workers)."""
 
     def __init__(self, source):
         self.source = source
@@ -404,9 +399,8 @@ def records(config: ml_collections.ConfigDict, split: str, class_names=None) -> 
 
 
 def check_every_class_readable(split: Records) -> None:
-    """Each class must have a readable image: its images are tried in order until one
-    decodes (one per class when the data is sound). A class whose files are all
-    unreadable would otherwise train as if it had no examples."""
+    """Each class must have a readable image (tried in order until one decodes): a class
+    whose files are all unreadable would otherwise train as if it had no examples."""
     first: dict[int, list[int]] = {}
     for index in range(len(split)):
         first.setdefault(split.source[index][1], []).append(index)
