@@ -18,9 +18,8 @@ DATA_AXIS = "data"
 
 
 def create_mesh() -> Mesh:
-    """A one-axis mesh over every device of every process: pure data parallelism.
-
-    Auto axes: XLA propagates shardings from the inputs and the step's constraints."""
+    """A one-axis mesh over every device of every process: pure data parallelism (auto
+    axes: XLA propagates shardings from the inputs and the step's constraints)."""
     return jax.make_mesh(
         (jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
     )

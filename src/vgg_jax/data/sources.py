@@ -83,13 +83,9 @@ def open_split(
 ) -> Source:
     """`split` of `config.dataset`. `class_names`: the training split's, which an
     evaluation split's labels must index."""
-    data_dir = data_dir or config.data_dir
-    if config.dataset == "synthetic":
-        source = records_source(synthetic_records(config, split))
-    elif config.dataset == "image_folder":
-        source = records_source(image_folder_records(data_dir, split, class_names))
-    else:
-        source = tfds_source(config.dataset, split, data_dir)
+    if config.dataset in ("synthetic", "image_folder"):
+        return records_source(records(config, split, class_names, data_dir))
+    source = tfds_source(config.dataset, split, data_dir or config.data_dir)
     _check_split(config, split, class_names, source.class_names, source.size)
     return source
 
@@ -388,12 +384,17 @@ def tfds_records(name: str, split: str, data_dir: str | None) -> Records:
     return Records(_TfdsRecords(source), class_names)
 
 
-def records(config: ml_collections.ConfigDict, split: str, class_names=None) -> Records:
-    """`split` with random access, for the stream: an image folder, or TFDS as ArrayRecord."""
-    if config.dataset == "image_folder":
-        found = image_folder_records(config.data_dir, split, class_names)
+def records(
+    config: ml_collections.ConfigDict, split: str, class_names=None, data_dir: str | None = None
+) -> Records:
+    """`split` with random access: synthetic, an image folder, or TFDS as ArrayRecord."""
+    data_dir = data_dir or config.data_dir
+    if config.dataset == "synthetic":
+        found = synthetic_records(config, split)
+    elif config.dataset == "image_folder":
+        found = image_folder_records(data_dir, split, class_names)
     else:
-        found = tfds_records(config.dataset, split, config.data_dir)
+        found = tfds_records(config.dataset, split, data_dir)
     _check_split(config, split, class_names, found.class_names, len(found))
     return found
 
