@@ -230,13 +230,9 @@ def crop_box(width: int, height: int, draws: Sequence[float]) -> tuple[int, int,
         h = round(math.sqrt(target / math.exp(log_ratio)))
         if 0 < w <= width and 0 < h <= height:
             return int(draws[_LEFT] * (width - w + 1)), int(draws[_TOP] * (height - h + 1)), w, h
-    ratio = width / height
-    if ratio < 3 / 4:
-        w, h = width, round(width / (3 / 4))
-    elif ratio > 4 / 3:
-        w, h = round(height * (4 / 3)), height
-    else:
-        w, h = width, height
+    # The central crop of the nearest allowed ratio: only the side that makes it too long
+    # or too wide is cut.
+    w, h = min(width, round(height * (4 / 3))), min(height, round(width / (3 / 4)))
     return (width - w) // 2, (height - h) // 2, w, h
 
 
