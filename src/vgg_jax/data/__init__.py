@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -42,8 +41,7 @@ def choose(config: ml_collections.ConfigDict) -> tuple[str, str]:
     elif config.dataset == "image_folder":
         from vgg_jax.data import sources
 
-        root = os.path.expanduser(config.data_dir)
-        examples = len(sources.list_image_folder(root, config.train_split)[0])
+        examples = len(sources.list_image_folder(config.data_dir, config.train_split)[0])
     else:
         return "device", "a TFDS dataset: device-resident unless config.input='stream'"
     size = examples * config.image_size * config.image_size * 3  # bytes as uint8
@@ -82,10 +80,9 @@ def evaluation_batches(
     data_dir: str | None = None,
     counts: dict[str, int] | None = None,
 ) -> Iterator[dict[str, Array]]:
-    """The evaluation split of `config` streamed through its evaluation view, a padded,
-    masked batch at a time (host memory bounded whatever the split's size), for one
-    process. Unreadable images are masked out, warned about and counted in
-    `counts['test_skipped_files']`."""
+    """The evaluation split of `config` through its evaluation view, a padded, masked batch
+    at a time (bounded host memory), for one process. Unreadable images are masked out,
+    warned about and counted in `counts['test_skipped_files']`."""
     from vgg_jax.data import sharding, sources, views
 
     source = sources.open_split(config, config.eval_split, class_names, data_dir)

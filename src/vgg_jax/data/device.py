@@ -101,9 +101,8 @@ def epoch_batches(
     mesh: Mesh,
     crop_padding: int = 4,
 ) -> dict[str, jax.Array]:
-    """One epoch's shuffled, augmented batches: {'image': (steps, B, H, W, 3) uint8,
-    'label': (steps, B) int32}, batch axis sharded. Deterministic in `key`.
-    `crop_padding`: crop_flip's zero padding on each side."""
+    """One epoch's shuffled, augmented batches, deterministic in `key`: {'image': (steps,
+    B, H, W, 3) uint8, 'label': (steps, B) int32}, batch axis sharded."""
     if augment not in DEVICE_AUGMENTATIONS:
         raise ValueError(f"augment {augment!r} is not one of {DEVICE_AUGMENTATIONS} on devices")
     order_key, augment_key = jax.random.split(key)

@@ -221,7 +221,7 @@ def image_folder_records(root: str, split: str, class_names=None) -> Records:
             "dataset='image_folder' needs --config.data_dir=DIR holding "
             "DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg"
         )
-    files, names = list_image_folder(os.path.expanduser(root), split, class_names)
+    files, names = list_image_folder(root, split, class_names)
     return Records([(str(path), label) for path, label in files], names)
 
 
