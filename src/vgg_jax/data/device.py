@@ -1,7 +1,6 @@
 """Splits that fit, resident on the devices, rows sharded over the mesh's `data` axis.
-Each epoch one jitted call permutes a split with a key from (seed, epoch), augments it
-and lays it out as (steps, global_batch, ...), batch axis sharded: step i's batch is
-`epoch[i]`, and every device already holds its part.
+Each epoch one jitted call permutes, augments and lays out a split as (steps,
+global_batch, ...): step i's batch is `epoch[i]`, already where it is needed.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ import dataclasses
 import functools
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +19,6 @@ from jax.sharding import PartitionSpec as P
 
 from vgg_jax.configuration import DEVICE_AUGMENTATIONS
 from vgg_jax.data import sharding, sources, stats, views
-from vgg_jax.data.info import DatasetInfo
 from vgg_jax.data.sources import Split
 
 
@@ -104,9 +101,8 @@ def epoch_batches(
     mesh: Mesh,
     crop_padding: int = 4,
 ) -> dict[str, jax.Array]:
-    """One epoch's shuffled, augmented batches: {'image': (steps, B, H, W, 3) uint8,
-    'label': (steps, B) int32}, batch axis sharded. Deterministic in `key`.
-    `crop_padding`: crop_flip's zero padding on each side."""
+    """One epoch's shuffled, augmented batches, deterministic in `key`: {'image': (steps,
+    B, H, W, 3) uint8, 'label': (steps, B) int32}, batch axis sharded."""
     if augment not in DEVICE_AUGMENTATIONS:
         raise ValueError(f"augment {augment!r} is not one of {DEVICE_AUGMENTATIONS} on devices")
     order_key, augment_key = jax.random.split(key)
@@ -128,31 +124,25 @@ def _take(batches: dict[str, jax.Array], index: jax.Array) -> dict[str, jax.Arra
     return jax.tree.map(lambda array: array[index], batches)
 
 
-def load(config: ml_collections.ConfigDict, normalisation=None) -> tuple[Split, Split, DatasetInfo]:
-    """Both splits of this process as evaluation views, in host memory, and the dataset's
-    info (`normalisation`: (mean, std) to use instead of the data's own)."""
-    view = views.eval_view(config)
-    index, count = jax.process_index(), jax.process_count()
-    train_source = sources.open_split(config, config.train_split)
-    eval_source = sources.open_split(config, config.eval_split, train_source.class_names)
-    train_split = sources.load_split(train_source, view, index, count)
-    eval_split = sources.load_split(eval_source, view, index, count)
-    info = stats.dataset_info(
-        config,
-        train_source.class_names,
-        (train_source.size, eval_source.size),
-        lambda sample: train_split.images[np.isin(train_split.indices, sample)],
-        normalisation,
-    )
-    return train_split, eval_split, info
-
-
-class DeviceInput:
+class DeviceInput(sharding.Input):
     """Both splits on the devices once; each epoch permuted and augmented by one jit."""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, normalisation=None):
         self.config, self.mesh = config, mesh
-        train_split, eval_split, self.info = load(config, normalisation)
+        # Both splits of this process as evaluation views, in host memory.
+        view = views.eval_view(config)
+        index, count = jax.process_index(), jax.process_count()
+        train_source = sources.open_split(config, config.train_split)
+        eval_source = sources.open_split(config, config.eval_split, train_source.class_names)
+        train_split = sources.load_split(train_source, view, index, count)
+        eval_split = sources.load_split(eval_source, view, index, count)
+        self.info = stats.dataset_info(
+            config,
+            train_source.class_names,
+            (train_source.size, eval_source.size),
+            lambda sample: train_split.images[np.isin(train_split.indices, sample)],
+            normalisation,
+        )
         sharding.check_batch_fits(config, train_split.num_examples_global)
         self.train_data = put_train_split(train_split, mesh)
         eval_batch_size = config.eval_batch_size or config.batch_size
@@ -162,7 +152,6 @@ class DeviceInput:
         self.counts = {"input_wait_seconds": 0.0}
 
     def train_batches(self, epoch: int, start: int) -> Iterator[dict[str, jax.Array]]:
-        """The batches of the remaining steps of `epoch`, from step `start`."""
         began = time.perf_counter()
         batches = epoch_batches(
             self.train_data,
@@ -180,16 +169,3 @@ class DeviceInput:
     def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
         for index in range(self.eval_data["label"].shape[0]):
             yield _take(self.eval_data, np.int32(index))
-
-    def checkpoint_items(self) -> dict[str, Any]:
-        return {}
-
-    def restore(self, manager, step: int, saved_config: dict) -> None:
-        """Nothing to restore: the data order is a function of (seed, epoch)."""
-
-    def close(self) -> None:
-        """Nothing to stop."""
-
-    def take_epoch_counts(self) -> dict[str, float]:
-        counts, self.counts = self.counts, dict.fromkeys(self.counts, 0.0)
-        return counts

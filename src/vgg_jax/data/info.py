@@ -35,14 +35,8 @@ class DatasetInfo:
 
     @classmethod
     def from_json(cls, values: dict) -> DatasetInfo:
-        names = {field.name for field in dataclasses.fields(cls)}
-        return cls(
-            **{
-                name: tuple(value) if isinstance(value, list) else value
-                for name, value in values.items()
-                if name in names
-            }
-        )
+        known = {field.name: values[field.name] for field in dataclasses.fields(cls)}
+        return cls(**{name: tuple(v) if isinstance(v, list) else v for name, v in known.items()})
 
     @classmethod
     def without_data(cls, config: ml_collections.ConfigDict) -> DatasetInfo:

@@ -1,7 +1,6 @@
-"""Where images come from: TFDS, an image folder, or a synthetic learnable set, as a
-`Source` (read in order, lazily: a split of any size streams through), `Records` (random
-access: the grain stream) or a decoded `Split` in host memory (the device input).
-TensorFlow is imported only on the TFDS path.
+"""Where images come from: TFDS (TensorFlow imported only there), an image folder, or a
+synthetic learnable set, as a `Source` (read lazily, in order), `Records` (random access:
+the stream) or a decoded `Split` in host memory (the device input).
 """
 
 from __future__ import annotations
@@ -84,13 +83,9 @@ def open_split(
 ) -> Source:
     """`split` of `config.dataset`. `class_names`: the training split's, which an
     evaluation split's labels must index."""
-    data_dir = data_dir or config.data_dir
-    if config.dataset == "synthetic":
-        source = records_source(synthetic_records(config, split))
-    elif config.dataset == "image_folder":
-        source = records_source(image_folder_records(data_dir, split, class_names))
-    else:
-        source = tfds_source(config.dataset, split, data_dir)
+    if config.dataset in ("synthetic", "image_folder"):
+        return records_source(records(config, split, class_names, data_dir))
+    source = tfds_source(config.dataset, split, data_dir or config.data_dir)
     _check_split(config, split, class_names, source.class_names, source.size)
     return source
 
@@ -160,16 +155,6 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
-def _images_in(folder: Path) -> list[Path]:
-    """The entries of a folder named like images (one that is not a regular file, a
-    FIFO say, is refused when read, with a warning naming it)."""
-    return sorted(
-        path
-        for path in folder.iterdir()
-        if _visible(path) and path.suffix.lower() in IMAGE_SUFFIXES
-    )
-
-
 def split_folder(root: str, split: str) -> Path:
     """root/split, or for an evaluation split the folder the dataset has of
     validation/val/test (ImageNet-style folders say 'val', CIFAR-style ones 'test')."""
@@ -200,7 +185,14 @@ def list_image_folder(
             f"image folder {split_dir} has one class ({', '.join(folders)}): a classifier "
             "needs at least two class folders"
         )
-    images = {name: _images_in(folder) for name, folder in sorted(folders.items())}
+    # Entries named like images: one that is not a regular file (a FIFO, say) is refused
+    # when read, with a warning naming it.
+    images = {
+        name: sorted(
+            p for p in folder.iterdir() if _visible(p) and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        for name, folder in sorted(folders.items())
+    }
     empty = [name for name, paths in images.items() if not paths]
     if empty:
         raise DatasetUnavailableError(
@@ -229,7 +221,7 @@ def image_folder_records(root: str, split: str, class_names=None) -> Records:
             "dataset='image_folder' needs --config.data_dir=DIR holding "
             "DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg"
         )
-    files, names = list_image_folder(os.path.expanduser(root), split, class_names)
+    files, names = list_image_folder(root, split, class_names)
     return Records([(str(path), label) for path, label in files], names)
 
 
@@ -360,8 +352,7 @@ def tfds_source(name: str, split: str, data_dir: str | None) -> Source:
 
 
 class _TfdsRecords(Sequence):
-    """A TFDS data source as (image array, label) pairs (decoded where read: in the
-    workers)."""
+    """A TFDS data source as (image array, label) pairs, decoded where read (workers)."""
 
     def __init__(self, source):
         self.source = source
@@ -393,20 +384,24 @@ def tfds_records(name: str, split: str, data_dir: str | None) -> Records:
     return Records(_TfdsRecords(source), class_names)
 
 
-def records(config: ml_collections.ConfigDict, split: str, class_names=None) -> Records:
-    """`split` with random access, for the stream: an image folder, or TFDS as ArrayRecord."""
-    if config.dataset == "image_folder":
-        found = image_folder_records(config.data_dir, split, class_names)
+def records(
+    config: ml_collections.ConfigDict, split: str, class_names=None, data_dir: str | None = None
+) -> Records:
+    """`split` with random access: synthetic, an image folder, or TFDS as ArrayRecord."""
+    data_dir = data_dir or config.data_dir
+    if config.dataset == "synthetic":
+        found = synthetic_records(config, split)
+    elif config.dataset == "image_folder":
+        found = image_folder_records(data_dir, split, class_names)
     else:
-        found = tfds_records(config.dataset, split, config.data_dir)
+        found = tfds_records(config.dataset, split, data_dir)
     _check_split(config, split, class_names, found.class_names, len(found))
     return found
 
 
 def check_every_class_readable(split: Records) -> None:
-    """Each class must have a readable image: its images are tried in order until one
-    decodes (one per class when the data is sound). A class whose files are all
-    unreadable would otherwise train as if it had no examples."""
+    """Each class must have a readable image (tried in order until one decodes): a class
+    whose files are all unreadable would otherwise train as if it had no examples."""
     first: dict[int, list[int]] = {}
     for index in range(len(split)):
         first.setdefault(split.source[index][1], []).append(index)

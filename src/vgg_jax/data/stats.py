@@ -1,11 +1,9 @@
-"""The one input-normalisation policy, for both inputs: per-channel mean and standard
-deviation over the evaluation views of a fixed, seeded sample of the training split.
-
-A sample, because a streamed split (ImageNet) cannot be read whole just to normalise it;
-fixed (seed 0, by record index), so the device input and the stream, on any number of
-processes, pick the same images, view them the same way (`views.eval_view`) and store
-the same numbers. The sums are exact (integer pixel values in float64), so the order in
-which processes add them does not matter.
+"""The one input-normalisation policy, for both inputs (docs/data.md): per-channel mean
+and standard deviation over the evaluation views of a fixed, seeded sample of the
+training split. A sample, because a streamed split (ImageNet) cannot be read whole just
+to normalise it; fixed (by record index), so that both inputs, on any number of
+processes, store the same numbers. The sums are exact (integer pixel values in float64),
+so the order in which processes add them does not matter.
 """
 
 from __future__ import annotations
@@ -18,12 +16,6 @@ import numpy as np
 from vgg_jax.data.info import DatasetInfo, DatasetUnavailableError
 
 SAMPLE_SIZE = 1024  # training images: the mean to within a fraction of a level
-
-
-def sample_indices(num_examples: int, count: int = SAMPLE_SIZE) -> np.ndarray:
-    """The sorted record indices of the training images the statistics are taken over."""
-    chosen = np.random.default_rng(0).choice(num_examples, min(count, num_examples), replace=False)
-    return np.sort(chosen)
 
 
 def channel_sums(images: np.ndarray) -> np.ndarray:
@@ -56,13 +48,13 @@ def dataset_info(
     sample_views: Callable[[np.ndarray], np.ndarray],
     normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> DatasetInfo:
-    """The info of a dataset of (train, eval) `num_examples`. Its normalisation is
-    `normalisation` (mean, std) where given, else measured: `sample_views(indices)` gives
-    this process's evaluation views (uint8 (n, H, W, 3), n may be 0) of its part of the
-    sample's training images."""
+    """The info of a dataset of (train, eval) `num_examples`, normalised by `normalisation`
+    (mean, std) where given, else measured: `sample_views(sorted indices)` gives this
+    process's evaluation views (n may be 0) of its part of the sample's training images."""
     if normalisation is None:
-        local = sample_views(sample_indices(num_examples[0]))
-        normalisation = global_normalisation(channel_sums(local))
+        count = min(SAMPLE_SIZE, num_examples[0])
+        sample = np.sort(np.random.default_rng(0).choice(num_examples[0], count, replace=False))
+        normalisation = global_normalisation(channel_sums(sample_views(sample)))
     mean, std = normalisation
     return DatasetInfo(
         tuple(class_names), tuple(mean), tuple(std), config.image_size, *num_examples

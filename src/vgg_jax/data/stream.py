@@ -1,23 +1,12 @@
-"""Splits that do not fit on the devices, streamed with grain: read and augmented on
-the host by worker processes, a batch at a time.
-
-  records (image-folder paths or a TFDS ArrayRecord data source)
-    -> MapDataset.source -> seed -> shuffle (a new permutation every epoch: repeat)
-    -> this process's share (every process_count-th record)
-    -> batch (this process's part of the global batch)
-    -> map: decode + the training view of each image (`views`), a batch at a time, in the
-       workers (uint8 goes to the devices; normalisation stays in the model)
-    -> to_iter_dataset
-    -> mp_prefetch (config.input_workers processes, config.input_threads threads each;
-       with no workers, the threads decode in the training process)
-
-Every batch is a deterministic function of (seed, step), so a resumed run ends with the
-parameters of one that never stopped (`StreamInput.restore`). Unreadable files never
-stop training: they are replaced (training) or masked out (evaluation), and counted.
+"""Splits that do not fit on the devices, streamed with grain (the pipeline: docs/data.md):
+read, decoded and augmented on the host by worker processes, a batch at a time. Every
+batch is a deterministic function of (seed, step), so a resumed run ends with the
+parameters of one that never stopped (`StreamInput.restore`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -43,30 +32,25 @@ logger = logging.getLogger(__name__)
 REPLACEMENT_TRIES = 16
 
 
-# The transforms work a batch at a time: the images are decoded and resized straight into
-# the batch's array, and grain's per-element machinery (and a stack) is paid per batch,
-# not per image: in threads that Python time held the GIL the decoders need.
+# The transforms work a batch at a time, decoding straight into the batch's array: grain's
+# per-element machinery (and a stack) is paid per batch, not per image, holding the GIL
+# the decoding threads need.
 
 
+@dataclasses.dataclass
 class TrainBatch(grain.transforms.Map):
     """(global positions, record indices) of one local batch -> {'image', 'label',
     'skipped', 'index'}: an unreadable record is replaced by the next readable one, and
     counted."""
 
-    def __init__(
-        self,
-        records: Records,
-        size: int,
-        augment: str,
-        seed: int,
-        global_batch: int,
-        crop_padding: int = 4,
-        flip_only_from_step: int | None = None,
-    ):
-        self.records, self.size, self.augment = records, size, augment
-        self.seed, self.global_batch, self.crop_padding = seed, global_batch, crop_padding
-        self.flip_only_from_step = flip_only_from_step
-        self.warned: set[int] = set()  # each bad file is warned about once per process
+    records: Records
+    size: int
+    augment: str
+    seed: int
+    global_batch: int
+    crop_padding: int
+    flip_only_from_step: int | None
+    warned: set[int] = dataclasses.field(default_factory=set)  # once per bad file and process
 
     def map(self, batch: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
         positions, indices = batch
@@ -78,12 +62,11 @@ class TrainBatch(grain.transforms.Map):
         count = len(indices)
         images = np.empty((count, self.size, self.size, 3), np.uint8)
         labels, skipped = np.empty(count, np.int32), np.empty(count, np.int32)
-        read = np.empty(count, np.int64)
+        read = np.empty(count, np.int64)  # the records read (for the logs and tests)
         for row in range(count):
             labels[row], skipped[row], read[row] = self._read_into(
                 images[row], int(indices[row]), draws[row].tolist(), padding
             )
-        # `index`: the records read (for the logs and tests).
         return {"image": images, "label": labels, "skipped": skipped, "index": read}
 
     def _read_into(
@@ -172,20 +155,16 @@ def train_dataset(
 NO_SHARED_MEMORY = grain.experimental.DatasetOptions(min_shm_size=2**62)
 
 
-def read_ahead(threads: int) -> grain.ReadOptions:
-    """`threads` batches decoded at once per decoding process, and as many read ahead:
-    grain's default (500 elements) would keep hundreds of decoded batches in memory per
-    worker and decode far past the end of a run. Threads decode in parallel because
-    OpenCV releases the GIL while it decodes and resizes."""
-    return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2, threads))
-
-
 def iterate(dataset: grain.MapDataset, workers: int, threads: int = 1) -> grain.DatasetIterator:
     """An iterator over `dataset` with `workers` decoding processes (0: in this one), each
     decoding with `threads` threads; the processes are supervised (`data/workers.py`)."""
     if workers < 0:
         workers = max(1, (os.cpu_count() or 2) - 1)
-    iterable = dataset.to_iter_dataset(read_ahead(threads))
+    # `threads` batches decoded at once (OpenCV releases the GIL while it decodes and
+    # resizes) and as many read ahead: grain's default (500 elements) would keep hundreds
+    # of decoded batches in memory per worker and decode far past the end of a run.
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2, threads))
+    iterable = dataset.to_iter_dataset(read)
     if workers > 0:
         # grain's workers read absl flags: in a notebook or test nothing parsed them.
         if not flags.FLAGS.is_parsed():
@@ -242,15 +221,13 @@ class EvalPasses:
         if self.iterator is None and own:
             passes = self.dataset.repeat(max(1, passes_left))
             self.iterator = iterate(passes, self.workers, self.threads)
-        finished = False
         try:
             for batch in range(self.batches):
                 local = next(self.iterator) if batch < own else self.empty
                 yield sharding.padded(local, self.local_batch)
-            finished = True
-        finally:
-            if not finished:  # stopped mid-pass: the next pass must start at its start
-                self.close()
+        except BaseException:  # stopped mid-pass: the next pass must start at its start
+            self.close()
+            raise
 
     def close(self) -> None:
         if self.iterator is not None:
@@ -261,7 +238,7 @@ class EvalPasses:
 # ------------------------------------------------- the training loop's input
 
 
-class StreamInput:
+class StreamInput(sharding.Input):
     """A grain stream read by `config.input_workers` processes, a batch per step."""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, normalisation=None):
@@ -305,18 +282,18 @@ class StreamInput:
             threads=config.input_threads,
         )
         self.iterator, self.next_step = None, 0
-        self.counts = _zero_counts()
+        self.counts = dict.fromkeys(
+            ("input_wait_seconds", "train_skipped_files", "test_skipped_files"), 0
+        )
 
     def _sample_views(self, sample: np.ndarray) -> np.ndarray:
-        """The readable evaluation views of this process's part of the normalisation
-        sample."""
+        """The readable evaluation views of this process's part of the stats sample."""
         mine = sample[sample % self.process_count == self.process_index]
         size = self.config.image_size
         batch = EvalBatch(self.train_records, self.view, size, "training").map(mine)
         return batch["image"][batch["mask"] > 0]
 
     def close(self) -> None:
-        """Stops the worker processes."""
         self._close_train_stream()
         self.eval_passes.close()
 
@@ -324,19 +301,6 @@ class StreamInput:
         if self.iterator is not None:
             close(self.iterator)
             self.iterator = None
-
-    def _iterator(self, global_step: int):
-        if self.iterator is None or self.next_step != global_step:
-            # A fresh stream positioned at `global_step` (batches are indexed by step).
-            self._close_train_stream()
-            # The stream ends with the run's last step (see EvalPasses.one_pass for why).
-            self.iterator = iterate(
-                self.dataset[global_step : self.last_step],
-                self.config.input_workers,
-                self.config.input_threads,
-            )
-            self.next_step = global_step
-        return self.iterator
 
     def _to_devices(
         self, local: dict[str, np.ndarray], global_rows: int, skipped: str
@@ -347,9 +311,14 @@ class StreamInput:
         return sharding.to_devices(self.mesh, arrays, global_rows)
 
     def train_batches(self, epoch: int, start: int) -> Iterator[dict[str, jax.Array]]:
-        """The batches of the remaining steps of `epoch`, from step `start`, read from the
-        stream."""
-        iterator = self._iterator(epoch * self.steps_per_epoch + start)
+        step = epoch * self.steps_per_epoch + start
+        if self.iterator is None or self.next_step != step:
+            # A fresh stream positioned at `step` (batches are indexed by step) that ends
+            # with the run's last step (see EvalPasses.one_pass for why).
+            self._close_train_stream()
+            how = self.config.input_workers, self.config.input_threads
+            self.iterator, self.next_step = iterate(self.dataset[step : self.last_step], *how), step
+        iterator = self.iterator
         for _ in range(start, self.steps_per_epoch):
             began = time.perf_counter()
             SUPERVISOR.check()
@@ -370,11 +339,9 @@ class StreamInput:
         return {"data": grain.checkpoint.CheckpointSave(self.iterator)}
 
     def restore(self, manager, step: int, saved_config: dict[str, Any]) -> None:
-        """Positions the stream at `step`. Batches are indexed by step, so a stream built
-        at the step gives the batches of one that never stopped, whatever the number of
-        workers. grain's iterator state (saved beside the model) is restored only with
-        the worker count it was saved with: it depends on it (another count restores
-        other batches, or fails)."""
+        """Positions the stream at `step`: with grain's saved iterator state where the
+        worker count is the one it was saved with (another count would misread it), else
+        by building the stream at `step` (batches are indexed by step) when it is read."""
         import orbax.checkpoint as ocp
 
         workers = self.config.input_workers
@@ -392,11 +359,3 @@ class StreamInput:
             return
         self._close_train_stream()
         self.iterator, self.next_step = iterator, step
-
-    def take_epoch_counts(self) -> dict[str, float]:
-        counts, self.counts = self.counts, _zero_counts()
-        return counts
-
-
-def _zero_counts() -> dict[str, float]:
-    return {"input_wait_seconds": 0.0, "train_skipped_files": 0, "test_skipped_files": 0}

@@ -1,11 +1,8 @@
-"""The only code that turns an image into model input: decoding, the training views
-(one per `config.augment`), the one evaluation view of each augmentation family
-(`eval_view`, which every path that evaluates or predicts follows: docs/architecture.md)
-and the views published weights were trained with (torchvision's, Keras's).
-
-JPEG is decoded by OpenCV (libjpeg-turbo: the same pixels as PIL, several times faster
-on the workers), anything else by PIL; OpenCV resizes. It is imported on first use: a
-device-resident run of data already at the model's size (CIFAR) never loads it.
+"""The only code that turns an image into model input: decoding, the training views, the
+evaluation view of each augmentation family (docs/architecture.md) and the views
+published weights were trained with. JPEG is decoded by OpenCV (the same pixels as PIL,
+several times faster), anything else by PIL; OpenCV resizes. It is imported on first
+use: a device-resident run of data already at the model's size (CIFAR) never loads it.
 """
 
 from __future__ import annotations
@@ -165,8 +162,8 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def center_view(image: np.ndarray, size: int) -> np.ndarray:
-    """The evaluation view of the ImageNet-style augmentations: the shorter side resized
-    to size * 256 / 224, then the centre size x size."""
+    """The ImageNet-style evaluation view: the shorter side resized to size * 256 / 224,
+    then the centre size x size."""
     return center_crop(resize_shorter_side(image, round(size * EVAL_RESIZE_RATIO)), size)
 
 
@@ -233,13 +230,9 @@ def crop_box(width: int, height: int, draws: Sequence[float]) -> tuple[int, int,
         h = round(math.sqrt(target / math.exp(log_ratio)))
         if 0 < w <= width and 0 < h <= height:
             return int(draws[_LEFT] * (width - w + 1)), int(draws[_TOP] * (height - h + 1)), w, h
-    ratio = width / height
-    if ratio < 3 / 4:
-        w, h = width, round(width / (3 / 4))
-    elif ratio > 4 / 3:
-        w, h = round(height * (4 / 3)), height
-    else:
-        w, h = width, height
+    # The central crop of the nearest allowed ratio: only the side that makes it too long
+    # or too wide is cut.
+    w, h = min(width, round(height * (4 / 3))), min(height, round(width / (3 / 4)))
     return (width - w) // 2, (height - h) // 2, w, h
 
 
@@ -251,10 +244,9 @@ def train_view(
     out: np.ndarray | None = None,
     crop_padding: int = 4,
 ) -> np.ndarray:
-    """A decoded image's random training view for `augment`, from one row of
-    `random_draws`: uint8 (size, size, 3), written into `out` when given. crop_flip
-    crops the squashed image (its evaluation view) padded by `crop_padding` zeros, as
-    the device input does."""
+    """A decoded image's random training view for `augment` from one row of
+    `random_draws`, written into `out` when given. crop_flip crops the squashed image
+    (its evaluation view) padded by `crop_padding` zeros, as the device input does."""
     if out is None:
         out = np.empty((size, size, 3), np.uint8)
     if augment == "random_resized_crop":
@@ -297,20 +289,26 @@ def crop_padding(config: ml_collections.ConfigDict, epoch: int) -> int:
 
 
 def eval_batch(
-    elements: Sequence[tuple[Any, int]], view: View, size: int, describe: Callable[[int], str]
+    elements: Sequence[tuple[Any, int]],
+    view: View,
+    size: int,
+    describe: Callable[[int], str],
+    map_rows: Callable = map,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """(image source, label) pairs -> {'image', 'label', 'mask'} through `view`; an
-    unreadable image is zeros with mask 0. Also one 'name: why' line per unreadable one
-    (`describe(i)` names element i)."""
-    rows = len(elements)
-    images = np.zeros((rows, size, size, 3), np.uint8)
-    labels, mask = np.empty(rows, np.int32), np.ones(rows, np.float32)
-    problems = []
-    for row, (data, label) in enumerate(elements):
-        labels[row] = label
+    """(image source, label) pairs -> {'image', 'label', 'mask'} through `view`, the rows
+    viewed by `map_rows` (a thread pool's map, say); an unreadable image is zeros with
+    mask 0. Also one 'name: why' line per unreadable one (`describe(i)` names element i)."""
+    images = np.zeros((len(elements), size, size, 3), np.uint8)
+    mask = np.ones(len(elements), np.float32)
+
+    def view_row(row: int) -> str | None:
         try:
-            images[row] = view(decode(data))
+            images[row] = view(decode(elements[row][0]))
         except UNREADABLE as error:
-            problems.append(f"{describe(row)}: {error}")
             mask[row] = 0.0
+            return f"{describe(row)}: {error}"
+        return None
+
+    problems = [problem for problem in map_rows(view_row, range(len(elements))) if problem]
+    labels = np.asarray([label for _, label in elements], np.int32)
     return {"image": images, "label": labels, "mask": mask}, problems

@@ -1,16 +1,8 @@
-"""Supervision of the stream's worker processes: none outlives its parent, and a worker's
-death ends the run in one line instead of a hang.
-
-- Each worker watches its parent (`worker_init`, grain's worker_init_fn): when the
-  parent is gone (SIGKILL, OOM killer), the worker exits within a second. With the
-  workers gone, multiprocessing's resource tracker sees its pipe close, removes what
-  was registered with it (semaphores in /dev/shm) and exits too.
-- The parent runs one `Supervisor` thread that polls its grain worker processes. A
-  worker that dies while its stream is open (killed, out of memory) is reported in one
-  line naming its pid and signal or exit code. A batch being piped when its writer died
-  can leave the parent blocked in a read forever, so the CLIs (`EXIT_ON_WORKER_DEATH`)
-  end the process there, as a crash: the run resumes from its last checkpoint. In a
-  library call the next batch read raises `InputWorkerError`.
+"""Supervision of the stream's worker processes (docs/data.md): none outlives its parent
+(`worker_init`), and a worker's death ends the run in one line instead of a hang
+(`Supervisor`). A batch being piped when its writer died can leave the parent blocked in
+a read forever, so the CLIs (`EXIT_ON_WORKER_DEATH`) end the process there, as a crash
+the rerun resumes from; in a library call the next batch read raises `InputWorkerError`.
 """
 
 from __future__ import annotations
@@ -56,10 +48,8 @@ def worker_init(parent_pid: int):
 
 def quiet_resource_tracker() -> None:
     """Starts multiprocessing's resource tracker (once per process) with its stderr on
-    /dev/null. It removes what a crashed run leaves registered (semaphores in /dev/shm),
-    as it should, but also prints a warning about each such clean-up, and tracebacks
-    when two processes unregister the same name: noise under the one line a run ends
-    with."""
+    /dev/null: it removes what a crashed run leaves (semaphores in /dev/shm), but with a
+    warning each time, and tracebacks when two processes unregister the same name."""
     from multiprocessing import resource_tracker
 
     if getattr(resource_tracker._resource_tracker, "_fd", None) is not None:
