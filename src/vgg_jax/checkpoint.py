@@ -1,20 +1,12 @@
-"""Orbax checkpoints under WORKDIR/checkpoints: save, resume, restore on any topology.
+"""Orbax checkpoints under WORKDIR/checkpoints (docs/training.md): save, and restore
+against shapes and shardings built from the config, so on any topology.
 
-Each step folder holds four items, five for a streamed run, and orbax's metrics:
-  model   the params and BN statistics to predict with (the EMA when training keeps one)
-  train   optimiser state, step, dropout key (and the raw weights when `model` is the EMA)
-  config  the resolved config, as JSON (read back through configuration.from_stored)
-  meta    JSON, schema META_SCHEMA: the dataset's info (class names, normalisation,
-          image size), the epoch and position in it, the epoch's metrics, and SHA-256
-          digests (see checksums.py) of `model`, `train`, `config`, `data` and of the
-          meta item itself, checked wherever an item is read
-  data    (streamed runs) the grain iterator's position, one JSON file per process
-  metrics (end-of-epoch steps) the test accuracy: what ranks the steps to keep
-Nothing is pickled. Arrays are restored against shapes and shardings built here from the
-config, so a checkpoint written on 8 GPUs restores on 1 CPU without knowing its origin.
-A step that cannot be read back exactly (an item missing, a chunk or manifest deleted or
-truncated, a digest that does not match) is damaged: a trainer moves it aside
-(resume.py), readers refuse it.
+A step's items: `model` (what to predict with: the EMA where kept), `train` (optimiser
+state, step, dropout key; the raw weights when `model` is the EMA), `config` and `meta`
+(JSON; the meta holds the dataset's info, the position in the data, the epoch's metrics
+and the digests of checksums.py, checked wherever an item is read), and for a streamed
+run `data` (grain's position, a file per process). A step that does not read back
+exactly is damaged: a trainer moves it aside (resume.py), readers refuse it.
 """
 
 from __future__ import annotations
@@ -117,11 +109,8 @@ def create_manager(
     array_handler: ocp.type_handlers.ArrayHandler | None = None,
 ) -> ocp.CheckpointManager:
     """A manager keeping the latest `keep` checkpoints plus the best by test accuracy.
-
-    Orbax writes each step into a temporary folder and renames it when complete, so a
-    save cut short by a crash never looks like a checkpoint. `array_handler` (the
-    backend's writer of arrays, `models.backend_tuning`) is registered process-wide,
-    where orbax keeps its type handlers."""
+    `array_handler` (`models.backend_tuning`'s) is registered process-wide, where orbax
+    keeps its type handlers."""
     policy = checkpoint_managers.AnyPreservationPolicy(
         [checkpoint_managers.LatestN(n=max(1, keep)), retention.BestTestAccuracy(str(directory))]
     )
@@ -167,9 +156,8 @@ def save(
     meta: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Saves `state` at its step (asynchronously where the manager is async), with the
-    digests of its arrays in `meta` and the `extra` items (the stream's position).
-    Refuses a state with NaN or infinite values."""
+    """Saves `state` at its step, with the digests of its items in `meta` and the `extra`
+    items (the stream's position). Refuses a state with NaN or infinite values."""
     step = int(state.step)
     model, train = split_state(state)
     bad = non_finite_leaves({"model": model, "train": train})
@@ -215,8 +203,7 @@ def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
 
 
 def read_json_item(manager: ocp.CheckpointManager, step: int, name: str) -> dict[str, Any]:
-    """A JSON item of `step` as stored; DamagedCheckpointError, naming the item's
-    folder, where it cannot be read."""
+    """A JSON item of `step` as stored; DamagedCheckpointError where it cannot be read."""
     try:
         args = ocp.args.Composite(**{name: ocp.args.JsonRestore()})
         return manager.restore(step, args=args)[name]
@@ -226,9 +213,8 @@ def read_json_item(manager: ocp.CheckpointManager, step: int, name: str) -> dict
 
 
 def _check_digest(manager, step: int, name: str, expected, digest_of: Callable, value) -> None:
-    """DamagedCheckpointError where item `name` as read back (`digest_of(value)`) has
-    not the digest recorded when it was written; `expected` None (a step written before
-    digests) passes."""
+    """DamagedCheckpointError where `digest_of(value)` is not the digest recorded for item
+    `name`; `expected` None (a step written before digests) passes."""
     if expected is not None and digest_of(value) != expected:
         reason = f"the {name!r} item fails its checksum"
         raise DamagedCheckpointError(manager.directory, step, reason)
@@ -261,9 +247,8 @@ def read_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.Con
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    """The meta item of `step` in the current schema, whatever schema it was written in,
-    checked against its own digest (steps written before it had one are taken as
-    they are)."""
+    """The meta item of `step` in the current schema, checked against its own digest
+    (where it has one)."""
     meta = read_json_item(manager, step, "meta")
     if not isinstance(meta, dict):
         raise DamagedCheckpointError(manager.directory, step, "its meta item is no object")
@@ -284,9 +269,8 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 
 
 def check_data_item(manager: ocp.CheckpointManager, step: int, meta: dict[str, Any]) -> None:
-    """The stream position files of `step` against their digests in its `meta` (every
-    process's file: they are read by every process alike, so all processes reach the
-    same verdict)."""
+    """The stream position files of `step` against their digests in its `meta`; every
+    process checks every process's file, so that all reach the same verdict."""
     expected = meta.get("digests", {}).get("data")
     folder = os.path.join(str(manager.directory), str(step), "data")
     if expected is None or not os.path.isdir(folder):
@@ -301,9 +285,8 @@ def check_data_item(manager: ocp.CheckpointManager, step: int, meta: dict[str, A
 def _restore_verified(
     manager: ocp.CheckpointManager, step: int, items: dict[str, Any], meta: dict[str, Any]
 ) -> dict[str, Any]:
-    """Restores the named items against their abstract trees and checks each one's
-    digest in the step's `meta`; any failure to read them back exactly raises
-    DamagedCheckpointError."""
+    """The named items restored against their abstract trees and checked against their
+    digests in `meta`; DamagedCheckpointError where they do not read back exactly."""
     args = ocp.args.Composite(**{name: ocp.args.StandardRestore(t) for name, t in items.items()})
     try:
         restored = manager.restore(step, args=args)
@@ -330,8 +313,7 @@ def restore_model(
 def restore_state(
     manager: ocp.CheckpointManager, step: int, state: Any, sharding
 ) -> tuple[Any, dict[str, Any]]:
-    """`state` (a template with the right structure) filled from checkpoint `step`,
-    checked, and the step's meta."""
+    """`state` (a template) filled from checkpoint `step`, checked, and the step's meta."""
     meta = read_meta(manager, step)
     model, train = split_state(state)
     items = {"model": abstract_like(model, sharding), "train": abstract_like(train, sharding)}
@@ -351,8 +333,8 @@ def restore_state(
 
 
 def quarantine(manager: ocp.CheckpointManager, step: int, reason: str) -> None:
-    """Moves a damaged step aside as `<step>.damaged` (kept for inspection, never read
-    again) so that the run can save that step anew; one warning says so."""
+    """Moves a damaged step aside as `<step>.damaged`, kept for inspection, so that the
+    run can save that step anew."""
     directory = str(manager.directory)
     target = os.path.join(directory, f"{step}.damaged")
     suffix = 1
@@ -377,9 +359,8 @@ def missing_items(manager: ocp.CheckpointManager, step: int) -> list[str]:
 
 
 def usable_steps(manager: ocp.CheckpointManager, move_damaged: bool = False) -> list[int]:
-    """Finished checkpoint steps, newest first. A step folder missing an item (a copy
-    cut short, a half-deleted folder) is skipped with a warning or, with
-    `move_damaged` (a trainer), moved aside."""
+    """Finished steps with every item, newest first; the others are skipped with a
+    warning or, with `move_damaged` (a trainer), moved aside."""
     steps = []
     for step in sorted(manager.all_steps(), reverse=True):
         folder = os.path.join(str(manager.directory), str(step))
@@ -405,8 +386,8 @@ class Located:
 
 
 def locate(path: str, step: int | str = "latest") -> Located:
-    """Resolves a workdir, a checkpoints folder or one step's folder, and 'latest',
-    'best' or a step number, to a checkpoint that can be read."""
+    """A workdir, checkpoints folder or step folder, and 'latest', 'best' or a step
+    number, resolved to a checkpoint that can be read."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(path):
         raise NoCheckpointError(f"{path} does not exist")

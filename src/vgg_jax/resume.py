@@ -1,12 +1,6 @@
-"""What rerunning a training command continues from: the newest intact checkpoint of
-the workdir, if the run it belongs to is the one asked for.
-
-Damaged steps (missing items, unreadable arrays, failed checksums, unreadable JSON) are
-moved aside as `<step>.damaged` with one warning each; the next older step is used. A
-checkpoint of a different run is refused in one line naming what differs: another
-config, dataset classes, steps per epoch, or a schedule whose shape depends on
-`num_epochs` (one-cycle, cosine) when `num_epochs` changed.
-"""
+"""What rerunning a training command continues from (docs/training.md): the newest
+intact checkpoint of the workdir, damaged steps moved aside, if it belongs to the run
+asked for."""
 
 from __future__ import annotations
 
@@ -44,23 +38,20 @@ def find_resume_point(manager, config: ml_collections.ConfigDict) -> ResumePoint
         except (OSError, ValueError, KeyError) as error:
             checkpoint.quarantine(manager, step, f"unreadable config or meta ({error})")
             continue
-        where = str(manager.directory)
-        check_compatible(saved, config, where)
-        check_schedule_length(saved, config, where)
+        check_same_run(saved, config, str(manager.directory))
         return ResumePoint(step, meta, saved)
     return None
 
 
-def check_compatible(saved: dict[str, Any], current: ml_collections.ConfigDict, where: str):
-    differences = configuration.resume_differences(saved, current)
+def check_same_run(saved: dict[str, Any], config: ml_collections.ConfigDict, where: str):
+    """The stored config against this one: what may not change, and `num_epochs` where
+    it shapes the schedule."""
+    differences = configuration.resume_differences(saved, config)
     if differences:
         raise checkpoint.IncompatibleCheckpointError(
             f"{where} holds a run with a different config ({'; '.join(differences)}): "
             "rerun with the same settings to resume, or use a new --workdir"
         )
-
-
-def check_schedule_length(saved: dict[str, Any], config: ml_collections.ConfigDict, where: str):
     before = saved.get("num_epochs", config.num_epochs)
     if before != config.num_epochs and config.schedule in configuration.LENGTH_DEPENDENT_SCHEDULES:
         raise checkpoint.IncompatibleCheckpointError(

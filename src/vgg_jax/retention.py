@@ -18,10 +18,9 @@ def accuracy_of(metrics: dict[str, Any]) -> float:
 
 @dataclasses.dataclass
 class BestTestAccuracy:
-    """Orbax's BestN(n=1) by test accuracy. Steps written before the manager stored
-    metrics (orbax writes them only where `best_fn` is set, which it was not before)
-    are ranked by the test accuracy in their meta item, so that the best of an old
-    run is not dropped at its first resume."""
+    """Orbax's BestN(n=1) by test accuracy. Steps without orbax's metrics (written by an
+    older version) are ranked by the accuracy in their meta item, so that the best of an
+    old run is not dropped at its first resume."""
 
     directory: str
 

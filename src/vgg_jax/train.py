@@ -20,16 +20,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vgg_jax import (
-    checkpoint,
-    config_checks,
-    data,
-    distributed,
-    models,
-    optim,
-    pretrained,
-    resume,
-)
+from vgg_jax import checkpoint, config_checks, data, distributed, models, optim, pretrained, resume
 from vgg_jax.metrics_log import MetricsLog
 from vgg_jax.preemption import Preempted, PreemptionGuard
 from vgg_jax.run import (
@@ -327,9 +318,8 @@ def _prepare(
 
 def starting_point(config: ml_collections.ConfigDict, point: resume.ResumePoint | None):
     """The input normalisation to use instead of the data's own, and the variables to
-    start from: when resuming, the checkpoint's normalisation (its meta) and no variables
-    (the checkpoint holds them); with `config.init_from`, the source's normalisation (its
-    weights expect it) and variables; otherwise (None, None)."""
+    start from: the checkpoint's normalisation when resuming; the source's normalisation
+    and variables with `config.init_from`; otherwise (None, None)."""
     if point is not None:
         saved = point.meta["dataset"]
         return (tuple(saved["mean"]), tuple(saved["std"])), None
@@ -383,8 +373,7 @@ def train_and_evaluate(
 ) -> TrainState:
     """Trains and evaluates for `config.num_epochs` epochs in `workdir`, resuming from its
     checkpoints (docs/training.md); returns the final state. Raises `Preempted` after
-    saving if SIGTERM/SIGINT arrives (the CLI passes a `guard` installed before anything
-    slow), `DivergedError` if the loss becomes NaN or infinite."""
+    saving on SIGTERM/SIGINT, `DivergedError` if the loss becomes NaN or infinite."""
     if guard is None:
         # The guard covers set-up too: a signal during data loading or compilation is
         # answered after the first step, with a checkpoint.
