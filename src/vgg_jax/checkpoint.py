@@ -322,14 +322,9 @@ def restore_state(
     model, train = restored["model"], restored["train"]
     raw = train.get("raw", model)
     restored_state = state.replace(
-        params=raw["params"],
-        batch_stats=raw["batch_stats"],
-        opt_state=train["opt_state"],
-        step=train["step"],
-        rng=train["rng"],
-        ema=model if state.ema else {},
+        **raw, opt_state=train["opt_state"], step=train["step"], rng=train["rng"]
     )
-    return restored_state, meta
+    return restored_state.replace(ema=model if state.ema else {}), meta
 
 
 def quarantine(manager: ocp.CheckpointManager, step: int, reason: str) -> None:
@@ -363,16 +358,14 @@ def usable_steps(manager: ocp.CheckpointManager, move_damaged: bool = False) -> 
     warning or, with `move_damaged` (a trainer), moved aside."""
     steps = []
     for step in sorted(manager.all_steps(), reverse=True):
-        folder = os.path.join(str(manager.directory), str(step))
-        missing = missing_items(manager, step)
+        missing = ", ".join(missing_items(manager, step))
         if not missing:
             steps.append(step)
         elif move_damaged:
-            quarantine(manager, step, f"missing {', '.join(missing)}")
+            quarantine(manager, step, f"missing {missing}")
         else:
-            logger.warning(
-                "skipping checkpoint %s: incomplete (missing %s)", folder, ", ".join(missing)
-            )
+            folder = f"{manager.directory}/{step}"
+            logger.warning("skipping checkpoint %s: incomplete (missing %s)", folder, missing)
     return steps
 
 

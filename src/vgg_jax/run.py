@@ -129,18 +129,10 @@ def check_finite(loss: float, step: int, run: Run) -> None:
 def log_epoch(record: dict[str, Any], num_epochs: int) -> None:
     top5 = f" top-5 {record['test_top5_accuracy']:.4f}" if "test_top5_accuracy" in record else ""
     logger.info(
-        "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f%s  lr %.5g  %.1fs"
-        "  (input wait %.0f%%)",
-        record["epoch"],
-        num_epochs,
-        record["train_loss"],
-        record["train_accuracy"],
-        record["test_loss"],
-        record["test_accuracy"],
-        top5,
-        record["learning_rate"],
-        record["epoch_seconds"],
-        100 * record["input_wait_fraction"],
+        f"epoch {record['epoch']}/{num_epochs}  train loss {record['train_loss']:.4f} acc "
+        f"{record['train_accuracy']:.4f}  test loss {record['test_loss']:.4f} acc "
+        f"{record['test_accuracy']:.4f}{top5}  lr {record['learning_rate']:.5g}  "
+        f"{record['epoch_seconds']:.1f}s  (input wait {100 * record['input_wait_fraction']:.0f}%)"
     )
 
 

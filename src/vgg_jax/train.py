@@ -39,10 +39,9 @@ logger = logging.getLogger(__name__)
 
 
 class TrainState(train_state.TrainState):
-    """Params, optimiser state and step (from flax), plus BN statistics, the dropout key
-    (raw uint32 key data, so that checkpoints hold plain arrays) and, when
-    `config.ema_decay` > 0, an exponential moving average of params and BN statistics
-    (`ema`, else an empty dict) that evaluation and prediction use."""
+    """Flax's train state plus BN statistics, the dropout key (raw uint32 key data, so
+    that checkpoints hold plain arrays) and, when `config.ema_decay` > 0, the `ema` of
+    params and BN statistics that evaluation and prediction use (else an empty dict)."""
 
     batch_stats: Any
     rng: jax.Array
@@ -201,9 +200,8 @@ def _add(total: dict[str, jax.Array], new: dict[str, jax.Array]) -> dict[str, ja
 def sum_metrics(
     total: dict[str, jax.Array] | None, new: dict[str, jax.Array], wait: bool = False
 ) -> dict:
-    """Adds step metrics on the device, in one jitted call: an eager add per metric costs
-    the host a dispatch each, every step. No host sync unless `wait` (the backend's
-    `wait_each_step`)."""
+    """Adds step metrics on the device in one jitted call (an eager add per metric costs
+    the host a dispatch each, every step); no host sync unless `wait`."""
     total = new if total is None else _add(total, new)
     if wait:
         jax.block_until_ready(total)
@@ -407,8 +405,7 @@ def train_loop(run: Run, state: TrainState, guard: PreemptionGuard) -> TrainStat
             save_checkpoint(run, state, epoch, done, sums=sums)
             where = f"in epoch {epoch + 1} after step {done} of {run.steps_per_epoch}"
             stop(run, state, guard, where)
-        record = {"epoch": epoch + 1, "step": int(state.step)}
-        record.update(summarise(sums, "train"))
+        record = {"epoch": epoch + 1, "step": int(state.step), **summarise(sums, "train")}
         check_finite(record["train_loss"], record["step"], run)
         training_seconds = time.perf_counter() - epoch_start
         record.update(evaluate(state, run.input.eval_batches(), run.eval_fn, run.wait_each_step))
