@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from vgg_jax import configuration, retention
+from vgg_jax import configuration
 from vgg_jax.checksums import (
     data_digests,
     data_folder_digests,
@@ -101,6 +102,37 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
 
 
+def accuracy_of(metrics: dict[str, Any]) -> float:
+    return metrics["test_accuracy"]
+
+
+@dataclasses.dataclass
+class BestTestAccuracy:
+    """Orbax's BestN(n=1) by test accuracy. Steps without orbax's metrics (written by an
+    older version) are ranked by the accuracy in their meta item, so that the best of an
+    old run is not dropped at its first resume."""
+
+    directory: str
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        filled = []  # orbax's PolicyCheckpointInfo is a protocol: step, time, metrics
+        for info in checkpoints:
+            metrics = self._stored(info.step) if info.metrics is None else info.metrics
+            filled.append(types.SimpleNamespace(step=info.step, time=info.time, metrics=metrics))
+        best = checkpoint_managers.BestN(
+            get_metric_fn=accuracy_of, n=1, keep_checkpoints_without_metrics=False
+        )
+        return best.should_preserve(filled, context=context)
+
+    def _stored(self, step: int) -> dict[str, float] | None:
+        try:
+            with open(os.path.join(self.directory, str(step), "meta", "metadata")) as f:
+                accuracy = json.load(f).get("test_accuracy")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return None if accuracy is None else {"test_accuracy": float(accuracy)}
+
+
 def create_manager(
     directory: str,
     keep: int = 3,
@@ -112,7 +144,7 @@ def create_manager(
     `array_handler` (`models.backend_tuning`'s) is registered process-wide, where orbax
     keeps its type handlers."""
     policy = checkpoint_managers.AnyPreservationPolicy(
-        [checkpoint_managers.LatestN(n=max(1, keep)), retention.BestTestAccuracy(str(directory))]
+        [checkpoint_managers.LatestN(n=max(1, keep)), BestTestAccuracy(str(directory))]
     )
     # A reader neither creates, cleans nor prunes anything (orbax's own read_only mode
     # would also do, but warns on every load).
@@ -135,7 +167,7 @@ def create_manager(
         # With `best_fn` set, orbax writes each step's metrics beside it (the
         # preservation policy above still decides what is kept): a resumed run then
         # knows the test accuracy of the steps an earlier run saved.
-        best_fn=retention.accuracy_of,
+        best_fn=accuracy_of,
         best_mode="max",
         enable_async_checkpointing=async_save and not read_only,
         cleanup_tmp_directories=False,
@@ -327,46 +359,9 @@ def restore_state(
     return restored_state.replace(ema=model if state.ema else {}), meta
 
 
-def quarantine(manager: ocp.CheckpointManager, step: int, reason: str) -> None:
-    """Moves a damaged step aside as `<step>.damaged`, kept for inspection, so that the
-    run can save that step anew."""
-    directory = str(manager.directory)
-    target = os.path.join(directory, f"{step}.damaged")
-    suffix = 1
-    while os.path.exists(target):
-        suffix += 1
-        target = os.path.join(directory, f"{step}.damaged-{suffix}")
-    if jax.process_index() == 0:  # the processes of one run share the folder
-        os.rename(os.path.join(directory, str(step)), target)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"quarantine {step}")
-    logger.warning(
-        "checkpoint %s/%d is damaged (%s): moved aside to %s", directory, step, reason, target
-    )
-    manager.reload()
-
-
 def missing_items(manager: ocp.CheckpointManager, step: int) -> list[str]:
     folder = os.path.join(str(manager.directory), str(step))
     return [item for item in ITEMS if not os.path.isdir(os.path.join(folder, item))]
-
-
-def usable_steps(manager: ocp.CheckpointManager, move_damaged: bool = False) -> list[int]:
-    """Finished steps with every item, newest first; the others are skipped with a
-    warning or, with `move_damaged` (a trainer), moved aside."""
-    steps = []
-    for step in sorted(manager.all_steps(), reverse=True):
-        missing = ", ".join(missing_items(manager, step))
-        if not missing:
-            steps.append(step)
-        elif move_damaged:
-            quarantine(manager, step, f"missing {missing}")
-        else:
-            folder = f"{manager.directory}/{step}"
-            logger.warning("skipping checkpoint %s: incomplete (missing %s)", folder, missing)
-    return steps
 
 
 @dataclasses.dataclass(frozen=True)

@@ -126,20 +126,18 @@ def train_step(
         loss = cross_entropy_loss(logits, batch["label"], label_smoothing).mean()
         return loss, (logits, new_model_state)
 
-    (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params
-    )
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (logits, new_model_state)), grads = grad_fn(state.params)
     state = state.apply_gradients(
         grads=grads, batch_stats=new_model_state.get("batch_stats", state.batch_stats)
     )
     state = update_ema(state, ema_decay)
     count = batch["label"].shape[0]
-    metrics = {
+    return state, {
         "loss_sum": loss * count,
         "correct": jnp.sum(jnp.argmax(logits, -1) == batch["label"]),
         "count": jnp.asarray(count, jnp.float32),
     }
-    return state, metrics
 
 
 def eval_step(
@@ -276,14 +274,9 @@ def _prepare(
     batches = data.create(config, mesh, normalisation)
     info, steps_per_epoch = batches.info, batches.steps_per_epoch
     logger.info(
-        "%s: %d train / %d eval examples, %d classes; %d devices, %d steps of %d per epoch",
-        config.dataset,
-        info.num_train_examples,
-        info.num_eval_examples,
-        len(info.class_names),
-        jax.device_count(),
-        steps_per_epoch,
-        config.batch_size,
+        f"{config.dataset}: {info.num_train_examples} train / {info.num_eval_examples} eval "
+        f"examples, {len(info.class_names)} classes; {jax.device_count()} devices, "
+        f"{steps_per_epoch} steps of {config.batch_size} per epoch"
     )
     learning_rate_fn = optim.create_learning_rate_schedule(config, steps_per_epoch)
     model = models.build_model(config, info)
