@@ -23,16 +23,7 @@ from jax.sharding import PartitionSpec as P
 from vgg_jax import checkpoint, config_checks, data, distributed, models, optim, pretrained, resume
 from vgg_jax.metrics_log import MetricsLog
 from vgg_jax.preemption import Preempted, PreemptionGuard
-from vgg_jax.run import (
-    Run,
-    check_finite,
-    close,
-    log_epoch,
-    progress_bar,
-    save_checkpoint,
-    stop,
-    stop_requested,
-)
+from vgg_jax.run import Run, stop_requested
 from vgg_jax.workdir_lock import WorkdirLock
 
 logger = logging.getLogger(__name__)
@@ -335,7 +326,7 @@ def train_epoch(
         sums = {k: jnp.asarray(v, jnp.float32) for k, v in run.partial_sums.items()}
     running_loss = None
     in_flight = collections.deque()
-    with progress_bar(config, epoch, steps, start) as bar:
+    with run.progress_bar(epoch, start) as bar:
         for index, batch in enumerate(run.input.train_batches(epoch, start), start):
             state, metrics = run.train_fn(state, batch)
             sums = sum_metrics(sums, metrics, run.wait_each_step)
@@ -353,7 +344,7 @@ def train_epoch(
                 # Read the loss of one logging interval ago: it is done by now, so
                 # reading it does not stall the queue of dispatched steps.
                 if running_loss is not None:
-                    check_finite(float(running_loss), int(state.step), run)
+                    run.check_finite(float(running_loss), int(state.step))
                     bar.set_postfix(loss=f"{float(running_loss):.4f}")
                 running_loss = sums["loss_sum"] / sums["count"]
     return state, sums, True
@@ -377,9 +368,9 @@ def train_and_evaluate(
         raise  # saved and closed already
     except BaseException:
         with contextlib.suppress(checkpoint.CheckpointWriteError):  # the raised one says more
-            close(run)  # the last good save completes; nothing after it is saved
+            run.close()  # the last good save completes; nothing after it is saved
         raise
-    close(run)
+    run.close()
     return state
 
 
@@ -395,11 +386,11 @@ def train_loop(run: Run, state: TrainState, guard: PreemptionGuard) -> TrainStat
         state, sums, finished = train_epoch(run, state, epoch, guard)
         if not finished:
             done = int(state.step) - epoch * run.steps_per_epoch
-            save_checkpoint(run, state, epoch, done, sums=sums)
+            run.save(state, epoch, done, sums=sums)
             where = f"in epoch {epoch + 1} after step {done} of {run.steps_per_epoch}"
-            stop(run, state, guard, where)
+            run.stop(state, guard, where)
         record = {"epoch": epoch + 1, "step": int(state.step), **summarise(sums, "train")}
-        check_finite(record["train_loss"], record["step"], run)
+        run.check_finite(record["train_loss"], record["step"])
         training_seconds = time.perf_counter() - epoch_start
         record.update(evaluate(state, run.input.eval_batches(), run.eval_fn, run.wait_each_step))
         record["learning_rate"] = float(run.learning_rate_fn(int(state.step) - 1))
@@ -408,14 +399,13 @@ def train_loop(run: Run, state: TrainState, guard: PreemptionGuard) -> TrainStat
         record["input_wait_fraction"] = counts.pop("input_wait_seconds") / training_seconds
         record.update(counts)
         record["wall_time"] = time.time()  # when the epoch ended: curves against the clock
-        log_epoch(record, config.num_epochs)
-        run.log.write(record)
+        run.log_epoch(record)
         if run.lock:
             run.lock.check()  # WORKDIR/.lock removed by hand: written again
         last = epoch + 1 == config.num_epochs
         requested = stop_requested(guard, config, record["step"])
         if (epoch + 1) % config.checkpoint_every_epochs == 0 or last or requested:
-            save_checkpoint(run, state, epoch + 1, 0, record=record)
+            run.save(state, epoch + 1, 0, record=record)
         if requested and not last:
-            stop(run, state, guard, f"after epoch {epoch + 1}")
+            run.stop(state, guard, f"after epoch {epoch + 1}")
     return state
