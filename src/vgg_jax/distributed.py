@@ -86,32 +86,17 @@ def lost_peer_message(error: BaseException) -> str | None:
 
 def start(config: ml_collections.ConfigDict, guard: PreemptionGuard | None = None) -> None:
     """`jax.distributed.initialize` with the config's timeouts, when `config.distributed`.
-    SIGTERM or Ctrl-C (seen by `guard`) ends the wait for the other processes. Then only
-    process 0 logs below WARNING (the processes would print the same epoch lines)."""
+    SIGTERM or Ctrl-C (seen by `guard`) ends the wait for the other processes, a long wait
+    is said once. Then only process 0 logs below WARNING (the processes would print the
+    same epoch lines)."""
     global _process_index
     if not config.distributed:
         return
     _watch_stderr(config)
     import jax
 
-    _initialize_interruptibly(config, guard)
-    _process_index = jax.process_index()
-    if _watcher is not None:  # the watcher names the process in its message
-        sys.stderr.flush()
-        os.write(2, CONTROL + f"{_process_index}\n".encode())
-    if _process_index > 0:
-        quiet = logging.getLogger("vgg_jax")
-        quiet.setLevel(max(quiet.getEffectiveLevel(), logging.WARNING))
-
-
-def _initialize_interruptibly(
-    config: ml_collections.ConfigDict, guard: PreemptionGuard | None
-) -> None:
-    """Runs `jax.distributed.initialize` in a thread: the wait for the other processes is
-    one blocking C++ call, during which this thread could not answer a signal. Says what
-    it waits for once the wait is long enough to be noticed."""
-    import jax
-
+    # In a thread: the wait for the other processes is one blocking C++ call, during
+    # which this thread could not answer a signal.
     failure: list[BaseException] = []
 
     def initialize() -> None:
@@ -151,6 +136,13 @@ def _initialize_interruptibly(
         raise DistributedStartError(
             f"jax.distributed.initialize failed: {type(failure[0]).__name__}: {text}"
         ) from failure[0]
+    _process_index = jax.process_index()
+    if _watcher is not None:  # the watcher names the process in its message
+        sys.stderr.flush()
+        os.write(2, CONTROL + f"{_process_index}\n".encode())
+    if _process_index > 0:
+        quiet = logging.getLogger("vgg_jax")
+        quiet.setLevel(max(quiet.getEffectiveLevel(), logging.WARNING))
 
 
 def _watch_stderr(config: ml_collections.ConfigDict) -> None:
