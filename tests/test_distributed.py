@@ -1,4 +1,4 @@
-"""The stderr watcher of a distributed process (vgg_jax.stderr_watch): lines pass as
+"""The stderr watcher of a distributed process (in vgg_jax.distributed): lines pass as
 they come; JAX's fatal abort (C++ log lines, a stack trace, Python's thread dump)
 becomes one line saying what happened. The samples are the lines JAX 0.10 printed in
 two-process runs on this machine (tests/test_multihost.py makes them for real)."""
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from vgg_jax import stderr_watch
+from vgg_jax import distributed
 
 SETTINGS = {"coordinator": "localhost:1234", "init_timeout": "300", "heartbeat_timeout": "60"}
 STACK_AND_DUMP = b"""*** Check failure stack trace: ***
@@ -51,7 +51,7 @@ NEVER_CAME = (
 
 def _watch(process=None):
     written = []
-    return stderr_watch.Watch(written.append, process, SETTINGS), written
+    return distributed.Watch(written.append, process, SETTINGS), written
 
 
 def _through(data: bytes, process=None, chunk=7) -> str:
@@ -93,11 +93,11 @@ def test_the_fatal_abort_becomes_one_line(text, process, line):
 
 
 def test_the_process_index_learnt_after_start_up_names_the_process():
-    control = stderr_watch.CONTROL + b"1\n"
+    control = distributed.CONTROL + b"1\n"
     out = _through(b"\rprogress 10%" + control + LOST_COORDINATOR)
     assert out.split("\n") == [
         "\rprogress 10%[process 1] error: lost the coordinator (process 0, localhost:1234): "
-        "it died or is unreachable, so this process stopped; " + stderr_watch.RERUN,
+        "it died or is unreachable, so this process stopped; " + distributed.RERUN,
         "",
     ]
 
@@ -108,15 +108,15 @@ def test_other_lines_pass_at_once_and_error_lines_after_a_moment():
     assert b"".join(written) == b"06:00:01 a log line\n\rbar 50%"  # a partial line too
     error = b"E1206 06:00:52.6 1 gloo.cc:1] a C++ error that is not fatal\n"
     watch.feed(error + b"a line after it\n", now=1.0)
-    watch.tick(now=1.0 + stderr_watch.HOLD_SECONDS / 2)
+    watch.tick(now=1.0 + distributed.HOLD_SECONDS / 2)
     assert error not in b"".join(written)  # held: a fatal line may follow
-    watch.tick(now=1.0 + stderr_watch.HOLD_SECONDS)
+    watch.tick(now=1.0 + distributed.HOLD_SECONDS)
     assert b"".join(written).endswith(error + b"a line after it\n")  # in order, unchanged
 
 
 def test_the_watcher_program_writes_one_line_and_ignores_signals():
     result = subprocess.run(
-        [sys.executable, "-m", "vgg_jax.stderr_watch", "--process=0", "--heartbeat-timeout=9"],
+        [sys.executable, "-m", "vgg_jax.distributed", "--process=0", "--heartbeat-timeout=9"],
         input=b"starting\n" + LOST_PEER,
         capture_output=True,
         timeout=60,

@@ -289,8 +289,8 @@ def test_divergence_before_any_checkpoint_says_nothing_was_saved():
         config=types.SimpleNamespace(learning_rate=1e6),
     )
     with pytest.raises(run_module.DivergedError, match="by step 3; nothing was saved.*1000000"):
-        run_module.check_finite(float("nan"), 3, run)
-    run_module.check_finite(2.5, 3, run)  # a finite loss passes
+        run_module.Run.check_finite(run, float("nan"), 3)
+    run_module.Run.check_finite(run, 2.5, 3)  # a finite loss passes
 
 
 def test_metrics_are_valid_json_even_when_not_finite(tmp_path):

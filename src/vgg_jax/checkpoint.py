@@ -1,20 +1,12 @@
-"""Orbax checkpoints under WORKDIR/checkpoints: save, resume, restore on any topology.
+"""Orbax checkpoints under WORKDIR/checkpoints (docs/training.md): save, and restore
+against shapes and shardings built from the config, so on any topology.
 
-Each step folder holds four items, five for a streamed run, and orbax's metrics:
-  model   the params and BN statistics to predict with (the EMA when training keeps one)
-  train   optimiser state, step, dropout key (and the raw weights when `model` is the EMA)
-  config  the resolved config, as JSON (read back through configuration.from_stored)
-  meta    JSON, schema META_SCHEMA: the dataset's info (class names, normalisation,
-          image size), the epoch and position in it, the epoch's metrics, and SHA-256
-          digests (see checksums.py) of `model`, `train`, `config`, `data` and of the
-          meta item itself, checked wherever an item is read
-  data    (streamed runs) the grain iterator's position, one JSON file per process
-  metrics (end-of-epoch steps) the test accuracy: what ranks the steps to keep
-Nothing is pickled. Arrays are restored against shapes and shardings built here from the
-config, so a checkpoint written on 8 GPUs restores on 1 CPU without knowing its origin.
-A step that cannot be read back exactly (an item missing, a chunk or manifest deleted or
-truncated, a digest that does not match) is damaged: a trainer moves it aside
-(resume.py), readers refuse it.
+A step's items: `model` (what to predict with: the EMA where kept), `train` (optimiser
+state, step, dropout key; the raw weights when `model` is the EMA), `config` and `meta`
+(JSON; the meta holds the dataset's info, the position in the data, the epoch's metrics
+and the digests of checksums.py, checked wherever an item is read), and for a streamed
+run `data` (grain's position, a file per process). A step that does not read back
+exactly is damaged: a trainer moves it aside (resume.py), readers refuse it.
 """
 
 from __future__ import annotations
@@ -24,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +25,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from vgg_jax import configuration, retention
+from vgg_jax import configuration
 from vgg_jax.checksums import (
     data_digests,
     data_folder_digests,
@@ -109,6 +102,37 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
 
 
+def accuracy_of(metrics: dict[str, Any]) -> float:
+    return metrics["test_accuracy"]
+
+
+@dataclasses.dataclass
+class BestTestAccuracy:
+    """Orbax's BestN(n=1) by test accuracy. Steps without orbax's metrics (written by an
+    older version) are ranked by the accuracy in their meta item, so that the best of an
+    old run is not dropped at its first resume."""
+
+    directory: str
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        filled = []  # orbax's PolicyCheckpointInfo is a protocol: step, time, metrics
+        for info in checkpoints:
+            metrics = self._stored(info.step) if info.metrics is None else info.metrics
+            filled.append(types.SimpleNamespace(step=info.step, time=info.time, metrics=metrics))
+        best = checkpoint_managers.BestN(
+            get_metric_fn=accuracy_of, n=1, keep_checkpoints_without_metrics=False
+        )
+        return best.should_preserve(filled, context=context)
+
+    def _stored(self, step: int) -> dict[str, float] | None:
+        try:
+            with open(os.path.join(self.directory, str(step), "meta", "metadata")) as f:
+                accuracy = json.load(f).get("test_accuracy")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return None if accuracy is None else {"test_accuracy": float(accuracy)}
+
+
 def create_manager(
     directory: str,
     keep: int = 3,
@@ -117,13 +141,10 @@ def create_manager(
     array_handler: ocp.type_handlers.ArrayHandler | None = None,
 ) -> ocp.CheckpointManager:
     """A manager keeping the latest `keep` checkpoints plus the best by test accuracy.
-
-    Orbax writes each step into a temporary folder and renames it when complete, so a
-    save cut short by a crash never looks like a checkpoint. `array_handler` (the
-    backend's writer of arrays, `models.backend_tuning`) is registered process-wide,
-    where orbax keeps its type handlers."""
+    `array_handler` (`models.backend_tuning`'s) is registered process-wide, where orbax
+    keeps its type handlers."""
     policy = checkpoint_managers.AnyPreservationPolicy(
-        [checkpoint_managers.LatestN(n=max(1, keep)), retention.BestTestAccuracy(str(directory))]
+        [checkpoint_managers.LatestN(n=max(1, keep)), BestTestAccuracy(str(directory))]
     )
     # A reader neither creates, cleans nor prunes anything (orbax's own read_only mode
     # would also do, but warns on every load).
@@ -146,7 +167,7 @@ def create_manager(
         # With `best_fn` set, orbax writes each step's metrics beside it (the
         # preservation policy above still decides what is kept): a resumed run then
         # knows the test accuracy of the steps an earlier run saved.
-        best_fn=retention.accuracy_of,
+        best_fn=accuracy_of,
         best_mode="max",
         enable_async_checkpointing=async_save and not read_only,
         cleanup_tmp_directories=False,
@@ -167,9 +188,8 @@ def save(
     meta: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Saves `state` at its step (asynchronously where the manager is async), with the
-    digests of its arrays in `meta` and the `extra` items (the stream's position).
-    Refuses a state with NaN or infinite values."""
+    """Saves `state` at its step, with the digests of its items in `meta` and the `extra`
+    items (the stream's position). Refuses a state with NaN or infinite values."""
     step = int(state.step)
     model, train = split_state(state)
     bad = non_finite_leaves({"model": model, "train": train})
@@ -215,8 +235,7 @@ def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
 
 
 def read_json_item(manager: ocp.CheckpointManager, step: int, name: str) -> dict[str, Any]:
-    """A JSON item of `step` as stored; DamagedCheckpointError, naming the item's
-    folder, where it cannot be read."""
+    """A JSON item of `step` as stored; DamagedCheckpointError where it cannot be read."""
     try:
         args = ocp.args.Composite(**{name: ocp.args.JsonRestore()})
         return manager.restore(step, args=args)[name]
@@ -226,9 +245,8 @@ def read_json_item(manager: ocp.CheckpointManager, step: int, name: str) -> dict
 
 
 def _check_digest(manager, step: int, name: str, expected, digest_of: Callable, value) -> None:
-    """DamagedCheckpointError where item `name` as read back (`digest_of(value)`) has
-    not the digest recorded when it was written; `expected` None (a step written before
-    digests) passes."""
+    """DamagedCheckpointError where `digest_of(value)` is not the digest recorded for item
+    `name`; `expected` None (a step written before digests) passes."""
     if expected is not None and digest_of(value) != expected:
         reason = f"the {name!r} item fails its checksum"
         raise DamagedCheckpointError(manager.directory, step, reason)
@@ -261,9 +279,8 @@ def read_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.Con
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    """The meta item of `step` in the current schema, whatever schema it was written in,
-    checked against its own digest (steps written before it had one are taken as
-    they are)."""
+    """The meta item of `step` in the current schema, checked against its own digest
+    (where it has one)."""
     meta = read_json_item(manager, step, "meta")
     if not isinstance(meta, dict):
         raise DamagedCheckpointError(manager.directory, step, "its meta item is no object")
@@ -284,9 +301,8 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 
 
 def check_data_item(manager: ocp.CheckpointManager, step: int, meta: dict[str, Any]) -> None:
-    """The stream position files of `step` against their digests in its `meta` (every
-    process's file: they are read by every process alike, so all processes reach the
-    same verdict)."""
+    """The stream position files of `step` against their digests in its `meta`; every
+    process checks every process's file, so that all reach the same verdict."""
     expected = meta.get("digests", {}).get("data")
     folder = os.path.join(str(manager.directory), str(step), "data")
     if expected is None or not os.path.isdir(folder):
@@ -301,9 +317,8 @@ def check_data_item(manager: ocp.CheckpointManager, step: int, meta: dict[str, A
 def _restore_verified(
     manager: ocp.CheckpointManager, step: int, items: dict[str, Any], meta: dict[str, Any]
 ) -> dict[str, Any]:
-    """Restores the named items against their abstract trees and checks each one's
-    digest in the step's `meta`; any failure to read them back exactly raises
-    DamagedCheckpointError."""
+    """The named items restored against their abstract trees and checked against their
+    digests in `meta`; DamagedCheckpointError where they do not read back exactly."""
     args = ocp.args.Composite(**{name: ocp.args.StandardRestore(t) for name, t in items.items()})
     try:
         restored = manager.restore(step, args=args)
@@ -330,8 +345,7 @@ def restore_model(
 def restore_state(
     manager: ocp.CheckpointManager, step: int, state: Any, sharding
 ) -> tuple[Any, dict[str, Any]]:
-    """`state` (a template with the right structure) filled from checkpoint `step`,
-    checked, and the step's meta."""
+    """`state` (a template) filled from checkpoint `step`, checked, and the step's meta."""
     meta = read_meta(manager, step)
     model, train = split_state(state)
     items = {"model": abstract_like(model, sharding), "train": abstract_like(train, sharding)}
@@ -340,59 +354,14 @@ def restore_state(
     model, train = restored["model"], restored["train"]
     raw = train.get("raw", model)
     restored_state = state.replace(
-        params=raw["params"],
-        batch_stats=raw["batch_stats"],
-        opt_state=train["opt_state"],
-        step=train["step"],
-        rng=train["rng"],
-        ema=model if state.ema else {},
+        **raw, opt_state=train["opt_state"], step=train["step"], rng=train["rng"]
     )
-    return restored_state, meta
-
-
-def quarantine(manager: ocp.CheckpointManager, step: int, reason: str) -> None:
-    """Moves a damaged step aside as `<step>.damaged` (kept for inspection, never read
-    again) so that the run can save that step anew; one warning says so."""
-    directory = str(manager.directory)
-    target = os.path.join(directory, f"{step}.damaged")
-    suffix = 1
-    while os.path.exists(target):
-        suffix += 1
-        target = os.path.join(directory, f"{step}.damaged-{suffix}")
-    if jax.process_index() == 0:  # the processes of one run share the folder
-        os.rename(os.path.join(directory, str(step)), target)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"quarantine {step}")
-    logger.warning(
-        "checkpoint %s/%d is damaged (%s): moved aside to %s", directory, step, reason, target
-    )
-    manager.reload()
+    return restored_state.replace(ema=model if state.ema else {}), meta
 
 
 def missing_items(manager: ocp.CheckpointManager, step: int) -> list[str]:
     folder = os.path.join(str(manager.directory), str(step))
     return [item for item in ITEMS if not os.path.isdir(os.path.join(folder, item))]
-
-
-def usable_steps(manager: ocp.CheckpointManager, move_damaged: bool = False) -> list[int]:
-    """Finished checkpoint steps, newest first. A step folder missing an item (a copy
-    cut short, a half-deleted folder) is skipped with a warning or, with
-    `move_damaged` (a trainer), moved aside."""
-    steps = []
-    for step in sorted(manager.all_steps(), reverse=True):
-        folder = os.path.join(str(manager.directory), str(step))
-        missing = missing_items(manager, step)
-        if not missing:
-            steps.append(step)
-        elif move_damaged:
-            quarantine(manager, step, f"missing {', '.join(missing)}")
-        else:
-            logger.warning(
-                "skipping checkpoint %s: incomplete (missing %s)", folder, ", ".join(missing)
-            )
-    return steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,8 +374,8 @@ class Located:
 
 
 def locate(path: str, step: int | str = "latest") -> Located:
-    """Resolves a workdir, a checkpoints folder or one step's folder, and 'latest',
-    'best' or a step number, to a checkpoint that can be read."""
+    """A workdir, checkpoints folder or step folder, and 'latest', 'best' or a step
+    number, resolved to a checkpoint that can be read."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(path):
         raise NoCheckpointError(f"{path} does not exist")

@@ -1,21 +1,13 @@
-"""SHA-256 digests of what a checkpoint holds, so that a restore can tell a step read
-back exactly from one changed on disk (bit rot, a truncated copy, a hand edit).
-
-  arrays (`model`, `train`)  path, dtype, shape and bytes of every leaf, in tree order
-  JSON (`config`, `meta`)    the value written as canonical JSON (sorted keys, no
-                             spaces): the digest does not depend on how a writer laid
-                             the file out, only on the values a reader gets back
-  `data` (a streamed run)    one canonical-JSON digest per process's iterator state
-
-The digests live in the meta item, under "digests"; the meta item's own digest covers
-the rest of the meta item, so a change anywhere in it is caught too.
-"""
+"""SHA-256 digests of a checkpoint's items, kept in its meta item under "digests", so
+that a restore can tell a step read back exactly from one changed on disk (bit rot, a
+truncated copy, a hand edit)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -50,8 +42,8 @@ def non_finite_leaves(tree: Any) -> list[str]:
 
 
 def json_digest(value: Any) -> str:
-    """SHA-256 of `value` as canonical JSON. JSON round-trips Python floats exactly, so
-    the value written and the value read back give the same digest."""
+    """SHA-256 of `value` as canonical JSON: it depends on the values a reader gets back,
+    not on the file's layout (JSON round-trips Python floats exactly)."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -71,8 +63,8 @@ def iterator_state_digest(state: dict[str, Any] | bytes | str) -> str:
 
 
 def data_digests(iterator_state: Any) -> list[str]:
-    """The digests of every process's iterator state, sorted (each process saves its
-    own file; process 0 writes the meta item that records them all)."""
+    """The digests of every process's iterator state, sorted: each process saves its own
+    file, process 0 the meta item that records them all."""
     local = iterator_state_digest(iterator_state)
     if jax.process_count() == 1:
         return [local]
@@ -83,11 +75,7 @@ def data_digests(iterator_state: Any) -> list[str]:
 
 
 def data_folder_digests(folder: str) -> list[str]:
-    """The digests of every process's state file in a data item's folder, sorted.
-    Raises OSError or ValueError for a file that cannot be read as JSON."""
-    names = sorted(name for name in os.listdir(folder) if name.endswith(".json"))
-    digests = []
-    for name in names:
-        with open(os.path.join(folder, name), "rb") as f:
-            digests.append(iterator_state_digest(f.read()))
-    return sorted(digests)
+    """The digests of every process's state file in a data item's folder, sorted; OSError
+    or ValueError for a file that cannot be read as JSON."""
+    names = [name for name in os.listdir(folder) if name.endswith(".json")]
+    return sorted(iterator_state_digest(Path(folder, name).read_bytes()) for name in names)

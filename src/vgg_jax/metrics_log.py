@@ -14,11 +14,8 @@ FILENAME = "metrics.jsonl"  # in the workdir
 
 
 class MetricsLog:
-    """Appends one JSON object per epoch to metrics.jsonl and writes TensorBoard scalars.
-
-    Only process 0 writes. TensorBoard is skipped with a warning where tensorboardX is
-    not installed (it is a dependency; minimal GPU images sometimes lack it).
-    """
+    """Appends one JSON object per epoch to metrics.jsonl and writes TensorBoard scalars
+    (skipped with a warning where minimal GPU images lack tensorboardX)."""
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.path = os.path.join(workdir, FILENAME)
@@ -46,9 +43,8 @@ class MetricsLog:
             self._tensorboard.flush()
 
     def truncate_after(self, epoch: int) -> None:
-        """Drops records of epochs after `epoch` (a resumed run redoes those epochs:
-        their checkpoint was not complete when the previous run stopped) and lines that
-        are not whole records (a line cut short by a crash), with a warning."""
+        """Drops records of epochs after `epoch` (a resumed run redoes them) and lines that
+        are not whole records (cut short by a crash)."""
         if not self.enabled or not os.path.exists(self.path):
             return
         entries = _read_records(self.path)
@@ -73,8 +69,7 @@ def to_json(record: dict[str, Any]) -> str:
 
 def _read_records(path: str) -> list[tuple[str | bytes, dict[str, Any] | None]]:
     """Each non-blank line of `path` and its record, or None (with a warning) for a line
-    that is not one: not UTF-8 (a byte damaged on disk; the line stays bytes), not JSON,
-    or without a whole-number epoch."""
+    not UTF-8 (it stays bytes), not JSON or without a whole-number epoch."""
     with open(path, "rb") as f:
         lines = [line for line in f if line.strip()]
     entries = []
@@ -100,10 +95,9 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 
 def _import_summary_writer():
-    """tensorboardX's SummaryWriter, without the import of torch that tensorboardX makes
-    wherever torch is installed (only to accept torch tensors, which we never pass): it
-    would add seconds and hundreds of MB to every training process. Where torch is
-    imported already, nothing changes."""
+    """tensorboardX's SummaryWriter, without its import of torch wherever torch is
+    installed (only to accept torch tensors, never passed here): seconds and hundreds of
+    MB in every training process."""
     if "torch" in sys.modules:
         from tensorboardX import SummaryWriter
 

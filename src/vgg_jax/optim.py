@@ -33,15 +33,9 @@ def create_learning_rate_schedule(
     if name == "constant":
         return optax.constant_schedule(base_lr)
     if name == "discexp":
-        batch_size = config.batch_size
-        decay_rate = config.lr_decay_rate
+        rate, batch_size = config.lr_decay_rate, config.batch_size
         decay_samples = config.lr_decay_samples
-
-        def discexp(step):
-            samples_seen = step * batch_size
-            return base_lr * decay_rate ** jnp.floor(samples_seen / decay_samples)
-
-        return discexp
+        return lambda step: base_lr * rate ** jnp.floor(step * batch_size / decay_samples)
     if name == "multistep":
         boundaries = {
             int(round(epoch * steps_per_epoch)): config.lr_decay_rate
@@ -66,16 +60,11 @@ def create_learning_rate_schedule(
 def create_optimizer(
     config: ml_collections.ConfigDict, schedule: optax.Schedule
 ) -> optax.GradientTransformation:
-    """Momentum SGD with the reference recipe's coupled L2 term and optional decoupled weight decay.
-
-    Coupled L2 (`config.l2`) is added to the gradient *before* momentum, as Paddle's
-    L2Regularization and PyTorch's SGD(weight_decay=...) do. Decoupled weight decay
-    (`config.weight_decay`) is added after momentum and scaled by the learning rate.
-
-    For fine-tuning, `config.freeze` layers get no updates (and no momentum state) and the
-    other convolutional layers' updates are scaled by `config.backbone_lr_factor`, through
-    `optax.multi_transform` over `param_groups`.
-    """
+    """Momentum SGD. Coupled L2 (`config.l2`) is added to the gradient *before* momentum,
+    as Paddle's L2Regularization and PyTorch's SGD(weight_decay=...) do; decoupled weight
+    decay (`config.weight_decay`) after it, scaled by the learning rate. For fine-tuning,
+    `config.freeze` layers get no updates (nor momentum state) and the other conv layers'
+    updates are scaled by `config.backbone_lr_factor` (`param_groups`)."""
     parts = []
     if config.l2:
         parts.append(optax.add_decayed_weights(config.l2))
@@ -100,19 +89,11 @@ def create_optimizer(
     return optax.chain(*clip, optax.multi_transform(groups, labels))
 
 
-def frozen_blocks(freeze: str) -> float:
-    """How many leading conv blocks `config.freeze` freezes ('features': all of them)."""
-    if freeze == "none":
-        return 0
-    if freeze == "features":
-        return math.inf
-    return int(freeze.removeprefix("block"))
-
-
 def param_groups(params: Any, freeze: str = "none") -> Any:
     """The optimiser group of every parameter: 'frozen' (conv blocks that `freeze`
     covers, their BN included), 'backbone' (the other conv blocks) or 'head'."""
-    through = frozen_blocks(freeze)
+    named = {"none": 0, "features": math.inf}  # else 'blockN': the first N blocks
+    through = named[freeze] if freeze in named else int(freeze.removeprefix("block"))
 
     def group(path: tuple, _) -> str:
         block = spec.block_of(path[0].key)  # the leaf's layer

@@ -1,20 +1,17 @@
-"""What rerunning a training command continues from: the newest intact checkpoint of
-the workdir, if the run it belongs to is the one asked for.
-
-Damaged steps (missing items, unreadable arrays, failed checksums, unreadable JSON) are
-moved aside as `<step>.damaged` with one warning each; the next older step is used. A
-checkpoint of a different run is refused in one line naming what differs: another
-config, dataset classes, steps per epoch, or a schedule whose shape depends on
-`num_epochs` (one-cycle, cosine) when `num_epochs` changed.
-"""
+"""What rerunning a training command continues from (docs/training.md): the newest
+intact checkpoint of the workdir, damaged steps moved aside, if it belongs to the run
+asked for."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any
 
+import jax
 import ml_collections
+import orbax.checkpoint as ocp
 
 from vgg_jax import checkpoint, configuration
 from vgg_jax.data.info import DatasetInfo
@@ -32,35 +29,32 @@ class ResumePoint:
 def find_resume_point(manager, config: ml_collections.ConfigDict) -> ResumePoint | None:
     """The newest complete step with readable config and meta, after checking that it
     belongs to this run; None if the workdir holds none."""
-    for step in checkpoint.usable_steps(manager, move_damaged=True):
+    for step in usable_steps(manager, move_damaged=True):
         try:
             saved = checkpoint.read_stored_config(manager, step)
             meta = checkpoint.read_meta(manager, step)
         except checkpoint.IncompatibleCheckpointError:
             raise
         except checkpoint.DamagedCheckpointError as error:
-            checkpoint.quarantine(manager, step, error.reason)
+            quarantine(manager, step, error.reason)
             continue
         except (OSError, ValueError, KeyError) as error:
-            checkpoint.quarantine(manager, step, f"unreadable config or meta ({error})")
+            quarantine(manager, step, f"unreadable config or meta ({error})")
             continue
-        where = str(manager.directory)
-        check_compatible(saved, config, where)
-        check_schedule_length(saved, config, where)
+        check_same_run(saved, config, str(manager.directory))
         return ResumePoint(step, meta, saved)
     return None
 
 
-def check_compatible(saved: dict[str, Any], current: ml_collections.ConfigDict, where: str):
-    differences = configuration.resume_differences(saved, current)
+def check_same_run(saved: dict[str, Any], config: ml_collections.ConfigDict, where: str):
+    """The stored config against this one: what may not change, and `num_epochs` where
+    it shapes the schedule."""
+    differences = configuration.resume_differences(saved, config)
     if differences:
         raise checkpoint.IncompatibleCheckpointError(
             f"{where} holds a run with a different config ({'; '.join(differences)}): "
             "rerun with the same settings to resume, or use a new --workdir"
         )
-
-
-def check_schedule_length(saved: dict[str, Any], config: ml_collections.ConfigDict, where: str):
     before = saved.get("num_epochs", config.num_epochs)
     if before != config.num_epochs and config.schedule in configuration.LENGTH_DEPENDENT_SCHEDULES:
         raise checkpoint.IncompatibleCheckpointError(
@@ -94,11 +88,11 @@ def check_same_data(
 def restore_newest_intact(manager, point: ResumePoint, state: Any, sharding):
     """The state of the newest step at or before `point` that reads back exactly, and
     that step's meta; (state unchanged, None) when every step is damaged."""
-    for step in [s for s in checkpoint.usable_steps(manager) if s <= point.step]:
+    for step in [s for s in usable_steps(manager) if s <= point.step]:
         try:
             restored, meta = checkpoint.restore_state(manager, step, state, sharding)
         except checkpoint.DamagedCheckpointError as error:
-            checkpoint.quarantine(manager, step, error.reason)
+            quarantine(manager, step, error.reason)
             continue
         logger.info(
             "resuming from %s/%d: epoch %d, step %d of %d",
@@ -111,3 +105,40 @@ def restore_newest_intact(manager, point: ResumePoint, state: Any, sharding):
         return restored, meta
     logger.warning("no intact checkpoint left in %s: training from the start", manager.directory)
     return state, None
+
+
+def quarantine(manager: ocp.CheckpointManager, step: int, reason: str) -> None:
+    """Moves a damaged step aside as `<step>.damaged`, kept for inspection, so that the
+    run can save that step anew."""
+    directory = str(manager.directory)
+    target = os.path.join(directory, f"{step}.damaged")
+    suffix = 1
+    while os.path.exists(target):
+        suffix += 1
+        target = os.path.join(directory, f"{step}.damaged-{suffix}")
+    if jax.process_index() == 0:  # the processes of one run share the folder
+        os.rename(os.path.join(directory, str(step)), target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"quarantine {step}")
+    logger.warning(
+        "checkpoint %s/%d is damaged (%s): moved aside to %s", directory, step, reason, target
+    )
+    manager.reload()
+
+
+def usable_steps(manager: ocp.CheckpointManager, move_damaged: bool = False) -> list[int]:
+    """Finished steps with every item, newest first; the others are skipped with a
+    warning or, with `move_damaged` (a trainer), moved aside."""
+    steps = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        missing = ", ".join(checkpoint.missing_items(manager, step))
+        if not missing:
+            steps.append(step)
+        elif move_damaged:
+            quarantine(manager, step, f"missing {missing}")
+        else:
+            folder = f"{manager.directory}/{step}"
+            logger.warning("skipping checkpoint %s: incomplete (missing %s)", folder, missing)
+    return steps

@@ -24,9 +24,13 @@ from vgg_jax.workdir_lock import WorkdirLock
 logger = logging.getLogger(__name__)
 
 
+class DivergedError(FloatingPointError):
+    """The training loss became NaN or infinite; nothing after it was saved."""
+
+
 @dataclasses.dataclass
 class Run:
-    """Everything the epoch loop needs, made once by `setup`."""
+    """Everything the epoch loop needs, made once by `train.setup`."""
 
     config: ml_collections.ConfigDict
     manager: Any  # orbax CheckpointManager
@@ -43,53 +47,78 @@ class Run:
     def steps_per_epoch(self) -> int:
         return self.input.steps_per_epoch
 
+    def save(self, state: Any, epoch: int, step_in_epoch: int, record=None, sums=None) -> None:
+        """Saves `state` with where it is in the data (`epoch` finished epochs plus
+        `step_in_epoch` steps) and, mid-epoch, the epoch's partial metric sums."""
+        meta = {
+            "schema": checkpoint.META_SCHEMA,
+            "dataset": self.input.info.to_json(),
+            "steps_per_epoch": self.steps_per_epoch,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+        }
+        if record is not None:
+            meta.update(test_accuracy=record["test_accuracy"], record=record)
+        if sums is not None:
+            meta["partial_train_sums"] = {k: float(v) for k, v in jax.device_get(sums).items()}
+        extra = self.input.checkpoint_items()
+        checkpoint.save(self.manager, state, self.config, meta, extra=extra)
 
-class DivergedError(FloatingPointError):
-    """The training loss became NaN or infinite; nothing after it was saved."""
+    def close(self) -> None:
+        """Waits for the last save, then closes the manager and the log, and frees the
+        workdir."""
+        try:
+            checkpoint.check_writes(self.manager, wait=True)
+            self.manager.close()
+            self.log.close()
+            self.input.close()
+        finally:
+            if self.lock:
+                self.lock.release()
 
+    def progress_bar(self, epoch: int, done: int) -> tqdm:
+        config = self.config
+        return tqdm(
+            total=self.steps_per_epoch * config.batch_size,
+            initial=done * config.batch_size,
+            desc=f"epoch {epoch + 1}/{config.num_epochs}",
+            unit="img",
+            unit_scale=True,
+            leave=False,
+            disable=not config.progress_bar or jax.process_index() != 0,
+        )
 
-def save_checkpoint(
-    run: Run, state: Any, epoch: int, step_in_epoch: int, record=None, sums=None
-) -> None:
-    """Saves `state` with where it is in the data (`epoch` finished epochs plus
-    `step_in_epoch` steps) and, mid-epoch, the epoch's partial metric sums."""
-    meta = {
-        "schema": checkpoint.META_SCHEMA,
-        "dataset": run.input.info.to_json(),
-        "steps_per_epoch": run.steps_per_epoch,
-        "epoch": epoch,
-        "step_in_epoch": step_in_epoch,
-    }
-    if record is not None:
-        meta.update(test_accuracy=record["test_accuracy"], record=record)
-    if sums is not None:
-        meta["partial_train_sums"] = {k: float(v) for k, v in jax.device_get(sums).items()}
-    checkpoint.save(run.manager, state, run.config, meta, extra=run.input.checkpoint_items())
+    def check_finite(self, loss: float, step: int) -> None:
+        if not math.isfinite(loss):
+            steps = self.manager.all_steps()
+            last = f"the last checkpoint is step {max(steps)}" if steps else "nothing was saved"
+            raise DivergedError(
+                f"training diverged: the train loss is {loss} by step {step}; {last}. Try a "
+                f"lower learning_rate (now {self.config.learning_rate}), a warm-up "
+                "(warmup_epochs) or gradient clipping (grad_clip_norm)"
+            )
 
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        """The epoch's log line, and its record in metrics.jsonl and TensorBoard."""
+        top5 = record.get("test_top5_accuracy")
+        top5 = "" if top5 is None else f" top-5 {top5:.4f}"
+        logger.info(
+            f"epoch {record['epoch']}/{self.config.num_epochs}  train loss "
+            f"{record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  test loss "
+            f"{record['test_loss']:.4f} acc {record['test_accuracy']:.4f}{top5}  lr "
+            f"{record['learning_rate']:.5g}  {record['epoch_seconds']:.1f}s  (input wait "
+            f"{100 * record['input_wait_fraction']:.0f}%)"
+        )
+        self.log.write(record)
 
-def close(run: Run) -> None:
-    """Waits for the last save, then closes the manager and the log, and frees the
-    workdir."""
-    try:
-        checkpoint.check_writes(run.manager, wait=True)
-        run.manager.close()
-        run.log.close()
-        run.input.close()
-    finally:
-        if run.lock:
-            run.lock.release()
-
-
-def progress_bar(config: ml_collections.ConfigDict, epoch: int, steps: int, done: int) -> tqdm:
-    return tqdm(
-        total=steps * config.batch_size,
-        initial=done * config.batch_size,
-        desc=f"epoch {epoch + 1}/{config.num_epochs}",
-        unit="img",
-        unit_scale=True,
-        leave=False,
-        disable=not config.progress_bar or jax.process_index() != 0,
-    )
+    def stop(self, state: Any, guard: PreemptionGuard, where: str) -> None:
+        """Closes the run and raises `Preempted`: the checkpoint is saved."""
+        self.close()
+        raise Preempted(
+            guard.signal_number,
+            f"stopped by signal {guard.signal_number} {where} (step {int(state.step)}); "
+            f"checkpoint saved in {self.manager.directory}; rerun the same command to resume",
+        )
 
 
 def stop_requested(guard: PreemptionGuard, config, step: int, index: int | None = None) -> bool:
@@ -113,41 +142,3 @@ def stop_requested(guard: PreemptionGuard, config, step: int, index: int | None 
     if stop and not guard.requested:
         guard.signal_number = signal.SIGINT  # another process's Ctrl-C
     return stop
-
-
-def check_finite(loss: float, step: int, run: Run) -> None:
-    if not math.isfinite(loss):
-        steps = run.manager.all_steps()
-        last = f"the last checkpoint is step {max(steps)}" if steps else "nothing was saved"
-        raise DivergedError(
-            f"training diverged: the train loss is {loss} by step {step}; {last}. Try a "
-            f"lower learning_rate (now {run.config.learning_rate}), a warm-up "
-            "(warmup_epochs) or gradient clipping (grad_clip_norm)"
-        )
-
-
-def log_epoch(record: dict[str, Any], num_epochs: int) -> None:
-    top5 = f" top-5 {record['test_top5_accuracy']:.4f}" if "test_top5_accuracy" in record else ""
-    logger.info(
-        "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f%s  lr %.5g  %.1fs"
-        "  (input wait %.0f%%)",
-        record["epoch"],
-        num_epochs,
-        record["train_loss"],
-        record["train_accuracy"],
-        record["test_loss"],
-        record["test_accuracy"],
-        top5,
-        record["learning_rate"],
-        record["epoch_seconds"],
-        100 * record["input_wait_fraction"],
-    )
-
-
-def stop(run: Run, state: Any, guard: PreemptionGuard, where: str) -> None:
-    close(run)
-    raise Preempted(
-        guard.signal_number,
-        f"stopped by signal {guard.signal_number} {where} (step {int(state.step)}); "
-        f"checkpoint saved in {run.manager.directory}; rerun the same command to resume",
-    )

@@ -20,38 +20,19 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vgg_jax import (
-    checkpoint,
-    config_checks,
-    data,
-    distributed,
-    models,
-    optim,
-    pretrained,
-    resume,
-)
+from vgg_jax import checkpoint, config_checks, data, distributed, models, optim, pretrained, resume
 from vgg_jax.metrics_log import MetricsLog
 from vgg_jax.preemption import Preempted, PreemptionGuard
-from vgg_jax.run import (
-    Run,
-    check_finite,
-    close,
-    log_epoch,
-    progress_bar,
-    save_checkpoint,
-    stop,
-    stop_requested,
-)
+from vgg_jax.run import Run, stop_requested
 from vgg_jax.workdir_lock import WorkdirLock
 
 logger = logging.getLogger(__name__)
 
 
 class TrainState(train_state.TrainState):
-    """Params, optimiser state and step (from flax), plus BN statistics, the dropout key
-    (raw uint32 key data, so that checkpoints hold plain arrays) and, when
-    `config.ema_decay` > 0, an exponential moving average of params and BN statistics
-    (`ema`, else an empty dict) that evaluation and prediction use."""
+    """Flax's train state plus BN statistics, the dropout key (raw uint32 key data, so
+    that checkpoints hold plain arrays) and, when `config.ema_decay` > 0, the `ema` of
+    params and BN statistics that evaluation and prediction use (else an empty dict)."""
 
     batch_stats: Any
     rng: jax.Array
@@ -136,20 +117,18 @@ def train_step(
         loss = cross_entropy_loss(logits, batch["label"], label_smoothing).mean()
         return loss, (logits, new_model_state)
 
-    (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params
-    )
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (logits, new_model_state)), grads = grad_fn(state.params)
     state = state.apply_gradients(
         grads=grads, batch_stats=new_model_state.get("batch_stats", state.batch_stats)
     )
     state = update_ema(state, ema_decay)
     count = batch["label"].shape[0]
-    metrics = {
+    return state, {
         "loss_sum": loss * count,
         "correct": jnp.sum(jnp.argmax(logits, -1) == batch["label"]),
         "count": jnp.asarray(count, jnp.float32),
     }
-    return state, metrics
 
 
 def eval_step(
@@ -210,9 +189,8 @@ def _add(total: dict[str, jax.Array], new: dict[str, jax.Array]) -> dict[str, ja
 def sum_metrics(
     total: dict[str, jax.Array] | None, new: dict[str, jax.Array], wait: bool = False
 ) -> dict:
-    """Adds step metrics on the device, in one jitted call: an eager add per metric costs
-    the host a dispatch each, every step. No host sync unless `wait` (the backend's
-    `wait_each_step`)."""
+    """Adds step metrics on the device in one jitted call (an eager add per metric costs
+    the host a dispatch each, every step); no host sync unless `wait`."""
     total = new if total is None else _add(total, new)
     if wait:
         jax.block_until_ready(total)
@@ -287,14 +265,9 @@ def _prepare(
     batches = data.create(config, mesh, normalisation)
     info, steps_per_epoch = batches.info, batches.steps_per_epoch
     logger.info(
-        "%s: %d train / %d eval examples, %d classes; %d devices, %d steps of %d per epoch",
-        config.dataset,
-        info.num_train_examples,
-        info.num_eval_examples,
-        len(info.class_names),
-        jax.device_count(),
-        steps_per_epoch,
-        config.batch_size,
+        f"{config.dataset}: {info.num_train_examples} train / {info.num_eval_examples} eval "
+        f"examples, {len(info.class_names)} classes; {jax.device_count()} devices, "
+        f"{steps_per_epoch} steps of {config.batch_size} per epoch"
     )
     learning_rate_fn = optim.create_learning_rate_schedule(config, steps_per_epoch)
     model = models.build_model(config, info)
@@ -327,9 +300,8 @@ def _prepare(
 
 def starting_point(config: ml_collections.ConfigDict, point: resume.ResumePoint | None):
     """The input normalisation to use instead of the data's own, and the variables to
-    start from: when resuming, the checkpoint's normalisation (its meta) and no variables
-    (the checkpoint holds them); with `config.init_from`, the source's normalisation (its
-    weights expect it) and variables; otherwise (None, None)."""
+    start from: the checkpoint's normalisation when resuming; the source's normalisation
+    and variables with `config.init_from`; otherwise (None, None)."""
     if point is not None:
         saved = point.meta["dataset"]
         return (tuple(saved["mean"]), tuple(saved["std"])), None
@@ -354,7 +326,7 @@ def train_epoch(
         sums = {k: jnp.asarray(v, jnp.float32) for k, v in run.partial_sums.items()}
     running_loss = None
     in_flight = collections.deque()
-    with progress_bar(config, epoch, steps, start) as bar:
+    with run.progress_bar(epoch, start) as bar:
         for index, batch in enumerate(run.input.train_batches(epoch, start), start):
             state, metrics = run.train_fn(state, batch)
             sums = sum_metrics(sums, metrics, run.wait_each_step)
@@ -372,7 +344,7 @@ def train_epoch(
                 # Read the loss of one logging interval ago: it is done by now, so
                 # reading it does not stall the queue of dispatched steps.
                 if running_loss is not None:
-                    check_finite(float(running_loss), int(state.step), run)
+                    run.check_finite(float(running_loss), int(state.step))
                     bar.set_postfix(loss=f"{float(running_loss):.4f}")
                 running_loss = sums["loss_sum"] / sums["count"]
     return state, sums, True
@@ -383,8 +355,7 @@ def train_and_evaluate(
 ) -> TrainState:
     """Trains and evaluates for `config.num_epochs` epochs in `workdir`, resuming from its
     checkpoints (docs/training.md); returns the final state. Raises `Preempted` after
-    saving if SIGTERM/SIGINT arrives (the CLI passes a `guard` installed before anything
-    slow), `DivergedError` if the loss becomes NaN or infinite."""
+    saving on SIGTERM/SIGINT, `DivergedError` if the loss becomes NaN or infinite."""
     if guard is None:
         # The guard covers set-up too: a signal during data loading or compilation is
         # answered after the first step, with a checkpoint.
@@ -397,9 +368,9 @@ def train_and_evaluate(
         raise  # saved and closed already
     except BaseException:
         with contextlib.suppress(checkpoint.CheckpointWriteError):  # the raised one says more
-            close(run)  # the last good save completes; nothing after it is saved
+            run.close()  # the last good save completes; nothing after it is saved
         raise
-    close(run)
+    run.close()
     return state
 
 
@@ -415,12 +386,11 @@ def train_loop(run: Run, state: TrainState, guard: PreemptionGuard) -> TrainStat
         state, sums, finished = train_epoch(run, state, epoch, guard)
         if not finished:
             done = int(state.step) - epoch * run.steps_per_epoch
-            save_checkpoint(run, state, epoch, done, sums=sums)
+            run.save(state, epoch, done, sums=sums)
             where = f"in epoch {epoch + 1} after step {done} of {run.steps_per_epoch}"
-            stop(run, state, guard, where)
-        record = {"epoch": epoch + 1, "step": int(state.step)}
-        record.update(summarise(sums, "train"))
-        check_finite(record["train_loss"], record["step"], run)
+            run.stop(state, guard, where)
+        record = {"epoch": epoch + 1, "step": int(state.step), **summarise(sums, "train")}
+        run.check_finite(record["train_loss"], record["step"])
         training_seconds = time.perf_counter() - epoch_start
         record.update(evaluate(state, run.input.eval_batches(), run.eval_fn, run.wait_each_step))
         record["learning_rate"] = float(run.learning_rate_fn(int(state.step) - 1))
@@ -429,14 +399,13 @@ def train_loop(run: Run, state: TrainState, guard: PreemptionGuard) -> TrainStat
         record["input_wait_fraction"] = counts.pop("input_wait_seconds") / training_seconds
         record.update(counts)
         record["wall_time"] = time.time()  # when the epoch ended: curves against the clock
-        log_epoch(record, config.num_epochs)
-        run.log.write(record)
+        run.log_epoch(record)
         if run.lock:
             run.lock.check()  # WORKDIR/.lock removed by hand: written again
         last = epoch + 1 == config.num_epochs
         requested = stop_requested(guard, config, record["step"])
         if (epoch + 1) % config.checkpoint_every_epochs == 0 or last or requested:
-            save_checkpoint(run, state, epoch + 1, 0, record=record)
+            run.save(state, epoch + 1, 0, record=record)
         if requested and not last:
-            stop(run, state, guard, f"after epoch {epoch + 1}")
+            run.stop(state, guard, f"after epoch {epoch + 1}")
     return state

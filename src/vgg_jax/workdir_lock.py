@@ -1,16 +1,10 @@
-"""One trainer per workdir: an exclusive lock on the workdir folder itself and on
-WORKDIR/.lock, held while training.
-
-The locks are the kernel's (flock): released when the holder exits, however it exits,
-so a crashed run never leaves a stale lock behind. The folder's lock is what keeps a
-second trainer out: unlike a file, the folder cannot be removed from under a running
-trainer (deleting `.lock` by hand used to let a second trainer in). WORKDIR/.lock names
-the holder (host, pid, start time) so that a second trainer can say who has the
-workdir; a trainer writes it again if it disappears (`check`, once per epoch). Where a
-file system cannot lock a folder (some network file systems), the file's lock alone
-is used, and `check` re-takes it or stops the run if another trainer took it. Only
-process 0 of a multi-host run takes it: the processes of one run share the workdir.
-"""
+"""One trainer per workdir (docs/training.md): the kernel's flock on the workdir folder
+and on WORKDIR/.lock, released when the holder exits, however it exits. The folder's
+lock keeps a second trainer out even where `.lock` is deleted by hand (a folder cannot
+be removed under a running trainer); `.lock` names the holder and is written again if
+it disappears (`check`, once per epoch). Where a file system cannot lock a folder, the
+file's lock alone is used, and `check` re-takes it or stops the run if another trainer
+took it. Only process 0 of a run of several processes takes it."""
 
 from __future__ import annotations
 
@@ -63,11 +57,13 @@ class WorkdirLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise self._busy() from None
+            raise WorkdirBusyError(
+                f"{self.workdir} is in use by another trainer ({_read_holder(self.path)}); "
+                "wait for it to finish or use another --workdir"
+            ) from None
 
     def _lock_file(self) -> int:
-        """Opens, locks and fills in WORKDIR/.lock (also what an older version of this
-        package locks)."""
+        """Opens, locks and fills in WORKDIR/.lock (which older versions lock too)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         self._lock(fd)
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.ctime()}
@@ -86,22 +82,13 @@ class WorkdirLock:
         self._fd = self._lock_file()
 
     def release(self) -> None:
-        if self._fd is not None:
-            if _same_file(self.path, self._fd):
-                os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-        if self._folder_fd is not None:
-            fcntl.flock(self._folder_fd, fcntl.LOCK_UN)
-            os.close(self._folder_fd)
-            self._folder_fd = None
-
-    def _busy(self) -> WorkdirBusyError:
-        return WorkdirBusyError(
-            f"{self.workdir} is in use by another trainer ({_read_holder(self.path)}); "
-            "wait for it to finish or use another --workdir"
-        )
+        if self._fd is not None and _same_file(self.path, self._fd):
+            os.ftruncate(self._fd, 0)
+        for fd in (self._fd, self._folder_fd):
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+        self._fd = self._folder_fd = None
 
     def __enter__(self) -> WorkdirLock:
         return self.acquire()
