@@ -56,18 +56,14 @@ def weights_path(version: str, timeout: float = 30.0) -> Path:
     for folder in (package and package.submodule_search_locations) or ():
         path = Path(folder) / "weights" / f"v{version}" / "vgg.pth"
         if path.is_file():
-            registry._check_digest(path, weight_file)
-            return path
+            return registry.fetch_file(weight_file, path)
     path = pretrained.cache_dir() / "lpips" / f"v{version}" / weight_file.filename
-    if not path.exists():
-        try:
-            registry._download(weight_file, path, timeout)
-        except pretrained.WeightsUnavailableError as error:
-            raise pretrained.WeightsUnavailableError(
-                f"{error} (or {LPIPS_EXTRA_HINT}, which ships it)"
-            ) from None
-    registry._check_digest(path, weight_file)
-    return path
+    try:
+        return registry.fetch_file(weight_file, path, timeout)
+    except pretrained.WeightsUnavailableError as error:
+        raise pretrained.WeightsUnavailableError(
+            f"{error} (or {LPIPS_EXTRA_HINT}, which ships it)"
+        ) from None
 
 
 def load_linear_layers(source: str | os.PathLike) -> dict[str, np.ndarray]:

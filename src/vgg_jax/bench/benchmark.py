@@ -1,10 +1,8 @@
-"""The step-speed benchmark (`python -m vgg_jax.benchmark`; its usage and figures:
-docs/benchmarking.md), and with --input=DIR the host input pipeline's (bench/input_speed.py).
-
-It times the step training runs (train.make_step_functions: the state donated and
-replicated, the batch sharded over the `data` axis of the training path's mesh), so that
-a figure here is one of training; otherwise the TF reference's method: burn-in, then
-mean +- std seconds per batch, each step waited for.
+"""The step-speed benchmark (`python -m vgg_jax.benchmark`, docs/benchmarking.md), and with
+--input=DIR the host input pipeline's (bench/input_speed.py). It times the step training
+runs (train.make_step_functions, on the training path's mesh), so that a figure here is
+one of training; the TF reference's method otherwise: burn-in, then mean +- std seconds
+per batch, each step waited for.
 """
 
 from __future__ import annotations
@@ -74,11 +72,8 @@ def _compile(function, *args) -> tuple[Any, float, float | None]:
     start = time.perf_counter()
     compiled = function.lower(*args).compile()
     seconds = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):  # older JAX: one dict per computation
-        cost = cost[0] if cost else None
-    flops = float(cost["flops"]) if cost and cost.get("flops") else None
-    return compiled, seconds, flops
+    flops = compiled.cost_analysis().get("flops")
+    return compiled, seconds, float(flops) if flops else None
 
 
 def setup(config: ml_collections.ConfigDict) -> tuple[Mesh, models.VGG, train.TrainState, dict]:
@@ -204,8 +199,6 @@ def report(results: dict[str, Any], config: ml_collections.ConfigDict) -> str:
         format_figure(ours["forward"]),
         format_figure(ours["forward_backward"]),
     ]
-    if "torch" in results:
-        lines.append(report_torch(results))
     return "\n".join(lines)
 
 
@@ -287,9 +280,8 @@ def main(argv: list[str]) -> None:
 
     def jax_done(results: dict[str, Any]) -> None:
         # Print and save our numbers now: they survive a PyTorch part that fails or hangs.
-        if FLAGS.compare != "none":
-            print(report(results, config), flush=True)
-            write_json(results)
+        print(report(results, config), flush=True)
+        write_json(results)
 
     if FLAGS.input:
         from vgg_jax.bench import input_speed  # tf.data is imported only for this
@@ -311,9 +303,9 @@ def main(argv: list[str]) -> None:
         )
     except (ValueError, ImportError, data.DatasetUnavailableError) as error:
         sys.exit(f"error: {cli.one_line(error)}")
-    # With --compare our figures are printed already.
-    print(report_torch(results) if "torch" in results else report(results, config), flush=True)
-    write_json(results)
+    if "torch" in results:
+        print(report_torch(results), flush=True)
+        write_json(results)
 
 
 def run() -> None:

@@ -89,16 +89,9 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "vgg_jax"
 
 
-def _digest(path: Path, algorithm: str) -> str:
-    hasher = hashlib.new(algorithm)
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            hasher.update(chunk)
-    return hasher.hexdigest()
-
-
 def _check_digest(path: Path, weight_file: WeightFile) -> None:
-    actual = _digest(path, weight_file.algorithm)
+    with open(path, "rb") as file:
+        actual = hashlib.file_digest(file, weight_file.algorithm).hexdigest()
     if not actual.startswith(weight_file.digest):
         raise WeightFormatError(
             f"{path}: {weight_file.algorithm} {actual} does not match the published "
@@ -114,7 +107,11 @@ def fetch(name: str, timeout: float = 30.0) -> Path:
     if name not in WEIGHT_FILES:
         raise ValueError(f"unknown weights {name!r}; choose one of {sorted(WEIGHT_FILES)}")
     weight_file = WEIGHT_FILES[name]
-    path = cache_dir() / weight_file.filename
+    return fetch_file(weight_file, cache_dir() / weight_file.filename, timeout)
+
+
+def fetch_file(weight_file: WeightFile, path: Path, timeout: float = 30.0) -> Path:
+    """`path`, downloaded from `weight_file.url` if missing; its digest checked."""
     if not path.exists():
         _download(weight_file, path, timeout)
     _check_digest(path, weight_file)
