@@ -120,40 +120,30 @@ def _infer_stages(state: Mapping[str, np.ndarray], what: str):
     return tuple(stages), batch_norm
 
 
-def _check_keys(state: Mapping[str, Any], expected: set[str], what: str) -> None:
-    found = {key for key in state if not key.endswith("num_batches_tracked")}
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
-    if missing or unexpected:
-        raise WeightFormatError(
-            f"{what} is not torchvision's VGG layout: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
+# A BN layer's tensors in torchvision -> ours (collection, name).
+BN_NAMES = {
+    "weight": ("params", "scale"),
+    "bias": ("params", "bias"),
+    "running_mean": ("batch_stats", "mean"),
+    "running_var": ("batch_stats", "var"),
+}
 
 
-def _torchvision_features(state: Mapping[str, Any], layout, batch_norm: bool):
+def _torchvision_features(state: Mapping[str, Any], layout) -> dict[str, dict]:
     """The convolutional stack's params and BN statistics. torchvision's convolutions keep
     a bias before BN; ours have none, so it is folded into the running mean."""
-    params: dict[str, dict] = {}
-    batch_stats: dict[str, dict] = {}
-    conv_bias = {}
+    variables: dict[str, dict] = {"params": {}, "batch_stats": {}}
     for index, layer in layout:
+        prefix = f"features.{index}"
         if layer.startswith("conv"):
-            params[layer] = {"kernel": state[f"features.{index}.weight"].transpose(2, 3, 1, 0)}
-            if batch_norm:
-                conv_bias[layer] = state[f"features.{index}.bias"]
-            else:
-                params[layer]["bias"] = state[f"features.{index}.bias"]
-        else:
-            conv = "conv" + layer.removeprefix("bn")
-            params[layer] = {
-                "scale": state[f"features.{index}.weight"],
-                "bias": state[f"features.{index}.bias"],
-            }
-            batch_stats[layer] = {
-                "mean": state[f"features.{index}.running_mean"] - conv_bias[conv],
-                "var": state[f"features.{index}.running_var"],
-            }
-    return params, batch_stats
+            kernel = state[f"{prefix}.weight"].transpose(2, 3, 1, 0)
+            variables["params"][layer] = {"kernel": kernel, "bias": state[f"{prefix}.bias"]}
+            continue
+        for name, (collection, ours) in BN_NAMES.items():
+            variables[collection].setdefault(layer, {})[ours] = state[f"{prefix}.{name}"]
+        conv = variables["params"]["conv" + layer.removeprefix("bn")]
+        variables["batch_stats"][layer]["mean"] = state[f"{prefix}.running_mean"] - conv.pop("bias")
+    return variables
 
 
 def _fc1_kernel(weight: np.ndarray, channels: int, block: int = 256) -> np.ndarray:
@@ -204,27 +194,29 @@ def from_torchvision(
     layout = torchvision_layout(stages, batch_norm)
     expected = {f"classifier.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")}
     for index, layer in layout:
-        expected |= {f"features.{index}.weight", f"features.{index}.bias"}
-        if layer.startswith("bn"):
-            expected |= {f"features.{index}.running_mean", f"features.{index}.running_var"}
-    _check_keys(state, expected, what)
+        names = BN_NAMES if layer.startswith("bn") else ("weight", "bias")
+        expected |= {f"features.{index}.{name}" for name in names}
+    found = {key for key in state if not key.endswith("num_batches_tracked")}
+    if found != expected:
+        raise WeightFormatError(
+            f"{what} is not torchvision's VGG layout: missing {sorted(expected - found)[:5]}, "
+            f"unexpected {sorted(found - expected)[:5]}"
+        )
     state = {key: np.asarray(state[key], np.float32) for key in expected}
-
-    params, batch_stats = _torchvision_features(state, layout, batch_norm)
-    params |= _torchvision_head(state, stages[-1][-1], what)
+    variables = _torchvision_features(state, layout)
+    variables["params"] |= _torchvision_head(state, stages[-1][-1], what)
+    if not batch_norm:
+        del variables["batch_stats"]
     sidecar = read_sidecar(path)
     model = models.create_model(
         name,
-        params["classifier"]["kernel"].shape[1],
+        variables["params"]["classifier"]["kernel"].shape[1],
         batch_norm=batch_norm,
         head="torchvision",
         stages=stages,
         mean=tuple(sidecar.get("mean", spec.IMAGENET_MEAN)),
         std=tuple(sidecar.get("std", spec.IMAGENET_STD)),
     )
-    variables = {"params": params}
-    if batch_norm:
-        variables["batch_stats"] = batch_stats
     return model, jax.tree.map(jnp.asarray, variables)
 
 
@@ -243,8 +235,8 @@ def torchvision_state_dict(model: models.VGG, variables: Mapping[str, Any]) -> d
             f"head {model.head!r} is not torchvision's VGG head; export it with "
             "vgg_jax.bench.torch_reference.build_torch_model instead"
         )
-    params = jax.device_get(variables["params"])
-    stats = jax.device_get(variables.get("batch_stats", {}))
+    variables = jax.device_get(dict(variables))
+    params = variables["params"]
     channels = model.stages[-1][-1]
     fc1 = np.asarray(params["fc1"]["kernel"], np.float32)
     if fc1.shape[0] != POOL * POOL * channels:
@@ -264,10 +256,8 @@ def torchvision_state_dict(model: models.VGG, variables: Mapping[str, Any]) -> d
             bias = params[layer]["bias"] if "bias" in params[layer] else np.zeros(kernel.shape[-1])
             put(f"features.{index}.bias", bias)
         else:
-            put(f"features.{index}.weight", params[layer]["scale"])
-            put(f"features.{index}.bias", params[layer]["bias"])
-            put(f"features.{index}.running_mean", stats[layer]["mean"])
-            put(f"features.{index}.running_var", stats[layer]["var"])
+            for name, (collection, ours) in BN_NAMES.items():
+                put(f"features.{index}.{name}", variables[collection][layer][ours])
             state[f"features.{index}.num_batches_tracked"] = np.zeros((), np.int64)
     hidden = fc1.shape[1]
     put(
