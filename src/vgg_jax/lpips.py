@@ -1,7 +1,5 @@
 """LPIPS (Zhang et al. 2018), the VGG variant, as the `lpips` PyTorch package computes it,
-step for step in its order (docs/pretrained.md#lpips): version 0.0 feeds the images
-unscaled (the original release's bug); the learned layers come from the installed
-package or the official repository, checked against the published SHA-256."""
+step for step in its order (docs/pretrained.md#lpips)."""
 
 from __future__ import annotations
 
@@ -45,9 +43,7 @@ WEIGHT_FILES = {
 
 def weights_path(version: str, timeout: float = 30.0) -> Path:
     """The learned layers' file for `version`: the installed `lpips` package's, else the
-    official repository's, downloaded once into `pretrained.cache_dir()/lpips/v{version}`.
-    Offline (or VGG_JAX_OFFLINE=1) without the package: `WeightsUnavailableError` naming
-    the URL and where to put the file."""
+    official repository's, downloaded once into `pretrained.cache_dir()/lpips/v{version}`."""
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
     weight_file = WEIGHT_FILES[version]
@@ -112,18 +108,9 @@ def _vgg16_convolutions(backbone: Any) -> dict[str, Any]:
 
 
 class LPIPS:
-    """The LPIPS distance with a VGG16 backbone (docs/pretrained.md#lpips).
-
-    backbone: 'torchvision:vgg16' (downloaded once), a .pth/.safetensors file or a state
-      dict in torchvision's VGG16 layout, or a (model, variables) pair (VGG16, no BN).
-    version: '0.1' (the reference's default) or '0.0'.
-    spatial: return (N, H, W) per-pixel maps instead of (N,) distances.
-    linear: a file of learned layers in the reference's layout; None: the published ones.
-    dtype: compute dtype of the VGG (float32; bfloat16 for speed, float64 to check).
-
-    `metric(x, y)` runs the jitted `metric.apply(metric.variables, x, y)`; `apply` is pure
-    (the variables are its only state), for use inside a jitted, differentiated loss.
-    """
+    """The LPIPS distance with a VGG16 backbone (docs/pretrained.md#lpips). `linear`: a file
+    of learned layers in the reference's layout (None: the published ones); `dtype`: the
+    VGG's compute dtype. `metric(x, y)` runs the jitted, pure `metric.apply`."""
 
     def __init__(
         self,

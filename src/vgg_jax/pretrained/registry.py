@@ -101,9 +101,7 @@ def _check_digest(path: Path, weight_file: WeightFile) -> None:
 
 def fetch(name: str, timeout: float = 30.0) -> Path:
     """The local path of published weights (`WEIGHT_FILES`), downloaded into
-    `cache_dir()` on first use; the file's digest is checked every time it is fetched.
-    Offline (or with VGG_JAX_OFFLINE=1), raises `WeightsUnavailableError` naming the URL
-    and where to put the file."""
+    `cache_dir()` on first use; the file's digest is checked every time it is fetched."""
     if name not in WEIGHT_FILES:
         raise ValueError(f"unknown weights {name!r}; choose one of {sorted(WEIGHT_FILES)}")
     weight_file = WEIGHT_FILES[name]
@@ -182,8 +180,8 @@ def import_torch(what: str, hint: str = TORCH_EXTRA_HINT, otherwise: str = ""):
 
 @contextlib.contextmanager
 def reraised_as(kind: type[Exception], message: str):
-    """Whatever a weight file's reader or writer raises (torch: RuntimeError or
-    UnpicklingError; safetensors: SafetensorError) as one `kind` error naming the file."""
+    """Whatever a weight file's reader or writer raises (the libraries' types vary) as one
+    `kind` error naming the file."""
     try:
         yield
     except (ImportError, MemoryError, KeyboardInterrupt):

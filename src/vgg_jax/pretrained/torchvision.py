@@ -179,15 +179,10 @@ def _torchvision_head(state: Mapping[str, Any], channels: int, what: str) -> dic
 def from_torchvision(
     source: Mapping[str, Any] | str | os.PathLike, arch: str | None = None
 ) -> tuple[models.VGG, dict]:
-    """torchvision VGG weights -> (model, variables) for the matching preset with the
-    'torchvision' head (adaptive 7x7 pool, fc4096 x2, the classifier).
-
-    `source`: a state dict (torch tensors or numpy arrays) or a file (.pth/.pt/.bin, read
-    with `torch.load(weights_only=True)`; or .safetensors). `arch` ('vgg16_bn', ...) is
-    checked against the weights; None: inferred. The class count is the classifier's.
-    The model normalises with torchvision's ImageNet mean/std, or with what
-    `python -m vgg_jax.export` recorded next to the file (FILE.json).
-    """
+    """torchvision VGG weights (a state dict, a .pth/.pt/.bin file read with
+    `torch.load(weights_only=True)`, or .safetensors) -> (model, variables) with the
+    'torchvision' head. `arch` ('vgg16_bn', ...) is checked against the weights if given.
+    The model normalises as torchvision's ImageNet models, or as FILE.json says."""
     state, what, path = _read_state_dict(source)
     stages, batch_norm = _infer_stages(state, what)
     name = check_arch(arch, stages, batch_norm, what)
@@ -224,11 +219,8 @@ def from_torchvision(
 
 
 def torchvision_state_dict(model: models.VGG, variables: Mapping[str, Any]) -> dict:
-    """Our variables in torchvision's VGG layout, as numpy arrays (no torch needed):
-    `torchvision.models.vgg16_bn(num_classes=N).load_state_dict(..., strict=True)`.
-
-    Needs a head torchvision has: 'torchvision', or 'imagenet' on a 7x7 last map (224
-    pixels). The BN variants get zero convolution biases (ours have none)."""
+    """Our variables in torchvision's VGG layout (strict=True loads them), as numpy arrays:
+    for the 'torchvision' head, or 'imagenet' on a 7x7 last map (224 pixels)."""
     head = spec.HEADS[model.head]
     if head["hidden"] != spec.HEADS["torchvision"]["hidden"] or head["linear"]:
         raise ValueError(
