@@ -158,8 +158,8 @@ class LPIPS:
                 variables["linear"][name],
                 precision=jax.lax.Precision.HIGHEST,  # no TF32 passes on GPUs
             )
-            if self.spatial:
-                total = total + _upsample_bilinear(weighted, height, width)
+            if self.spatial:  # the reference's upsample(): torch's bilinear, half-pixel centres
+                total = total + jax.image.resize(weighted, total.shape, "bilinear")
             else:
                 total = total + jnp.mean(weighted, axis=(1, 2))
         return total
@@ -185,27 +185,3 @@ def _unit_channels(features: jax.Array) -> jax.Array:
     positive = squares > 0
     norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
     return features / (norm + EPS)
-
-
-def _bilinear_matrix(size: int, out_size: int) -> np.ndarray:
-    """(out_size, size) weights of torch's bilinear interpolation along one axis with
-    align_corners=False and no scale factor given (nn.Upsample(size=...)): source
-    position max((i + 0.5) * size / out_size - 0.5, 0), the next index clamped."""
-    if size == out_size:
-        return np.eye(size)
-    matrix = np.zeros((out_size, size))
-    source = np.maximum((np.arange(out_size) + 0.5) * (size / out_size) - 0.5, 0.0)
-    low = source.astype(np.int64)  # truncation, as torch's cast; source >= 0
-    high = np.minimum(low + 1, size - 1)
-    fraction = np.clip(source - low, 0.0, 1.0)
-    rows = np.arange(out_size)
-    np.add.at(matrix, (rows, low), 1.0 - fraction)
-    np.add.at(matrix, (rows, high), fraction)
-    return matrix
-
-
-def _upsample_bilinear(maps: jax.Array, height: int, width: int) -> jax.Array:
-    """(N, h, w) -> (N, height, width) as the reference's upsample()."""
-    rows = jnp.asarray(_bilinear_matrix(maps.shape[1], height), maps.dtype)
-    cols = jnp.asarray(_bilinear_matrix(maps.shape[2], width), maps.dtype)
-    return jnp.einsum("ih,jw,nhw->nij", rows, cols, maps, precision=jax.lax.Precision.HIGHEST)
