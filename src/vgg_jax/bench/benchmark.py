@@ -10,11 +10,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import platform
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -149,20 +149,16 @@ def benchmark_jax(config: ml_collections.ConfigDict, steps: int, burn_in: int) -
     }
 
 
-def _format_bytes(value: int | None) -> str:
-    return "n/a" if value is None else f"{value / 2**30:.2f} GiB"
-
-
 def format_figure(figure: dict[str, Any]) -> str:
     """One line per figure, as the TF reference printed it, plus throughput and efficiency."""
-    fraction = figure["fraction_of_peak"]
+    fraction, memory = figure["fraction_of_peak"], figure["peak_memory_bytes"]
     return (
         f"{figure['name']:>16}: {figure['mean_s']:.4f} +- {figure['std_s']:.4f} s/batch "
         f"(median {figure['median_s']:.4f}), "
         f"{figure['images_per_s']:.1f} images/s, {figure['tflops']:.3f} TFLOP/s"
         f" ({'n/a' if fraction is None else f'{100 * fraction:.1f}%'} of peak), "
         f"compile {figure['compile_s']:.1f} s, peak memory "
-        f"{_format_bytes(figure['peak_memory_bytes'])}"
+        f"{'n/a' if memory is None else f'{memory / 2**30:.2f} GiB'}"
     )
 
 
@@ -271,17 +267,12 @@ def main(argv: list[str]) -> None:
     logging.getLogger("vgg_jax").setLevel(logging.WARNING)
     config = FLAGS.config
 
-    def write_json(results: dict[str, Any]) -> None:
+    def write(text: str, results: dict[str, Any]) -> None:
+        print(text, flush=True)
         if FLAGS.json:
-            os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-            with open(FLAGS.json, "w") as out:
-                json.dump(results, out, indent=2, default=str)
-                out.write("\n")
-
-    def jax_done(results: dict[str, Any]) -> None:
-        # Print and save our numbers now: they survive a PyTorch part that fails or hangs.
-        print(report(results, config), flush=True)
-        write_json(results)
+            path = Path(FLAGS.json)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=2, default=str) + "\n")
 
     if FLAGS.input:
         from vgg_jax.bench import input_speed  # tf.data is imported only for this
@@ -294,18 +285,23 @@ def main(argv: list[str]) -> None:
             results = input_speed.run(config, FLAGS.input, counts, FLAGS.steps, FLAGS.burn_in)
         except (ValueError, data.DatasetUnavailableError) as error:
             sys.exit(f"error: {cli.one_line(error)}")
-        print(input_speed.report(results), flush=True)
-        write_json(results)
+        write(input_speed.report(results), results)
         return
     try:
+        # Our numbers are printed and saved first: they survive a PyTorch part that fails
+        # or hangs.
         results = run_benchmark(
-            config, FLAGS.steps, FLAGS.burn_in, FLAGS.compare, FLAGS.torch_compile, jax_done
+            config,
+            FLAGS.steps,
+            FLAGS.burn_in,
+            FLAGS.compare,
+            FLAGS.torch_compile,
+            lambda results: write(report(results, config), results),
         )
     except (ValueError, ImportError, data.DatasetUnavailableError) as error:
         sys.exit(f"error: {cli.one_line(error)}")
     if "torch" in results:
-        print(report_torch(results), flush=True)
-        write_json(results)
+        write(report_torch(results), results)
 
 
 def run() -> None:

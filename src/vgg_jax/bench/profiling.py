@@ -134,10 +134,9 @@ def summarise_times(
     flops_per_image: float | None = None,
     peak: float | None = None,
 ) -> dict[str, Any]:
-    """mean/std (and median) seconds per batch, images/s and, given the FLOPs per image,
-    achieved TFLOP/s and fraction of peak, from the mean as the TF seed did. The median
-    and every step's time are kept too: on a shared 2-core machine one slow step can move
-    the mean."""
+    """mean/std seconds per batch, images/s and, given the FLOPs per image, TFLOP/s and
+    fraction of peak, from the mean as the TF seed did; the median and every step's time
+    too: on a shared 2-core machine one slow step can move the mean."""
     mean = statistics.fmean(times)
     figure: dict[str, Any] = {
         "mean_s": mean,
