@@ -107,19 +107,19 @@ def _infer_stages(state: Mapping[str, np.ndarray], what: str):
         raise WeightFormatError(f"{what} has no features.N.weight convolutions")
     batch_norm = any(key.endswith(".running_mean") for key in state)
     step = 3 if batch_norm else 2
-    stages, block, previous = [], [], None
+    stages, previous = [[]], conv_indices[0] - step
     for index in conv_indices:
-        if previous is not None and index - previous not in (step, step + 1):
+        if index - previous == step + 1:  # a max-pool between: the next block
+            stages.append([])
+        elif index - previous != step:
             raise WeightFormatError(f"{what}: features.{index} is not where a VGG has one")
-        if previous is not None and index - previous == step + 1:
-            stages.append(tuple(block))
-            block = []
-        block.append(int(state[f"features.{index}.weight"].shape[0]))
+        stages[-1].append(int(state[f"features.{index}.weight"].shape[0]))
         previous = index
-    stages.append(tuple(block))
-    return tuple(stages), batch_norm
+    return tuple(tuple(block) for block in stages), batch_norm
 
 
+# Our head's layers -> their index in torchvision's `classifier`.
+HEAD_INDEX = {"fc1": 0, "fc2": 3, "classifier": 6}
 # A BN layer's tensors in torchvision -> ours (collection, name).
 BN_NAMES = {
     "weight": ("params", "scale"),
@@ -166,14 +166,12 @@ def _torchvision_head(state: Mapping[str, Any], channels: int, what: str) -> dic
     shapes = (fc1.shape, state["classifier.3.weight"].shape)
     if shapes != ((hidden[0], channels * POOL * POOL), (hidden[1], hidden[0])):
         raise WeightFormatError(f"{what}: classifier {shapes} is not torchvision's VGG head")
-    return {
-        "fc1": {"kernel": _fc1_kernel(fc1, channels), "bias": state["classifier.0.bias"]},
-        "fc2": {"kernel": state["classifier.3.weight"].T, "bias": state["classifier.3.bias"]},
-        "classifier": {
-            "kernel": state["classifier.6.weight"].T,
-            "bias": state["classifier.6.bias"],
-        },
+    head = {
+        layer: {"kernel": state[f"classifier.{i}.weight"].T, "bias": state[f"classifier.{i}.bias"]}
+        for layer, i in HEAD_INDEX.items()
     }
+    head["fc1"]["kernel"] = _fc1_kernel(fc1, channels)
+    return head
 
 
 def from_torchvision(
@@ -187,7 +185,7 @@ def from_torchvision(
     stages, batch_norm = _infer_stages(state, what)
     name = check_arch(arch, stages, batch_norm, what)
     layout = torchvision_layout(stages, batch_norm)
-    expected = {f"classifier.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")}
+    expected = {f"classifier.{i}.{p}" for i in HEAD_INDEX.values() for p in ("weight", "bias")}
     for index, layer in layout:
         names = BN_NAMES if layer.startswith("bn") else ("weight", "bias")
         expected |= {f"features.{index}.{name}" for name in names}
@@ -252,15 +250,12 @@ def torchvision_state_dict(model: models.VGG, variables: Mapping[str, Any]) -> d
                 put(f"features.{index}.{name}", variables[collection][layer][ours])
             state[f"features.{index}.num_batches_tracked"] = np.zeros((), np.int64)
     hidden = fc1.shape[1]
-    put(
-        "classifier.0.weight",
-        fc1.reshape(POOL, POOL, channels, hidden).transpose(3, 2, 0, 1).reshape(hidden, -1),
-    )
-    put("classifier.0.bias", params["fc1"]["bias"])
-    put("classifier.3.weight", np.asarray(params["fc2"]["kernel"]).T)
-    put("classifier.3.bias", params["fc2"]["bias"])
-    put("classifier.6.weight", np.asarray(params["classifier"]["kernel"]).T)
-    put("classifier.6.bias", params["classifier"]["bias"])
+    # fc1's inputs from our (H, W, C) flattening to torch's (C, H, W).
+    fc1 = fc1.reshape(POOL, POOL, channels, hidden).transpose(3, 2, 0, 1).reshape(hidden, -1)
+    for layer, index in HEAD_INDEX.items():
+        kernel = fc1 if layer == "fc1" else np.asarray(params[layer]["kernel"]).T
+        put(f"classifier.{index}.weight", kernel)
+        put(f"classifier.{index}.bias", params[layer]["bias"])
     return state
 
 
