@@ -69,8 +69,7 @@ class Predictor:
         self.step = step
         self.batch_size = batch_size
         self.view = view or views.eval_view(config)
-        self.model = models.build_model(config, info)
-        model = self.model
+        model = self.model = models.build_model(config, info)
         self._probabilities = jax.jit(
             lambda variables, images: jax.nn.softmax(model.apply(variables, images), -1)
         )

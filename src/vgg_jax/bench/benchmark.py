@@ -103,7 +103,6 @@ def repeated_step(step: Callable[..., Any], state: Any, batch: dict) -> Callable
 def benchmark_jax(config: ml_collections.ConfigDict, steps: int, burn_in: int) -> dict[str, Any]:
     """Times our forward pass and full train step; returns every number."""
     mesh, model, state, batch = setup(config)
-    replicated = NamedSharding(mesh, P())
     forward_flops = profiling.analytic_flops(model, config.image_size)
     device, devices = jax.devices()[0], mesh.devices.size
     peak, peak_how = profiling.device_peak(device, config.dtype)
@@ -122,7 +121,7 @@ def benchmark_jax(config: ml_collections.ConfigDict, steps: int, burn_in: int) -
             "peak_memory_bytes": profiling.peak_memory_bytes(device),
         }
 
-    @functools.partial(jax.jit, out_shardings=replicated)
+    @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
     def forward(state, images):
         return state.apply_fn(state.eval_variables(), images, train=False)
 
@@ -261,8 +260,7 @@ def run_benchmark(
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.no_arguments(argv)
     cli.configure_logging()
     logging.getLogger("vgg_jax").setLevel(logging.WARNING)
     config = FLAGS.config

@@ -25,10 +25,8 @@ POOL = spec.HEADS["torchvision"]["pool"]
 
 @dataclasses.dataclass(frozen=True)
 class WeightFile:
-    """A published weight file and the digest that identifies it.
-
-    torchvision names its files with the first hex digits of their SHA-256 (what
-    torch.hub checks); Keras publishes an MD5. `digest` may be such a prefix."""
+    """A published weight file and its digest, or a prefix of it: torchvision names its
+    files with the first hex digits of their SHA-256 (what torch.hub checks)."""
 
     url: str
     algorithm: str  # 'sha256' | 'md5'
