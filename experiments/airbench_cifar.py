@@ -31,7 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-from vgg_jax.bench import cifar_arrays  # noqa: E402
+import cifar_arrays  # noqa: E402
 
 
 def write_airbench_files(arrays: cifar_arrays.CifarArrays, folder: Path) -> list[Path]:

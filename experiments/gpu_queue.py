@@ -42,7 +42,7 @@ STEP_FUNCTIONS = (
     "configured_train_step",
     "make_step_functions",
 )
-TWIN_FILES = ("src/vgg_jax/bench/torch_training.py", "src/vgg_jax/bench/torch_reference.py")
+TWIN_FILES = ("experiments/torch_twin_training.py", "src/vgg_jax/bench/torch_reference.py")
 STREAM_FILES = tuple(
     sorted(str(p.relative_to(REPO)) for p in (REPO / "src/vgg_jax/data").glob("*.py"))
 )

@@ -9,7 +9,7 @@ estimated seconds are left of BUDGET_S, else it is skipped and the next one trie
   1. environment (GPU, versions) and two bf16 steps of the training command: a problem
      stops the session here, seconds in;
   2. peers on the same data: airbench94 (its own recipe and TTA, 5 runs) and the PyTorch
-     twin with vgg16_fast's recipe (bench/torch_training.py), 30 epochs;
+     twin with vgg16_fast's recipe (experiments/torch_twin_training.py), 30 epochs;
   3. ours at full width: vgg16_fast as shipped; two more seeds of it run at once on the
      one GPU (`pair_throughput`: does a second process raise the queue's throughput? If
      by >= 15%, the variants after it run two at a time); one-change variants;
@@ -104,7 +104,7 @@ class Session:
         self.parallel = {"0": False, "1": True}.get(PARALLEL)
 
     def _arrays(self) -> Path:
-        from vgg_jax.bench import cifar_arrays
+        import cifar_arrays
 
         path = WORK / "cifar10_arrays.npz"
         if not path.exists():
@@ -225,7 +225,7 @@ def airbench(session: Session, item: Item) -> None:
 def twin(session: Session, item: Item) -> None:
     metrics = WORK / "twin_metrics.jsonl"
     metrics.unlink(missing_ok=True)
-    command = [PYTHON, "-m", "vgg_jax.bench.torch_training", f"--config={gpu_queue.FAST}"]
+    command = [PYTHON, "experiments/torch_twin_training.py", f"--config={gpu_queue.FAST}"]
     command += [f"--data={session.arrays()}", f"--metrics={metrics}"]
     command += ["--torch_compile" if TORCH_COMPILE else "--notorch_compile"]
     command += (

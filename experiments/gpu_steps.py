@@ -178,7 +178,7 @@ def write_upscaled_folder(
     machine's own disk, encoded by all its cores."""
     if (root / "complete").exists():
         return root
-    from vgg_jax.bench import cifar_arrays
+    import cifar_arrays
 
     arrays = cifar_arrays.load(arrays_path)
     tasks = []

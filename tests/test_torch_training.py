@@ -1,16 +1,20 @@
-"""The PyTorch twin's training loop (bench/torch_training.py): the same augmentation,
+"""The PyTorch twin's training loop (experiments/torch_twin_training.py): the same augmentation,
 optimiser and schedule as ours, and a tiny run end to end on the CPU."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
-from conftest import CONFIGS
+from conftest import CONFIGS, REPO
 
 torch = pytest.importorskip("torch")
+sys.path.insert(0, str(REPO / "experiments"))
+
+import cifar_arrays  # noqa: E402
+import torch_twin_training  # noqa: E402
 
 from vgg_jax import configuration, optim  # noqa: E402
-from vgg_jax.bench import cifar_arrays, torch_training  # noqa: E402
 
 
 def fast_config(**overrides):
@@ -37,7 +41,7 @@ def test_crop_flip_takes_a_window_of_the_padded_image_or_its_mirror(padding):
     images = torch.from_numpy(np.random.default_rng(1).integers(1, 256, (64, 6, 5, 3))).to(
         torch.uint8
     )
-    out = torch_training.crop_flip(images, padding, torch.Generator().manual_seed(0))
+    out = torch_twin_training.crop_flip(images, padding, torch.Generator().manual_seed(0))
     assert out.shape == images.shape and out.dtype == torch.uint8
     padded = np.pad(images.numpy(), ((0, 0), (padding,) * 2, (padding,) * 2, (0, 0)))
     flipped = 0
@@ -57,7 +61,7 @@ def test_crop_flip_takes_a_window_of_the_padded_image_or_its_mirror(padding):
 
 def test_learning_rates_are_the_schedule_ours_steps_with():
     config = fast_config(num_epochs=3, warmup_epochs=1.0)
-    rates = torch_training.learning_rates(config, steps_per_epoch=5)
+    rates = torch_twin_training.learning_rates(config, steps_per_epoch=5)
     schedule = optim.create_learning_rate_schedule(config, 5)
     assert rates.shape == (15,)
     np.testing.assert_allclose(rates, [float(schedule(step)) for step in range(15)], rtol=1e-6)
@@ -99,7 +103,7 @@ def test_tiny_twin_trains_and_writes_a_record_per_epoch(tmp_path):
         max_steps_per_epoch=4, dtype="float32", learning_rate=0.05, flip_only_last_epochs=1,
     )  # fmt: skip
     metrics = tmp_path / "twin.jsonl"
-    records = torch_training.train(config, tiny_arrays(), metrics, compile_model=False)
+    records = torch_twin_training.train(config, tiny_arrays(), metrics, compile_model=False)
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert [r["step"] for r in records] == [4, 8, 12]
     written = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -116,7 +120,7 @@ def test_tiny_twin_trains_and_writes_a_record_per_epoch(tmp_path):
 def test_twin_refuses_what_it_does_not_implement():
     config = fast_config(ema_decay=0.99, weight_decay=1e-4)
     with pytest.raises(ValueError, match="ema_decay=0.99, weight_decay=0.0001"):
-        torch_training.train(config, tiny_arrays(), compile_model=False)
+        torch_twin_training.train(config, tiny_arrays(), compile_model=False)
 
 
 def test_jpeg_archive_decodes_to_the_pixels_our_input_reads(tmp_path):

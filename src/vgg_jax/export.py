@@ -3,13 +3,9 @@
   python -m vgg_jax.export --workdir=/tmp/vgg16 [--step=best] --format=torchvision OUT.pth
   python -m vgg_jax.export --workdir=/tmp/vgg16 --format=safetensors OUT.safetensors
 
-Models with a head torchvision has ('torchvision'; 'imagenet' at 224 pixels) are written
-in torchvision's VGG layout: `torchvision.models.vgg16_bn(num_classes=N)` loads them with
-strict=True. Other heads ('cifar', 'tf_benchmark') are written in the layout of
-`vgg_jax.bench.torch_reference.build_torch_model(model, image_size)`, the PyTorch twin, which
-takes uint8 NHWC images and normalises them itself (writing it needs torch). OUT.json,
-next to OUT, records the layout, the input normalisation, the class names and the input
-size, which `vgg_jax.pretrained.predictor(OUT)` (and `predict --weights=OUT`) use.
+Heads torchvision has ('torchvision'; 'imagenet' at 224 pixels) are written in its VGG
+layout, the others in the PyTorch twin's (vgg_jax.bench.torch_reference; needs torch).
+OUT.json records what a reader (`predict --weights=OUT`) needs (docs/pretrained.md).
 """
 
 from __future__ import annotations
@@ -25,9 +21,8 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """The command's flags, defined by `run` only: importing this module for
-    `export_checkpoint` defines none (absl refuses a flag name defined twice, and the
-    other commands define --workdir and --step too)."""
+    """Defined by `run` only: absl refuses a flag defined twice, and the other commands
+    that import `export_checkpoint` define --workdir and --step too."""
     cli.define_checkpoint_flags()
     flags.DEFINE_enum(
         "format", "torchvision", ["torchvision", "safetensors"], "A torch .pth or .safetensors."
@@ -40,8 +35,8 @@ class ExportError(ValueError):
 
 
 def check_destination(out: str) -> None:
-    """The output file's folder must exist and be writable: checked before the
-    checkpoint is read, and without a library's traceback."""
+    """The output file's folder must exist and be writable: checked before the checkpoint
+    is read, and without a library's traceback."""
     target = os.path.abspath(os.path.expanduser(out))
     folder = os.path.dirname(target)
     if os.path.isdir(target):
@@ -55,8 +50,7 @@ def check_destination(out: str) -> None:
 def export_checkpoint(
     workdir: str, out: str, file_format: str = "torchvision", step: int | str = "latest"
 ) -> tuple[inference.Predictor, str, str | None]:
-    """Writes the weights of a checkpoint to `out` (and `out`.json, which records what a
-    reader needs: layout, normalisation, class names, input size). Returns the loaded
+    """Writes the weights of a checkpoint to `out` (and `out`.json); returns the loaded
     predictor, the layout written and the PyTorch constructor that takes it."""
     check_destination(out)
     predictor = inference.load(workdir, step)

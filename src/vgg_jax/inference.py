@@ -1,9 +1,5 @@
-"""`vgg_jax.load(path)`: a checkpoint -> a jitted predictor for notebooks and the CLIs.
-
-model = vgg_jax.load("/tmp/vgg16")            # a workdir, its checkpoints/ or a step
-probs = model.predict(["dog.png", pil_image, uint8_array])
-model.class_names[probs[0].argmax()]
-"""
+"""`vgg_jax.load(path)`: a checkpoint -> a jitted predictor for notebooks and the CLIs
+(docs/pretrained.md, "Using a trained model")."""
 
 from __future__ import annotations
 
@@ -28,6 +24,18 @@ class ImageError(ValueError):
     """One input could not be read as an image; the message names it."""
 
 
+# Decoding's errors -> what ImageError says after the image's name; the first match wins
+# (each is one of views.UNREADABLE).
+IMAGE_ERRORS = (
+    (FileNotFoundError, "no such file"),
+    (Image.UnidentifiedImageError, "not an image file"),
+    (Image.DecompressionBombError, "refused, too many pixels (decompression bomb?): {}"),
+    (views.TooManyPixelsError, "refused, {}"),
+    (views.NotRegularFileError, "not a regular file (a folder, FIFO or device)"),
+    (views.UNREADABLE, "truncated or corrupt image ({})"),
+)
+
+
 def read_image(image: ImageLike) -> np.ndarray:
     """A path, a PIL image or an array -> uint8 RGB (H, W, 3), decoded as training
     decodes (`views.decode`); a file that cannot be read raises ImageError naming it."""
@@ -35,20 +43,9 @@ def read_image(image: ImageLike) -> np.ndarray:
         raise ImageError(f"arrays must be uint8 (0..255), got {image.dtype}")
     try:
         return views.decode(image)
-    except FileNotFoundError:
-        raise ImageError(f"{image}: no such file") from None
-    except Image.UnidentifiedImageError:
-        raise ImageError(f"{image}: not an image file") from None
-    except Image.DecompressionBombError as error:
-        raise ImageError(
-            f"{image}: refused, too many pixels (decompression bomb?): {error}"
-        ) from None
-    except views.TooManyPixelsError as error:
-        raise ImageError(f"{image}: refused, {error}") from None
-    except views.NotRegularFileError:
-        raise ImageError(f"{image}: not a regular file (a folder, FIFO or device)") from None
     except views.UNREADABLE as error:
-        raise ImageError(f"{image}: truncated or corrupt image ({error})") from None
+        words = next(words for kind, words in IMAGE_ERRORS if isinstance(error, kind))
+        raise ImageError(f"{image}: {words.format(error)}") from None
 
 
 class Predictor:
@@ -72,8 +69,7 @@ class Predictor:
         self.step = step
         self.batch_size = batch_size
         self.view = view or views.eval_view(config)
-        self.model = models.build_model(config, info)
-        model = self.model
+        model = self.model = models.build_model(config, info)
         self._probabilities = jax.jit(
             lambda variables, images: jax.nn.softmax(model.apply(variables, images), -1)
         )

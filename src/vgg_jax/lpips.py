@@ -1,7 +1,5 @@
 """LPIPS (Zhang et al. 2018), the VGG variant, as the `lpips` PyTorch package computes it,
-step for step in its order (docs/pretrained.md#lpips): version 0.0 feeds the images
-unscaled (the original release's bug); the learned layers come from the installed
-package or the official repository, checked against the published SHA-256."""
+step for step in its order (docs/pretrained.md#lpips)."""
 
 from __future__ import annotations
 
@@ -45,9 +43,7 @@ WEIGHT_FILES = {
 
 def weights_path(version: str, timeout: float = 30.0) -> Path:
     """The learned layers' file for `version`: the installed `lpips` package's, else the
-    official repository's, downloaded once into `pretrained.cache_dir()/lpips/v{version}`.
-    Offline (or VGG_JAX_OFFLINE=1) without the package: `WeightsUnavailableError` naming
-    the URL and where to put the file."""
+    official repository's, downloaded once into `pretrained.cache_dir()/lpips/v{version}`."""
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
     weight_file = WEIGHT_FILES[version]
@@ -56,18 +52,14 @@ def weights_path(version: str, timeout: float = 30.0) -> Path:
     for folder in (package and package.submodule_search_locations) or ():
         path = Path(folder) / "weights" / f"v{version}" / "vgg.pth"
         if path.is_file():
-            registry._check_digest(path, weight_file)
-            return path
+            return registry.fetch_file(weight_file, path)
     path = pretrained.cache_dir() / "lpips" / f"v{version}" / weight_file.filename
-    if not path.exists():
-        try:
-            registry._download(weight_file, path, timeout)
-        except pretrained.WeightsUnavailableError as error:
-            raise pretrained.WeightsUnavailableError(
-                f"{error} (or {LPIPS_EXTRA_HINT}, which ships it)"
-            ) from None
-    registry._check_digest(path, weight_file)
-    return path
+    try:
+        return registry.fetch_file(weight_file, path, timeout)
+    except pretrained.WeightsUnavailableError as error:
+        raise pretrained.WeightsUnavailableError(
+            f"{error} (or {LPIPS_EXTRA_HINT}, which ships it)"
+        ) from None
 
 
 def load_linear_layers(source: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -116,18 +108,9 @@ def _vgg16_convolutions(backbone: Any) -> dict[str, Any]:
 
 
 class LPIPS:
-    """The LPIPS distance with a VGG16 backbone (docs/pretrained.md#lpips).
-
-    backbone: 'torchvision:vgg16' (downloaded once), a .pth/.safetensors file or a state
-      dict in torchvision's VGG16 layout, or a (model, variables) pair (VGG16, no BN).
-    version: '0.1' (the reference's default) or '0.0'.
-    spatial: return (N, H, W) per-pixel maps instead of (N,) distances.
-    linear: a file of learned layers in the reference's layout; None: the published ones.
-    dtype: compute dtype of the VGG (float32; bfloat16 for speed, float64 to check).
-
-    `metric(x, y)` runs the jitted `metric.apply(metric.variables, x, y)`; `apply` is pure
-    (the variables are its only state), for use inside a jitted, differentiated loss.
-    """
+    """The LPIPS distance with a VGG16 backbone (docs/pretrained.md#lpips). `linear`: a file
+    of learned layers in the reference's layout (None: the published ones); `dtype`: the
+    VGG's compute dtype. `metric(x, y)` runs the jitted, pure `metric.apply`."""
 
     def __init__(
         self,
@@ -175,8 +158,8 @@ class LPIPS:
                 variables["linear"][name],
                 precision=jax.lax.Precision.HIGHEST,  # no TF32 passes on GPUs
             )
-            if self.spatial:
-                total = total + _upsample_bilinear(weighted, height, width)
+            if self.spatial:  # the reference's upsample(): torch's bilinear, half-pixel centres
+                total = total + jax.image.resize(weighted, total.shape, "bilinear")
             else:
                 total = total + jnp.mean(weighted, axis=(1, 2))
         return total
@@ -202,27 +185,3 @@ def _unit_channels(features: jax.Array) -> jax.Array:
     positive = squares > 0
     norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
     return features / (norm + EPS)
-
-
-def _bilinear_matrix(size: int, out_size: int) -> np.ndarray:
-    """(out_size, size) weights of torch's bilinear interpolation along one axis with
-    align_corners=False and no scale factor given (nn.Upsample(size=...)): source
-    position max((i + 0.5) * size / out_size - 0.5, 0), the next index clamped."""
-    if size == out_size:
-        return np.eye(size)
-    matrix = np.zeros((out_size, size))
-    source = np.maximum((np.arange(out_size) + 0.5) * (size / out_size) - 0.5, 0.0)
-    low = source.astype(np.int64)  # truncation, as torch's cast; source >= 0
-    high = np.minimum(low + 1, size - 1)
-    fraction = np.clip(source - low, 0.0, 1.0)
-    rows = np.arange(out_size)
-    np.add.at(matrix, (rows, low), 1.0 - fraction)
-    np.add.at(matrix, (rows, high), fraction)
-    return matrix
-
-
-def _upsample_bilinear(maps: jax.Array, height: int, width: int) -> jax.Array:
-    """(N, h, w) -> (N, height, width) as the reference's upsample()."""
-    rows = jnp.asarray(_bilinear_matrix(maps.shape[1], height), maps.dtype)
-    cols = jnp.asarray(_bilinear_matrix(maps.shape[2], width), maps.dtype)
-    return jnp.einsum("ih,jw,nhw->nij", rows, cols, maps, precision=jax.lax.Precision.HIGHEST)

@@ -1,10 +1,8 @@
-"""The step-speed benchmark (`python -m vgg_jax.benchmark`; its usage and figures:
-docs/benchmarking.md), and with --input=DIR the host input pipeline's (bench/input_speed.py).
-
-It times the step training runs (train.make_step_functions: the state donated and
-replicated, the batch sharded over the `data` axis of the training path's mesh), so that
-a figure here is one of training; otherwise the TF reference's method: burn-in, then
-mean +- std seconds per batch, each step waited for.
+"""The step-speed benchmark (`python -m vgg_jax.benchmark`, docs/benchmarking.md), and with
+--input=DIR the host input pipeline's (bench/input_speed.py). It times the step training
+runs (train.make_step_functions, on the training path's mesh), so that a figure here is
+one of training; the TF reference's method otherwise: burn-in, then mean +- std seconds
+per batch, each step waited for.
 """
 
 from __future__ import annotations
@@ -12,11 +10,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import platform
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -74,11 +72,8 @@ def _compile(function, *args) -> tuple[Any, float, float | None]:
     start = time.perf_counter()
     compiled = function.lower(*args).compile()
     seconds = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):  # older JAX: one dict per computation
-        cost = cost[0] if cost else None
-    flops = float(cost["flops"]) if cost and cost.get("flops") else None
-    return compiled, seconds, flops
+    flops = compiled.cost_analysis().get("flops")
+    return compiled, seconds, float(flops) if flops else None
 
 
 def setup(config: ml_collections.ConfigDict) -> tuple[Mesh, models.VGG, train.TrainState, dict]:
@@ -108,7 +103,6 @@ def repeated_step(step: Callable[..., Any], state: Any, batch: dict) -> Callable
 def benchmark_jax(config: ml_collections.ConfigDict, steps: int, burn_in: int) -> dict[str, Any]:
     """Times our forward pass and full train step; returns every number."""
     mesh, model, state, batch = setup(config)
-    replicated = NamedSharding(mesh, P())
     forward_flops = profiling.analytic_flops(model, config.image_size)
     device, devices = jax.devices()[0], mesh.devices.size
     peak, peak_how = profiling.device_peak(device, config.dtype)
@@ -127,7 +121,7 @@ def benchmark_jax(config: ml_collections.ConfigDict, steps: int, burn_in: int) -
             "peak_memory_bytes": profiling.peak_memory_bytes(device),
         }
 
-    @functools.partial(jax.jit, out_shardings=replicated)
+    @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
     def forward(state, images):
         return state.apply_fn(state.eval_variables(), images, train=False)
 
@@ -154,20 +148,16 @@ def benchmark_jax(config: ml_collections.ConfigDict, steps: int, burn_in: int) -
     }
 
 
-def _format_bytes(value: int | None) -> str:
-    return "n/a" if value is None else f"{value / 2**30:.2f} GiB"
-
-
 def format_figure(figure: dict[str, Any]) -> str:
     """One line per figure, as the TF reference printed it, plus throughput and efficiency."""
-    fraction = figure["fraction_of_peak"]
+    fraction, memory = figure["fraction_of_peak"], figure["peak_memory_bytes"]
     return (
         f"{figure['name']:>16}: {figure['mean_s']:.4f} +- {figure['std_s']:.4f} s/batch "
         f"(median {figure['median_s']:.4f}), "
         f"{figure['images_per_s']:.1f} images/s, {figure['tflops']:.3f} TFLOP/s"
         f" ({'n/a' if fraction is None else f'{100 * fraction:.1f}%'} of peak), "
         f"compile {figure['compile_s']:.1f} s, peak memory "
-        f"{_format_bytes(figure['peak_memory_bytes'])}"
+        f"{'n/a' if memory is None else f'{memory / 2**30:.2f} GiB'}"
     )
 
 
@@ -204,8 +194,6 @@ def report(results: dict[str, Any], config: ml_collections.ConfigDict) -> str:
         format_figure(ours["forward"]),
         format_figure(ours["forward_backward"]),
     ]
-    if "torch" in results:
-        lines.append(report_torch(results))
     return "\n".join(lines)
 
 
@@ -272,24 +260,17 @@ def run_benchmark(
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.no_arguments(argv)
     cli.configure_logging()
     logging.getLogger("vgg_jax").setLevel(logging.WARNING)
     config = FLAGS.config
 
-    def write_json(results: dict[str, Any]) -> None:
+    def write(text: str, results: dict[str, Any]) -> None:
+        print(text, flush=True)
         if FLAGS.json:
-            os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-            with open(FLAGS.json, "w") as out:
-                json.dump(results, out, indent=2, default=str)
-                out.write("\n")
-
-    def jax_done(results: dict[str, Any]) -> None:
-        # Print and save our numbers now: they survive a PyTorch part that fails or hangs.
-        if FLAGS.compare != "none":
-            print(report(results, config), flush=True)
-            write_json(results)
+            path = Path(FLAGS.json)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=2, default=str) + "\n")
 
     if FLAGS.input:
         from vgg_jax.bench import input_speed  # tf.data is imported only for this
@@ -302,18 +283,23 @@ def main(argv: list[str]) -> None:
             results = input_speed.run(config, FLAGS.input, counts, FLAGS.steps, FLAGS.burn_in)
         except (ValueError, data.DatasetUnavailableError) as error:
             sys.exit(f"error: {cli.one_line(error)}")
-        print(input_speed.report(results), flush=True)
-        write_json(results)
+        write(input_speed.report(results), results)
         return
     try:
+        # Our numbers are printed and saved first: they survive a PyTorch part that fails
+        # or hangs.
         results = run_benchmark(
-            config, FLAGS.steps, FLAGS.burn_in, FLAGS.compare, FLAGS.torch_compile, jax_done
+            config,
+            FLAGS.steps,
+            FLAGS.burn_in,
+            FLAGS.compare,
+            FLAGS.torch_compile,
+            lambda results: write(report(results, config), results),
         )
     except (ValueError, ImportError, data.DatasetUnavailableError) as error:
         sys.exit(f"error: {cli.one_line(error)}")
-    # With --compare our figures are printed already.
-    print(report_torch(results) if "torch" in results else report(results, config), flush=True)
-    write_json(results)
+    if "torch" in results:
+        write(report_torch(results), results)
 
 
 def run() -> None:

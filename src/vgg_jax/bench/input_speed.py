@@ -1,9 +1,5 @@
-"""Speed of the host input pipeline (usage: docs/benchmarking.md): decoded and augmented
-training images per second from a JPEG folder, ours (grain: N worker processes, or N
-threads in one process) against tf.data doing the same work with N parallel calls, in its
-fastest standard form (`decode_and_crop_jpeg` decodes only the crop). Nothing goes to a
-device.
-"""
+"""Speed of the host input pipeline (docs/benchmarking.md): ours against tf.data doing the
+same work in its fastest standard form (`decode_and_crop_jpeg` decodes only the crop)."""
 
 from __future__ import annotations
 
@@ -32,10 +28,6 @@ def ours(
         process_count=1,
     )
     return stream.iterate(dataset, workers, threads)
-
-
-def ours_threads(config: ml_collections.ConfigDict, root: str, threads: int) -> Iterator[Any]:
-    return ours(config, root, workers=0, threads=threads)
 
 
 def tf_data(config: ml_collections.ConfigDict, root: str, workers: int) -> Iterator[Any]:
@@ -76,7 +68,7 @@ def tf_data(config: ml_collections.ConfigDict, root: str, workers: int) -> Itera
 
 PIPELINES: dict[str, Callable[..., Iterator[Any]]] = {
     "ours": ours,
-    "ours_threads": ours_threads,
+    "ours_threads": lambda config, root, threads: ours(config, root, 0, threads),
     "tf_data": tf_data,
 }
 # The JSON's ratios to tf.data with N parallel calls: ours with N worker processes, and

@@ -17,10 +17,7 @@ from vgg_jax import models, spec
 
 # Dense bf16 / fp32 (non-tensor-core) peaks, FLOP/s, by device-kind substring (SXM
 # spec sheets; the H200 has the H100's compute).
-GPU_PEAKS = {
-    "H100": {"bfloat16": 989e12, "float32": 67e12},
-    "H200": {"bfloat16": 989e12, "float32": 67e12},
-}
+GPU_PEAKS = dict.fromkeys(("H100", "H200"), {"bfloat16": 989e12, "float32": 67e12})
 
 
 def analytic_flops(model: models.VGG, image_size: int) -> int:
@@ -134,10 +131,9 @@ def summarise_times(
     flops_per_image: float | None = None,
     peak: float | None = None,
 ) -> dict[str, Any]:
-    """mean/std (and median) seconds per batch, images/s and, given the FLOPs per image,
-    achieved TFLOP/s and fraction of peak, from the mean as the TF seed did. The median
-    and every step's time are kept too: on a shared 2-core machine one slow step can move
-    the mean."""
+    """mean/std seconds per batch, images/s and, given the FLOPs per image, TFLOP/s and
+    fraction of peak, from the mean as the TF seed did; the median and every step's time
+    too: on a shared 2-core machine one slow step can move the mean."""
     mean = statistics.fmean(times)
     figure: dict[str, Any] = {
         "mean_s": mean,

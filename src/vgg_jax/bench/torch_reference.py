@@ -1,16 +1,9 @@
-"""The same VGG in PyTorch, as a speed reference for `vgg_jax.benchmark --compare=torch`.
-
-Built from a `models.VGG`, layer for layer: 3x3 SAME convolutions (bias only without
-BN), BN (eps 1e-5; Flax momentum 0.9 = PyTorch momentum 0.1), ReLU, the same dropout
-rates, 2x2 max-pools, the same head, input normalisation inside the model, NHWC
-flattening order (so the dense weights copy over unchanged), channels_last memory
-format, and the same optimiser: SGD momentum 0.9 with coupled L2 (`weight_decay`) on
-every parameter, as optax add_decayed_weights -> trace -> scale_by_learning_rate.
-
-One known difference: for the BN running variance PyTorch uses the unbiased batch
-variance, Flax the biased one (it changes no timing and no eval logits after a copy).
-
-PyTorch is optional (`pip install -e ".[torch]"`); import this module lazily.
+"""The same VGG in PyTorch, layer for layer from a `models.VGG` (speed reference for
+`vgg_jax.benchmark --compare=torch`, export layout for heads torchvision lacks). NHWC
+flattening, so dense weights copy over unchanged; BN momentum 0.9 in Flax is 0.1 here;
+SGD with coupled L2 (`weight_decay`) as optim's. One known difference: PyTorch keeps the
+unbiased batch variance in BN's running variance, Flax the biased one (no timing and no
+eval logits after a copy change). PyTorch is optional: import this module lazily.
 """
 
 from __future__ import annotations
@@ -158,8 +151,8 @@ class Runner:
     ):
         torch.manual_seed(config.seed)
         self.vgg = models.build_model(config, info)
-        model = build_torch_model(self.vgg, config.image_size).to(device)
-        self.model = model.to(memory_format=torch.channels_last)
+        model = build_torch_model(self.vgg, config.image_size)
+        self.model = model.to(device, memory_format=torch.channels_last)
         self.device = device
         self.dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
         self.optimizer = torch.optim.SGD(
@@ -215,29 +208,20 @@ def _wait_for(device: torch.device) -> Callable[[Any], None] | None:
     return (lambda _: torch.cuda.synchronize(device)) if device.type == "cuda" else None
 
 
-def _first_calls(runner: Runner, images, labels) -> tuple[float, float]:
-    """Seconds of the first forward and the first train step (compilation included)."""
+def _first_calls(runner: Runner, calls, compile_model: bool) -> tuple[str, list[float]]:
+    """The mode, and the seconds of each call's first run (compilation included):
+    torch.compile'd if asked, eager where compiling fails."""
     wait = _wait_for(runner.device)
-    forward_s = profiling.time_steps(lambda: runner.forward(images), 1, 0, wait)[0]
-    train_s = profiling.time_steps(lambda: runner.train_step(images, labels), 1, 0, wait)[0]
-    return forward_s, train_s
-
-
-def _try_compiled(runner: Runner, images, labels) -> tuple[str, float, float]:
-    """torch.compile both functions; on any failure fall back to eager. Returns the mode
-    and the first-call (compile) seconds of forward and train step."""
-    try:
-        runner.compile()
-        return "torch.compile", *_first_calls(runner, images, labels)
-    except Exception as error:  # noqa: BLE001 - any compiler failure means: run eager
-        logger.warning("torch.compile failed, timing eager mode: %s", error)
-        runner.forward_fn, runner.train_fn = runner.model, runner._train_step
-        mode = f"eager (torch.compile failed: {type(error).__name__})"
-        return mode, *_first_calls(runner, images, labels)
-
-
-def _peak_memory(device: torch.device) -> int | None:
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    mode = "eager"
+    if compile_model:
+        try:
+            runner.compile()
+            return "torch.compile", [profiling.time_steps(c, 1, 0, wait)[0] for c in calls]
+        except Exception as error:  # noqa: BLE001 - any compiler failure means: run eager
+            logger.warning("torch.compile failed, timing eager mode: %s", error)
+            runner.forward_fn, runner.train_fn = runner.model, runner._train_step
+            mode = f"eager (torch.compile failed: {type(error).__name__})"
+    return mode, [profiling.time_steps(c, 1, 0, wait)[0] for c in calls]
 
 
 def benchmark_torch(
@@ -253,23 +237,17 @@ def benchmark_torch(
     shape = (config.batch_size, config.image_size, config.image_size, 3)
     images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).to(device)
     labels = torch.randint(0, len(info.class_names), shape[:1], generator=generator).to(device)
-    if compile_model:
-        mode, forward_compile, train_compile = _try_compiled(runner, images, labels)
-    else:
-        mode = "eager"
-        forward_compile, train_compile = _first_calls(runner, images, labels)
+    calls = {
+        "forward": lambda: runner.forward(images),
+        "forward_backward": lambda: runner.train_step(images, labels),
+    }
+    mode, compile_seconds = _first_calls(runner, calls.values(), compile_model)
     forward_flops = profiling.analytic_flops(runner.vgg, config.image_size)
     # The same machine as the JAX run, so the same assumed peak.
     peak, peak_how = profiling.device_peak(jax.devices()[0], config.dtype)
     figures = {}
-    for name, call, flops, compile_s in (
-        ("forward", lambda: runner.forward(images), forward_flops, forward_compile),
-        (
-            "forward_backward",
-            lambda: runner.train_step(images, labels),
-            3 * forward_flops,
-            train_compile,
-        ),
+    for (name, call), flops, compile_s in zip(
+        calls.items(), (forward_flops, 3 * forward_flops), compile_seconds, strict=True
     ):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -278,7 +256,9 @@ def benchmark_torch(
             "name": name,
             **profiling.summarise_times(times, config.batch_size, flops, peak),
             "compile_s": compile_s,
-            "peak_memory_bytes": _peak_memory(device),
+            "peak_memory_bytes": (
+                int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+            ),
         }
     return {
         **environment(device),

@@ -1,7 +1,5 @@
 """ImageNet VGG weights from torchvision and Keras as Flax variables, and back to PyTorch
-(docs/pretrained.md). The model normalises its input as its source did, so it takes raw
-RGB images; torchvision.py says how torchvision's layout maps onto ours.
-"""
+(docs/pretrained.md). The model normalises its input as its source did: it takes raw RGB."""
 
 from __future__ import annotations
 

@@ -32,12 +32,9 @@ def _describe(shapes: Any) -> str:
 
 
 def merge_variables(target: Mapping[str, Any], source: Mapping[str, Any]) -> tuple[dict, list]:
-    """`target` (a freshly initialised model's params and batch_stats) with every layer
-    taken from `source` where the shapes agree, and notes on what was not.
-
-    The convolutional layers (conv*, bn*) must all agree: a mismatch there raises
-    `WeightFormatError`. Head layers that differ (the classifier when the class count
-    differs, fc layers of another head) keep their fresh initialisation."""
+    """`target` (a fresh model's params and batch_stats) with every layer taken from
+    `source` where the shapes agree, and notes on what was not. The convolutional layers
+    must all agree (else WeightFormatError); head layers that differ stay fresh."""
     target_params, source_params = target["params"], source["params"]
     target_stats = target.get("batch_stats", {})
     source_stats = source.get("batch_stats", {})
@@ -93,9 +90,8 @@ def merge_variables(target: Mapping[str, Any], source: Mapping[str, Any]) -> tup
 
 
 def start_from(state: Any, variables: dict, name: str, mesh: Mesh) -> Any:
-    """A train state with the weights of `variables` wherever they fit (see
-    `merge_variables`, which says what was re-initialised: logged here), placed
-    replicated on `mesh`, in its EMA too when it keeps one."""
+    """A train state with the weights of `variables` wherever they fit (the notes of
+    `merge_variables` logged), replicated on `mesh`, in its EMA too when it keeps one."""
     target = {"params": state.params, "batch_stats": state.batch_stats}
     merged, notes = merge_variables(target, variables)
     for note in notes:

@@ -50,15 +50,10 @@ def _text(value: bytes | str) -> str:
 
 
 def from_keras(source: Any, arch: str | None = None) -> tuple[models.VGG, dict]:
-    """Keras VGG16 / VGG19 weights -> (model, variables) for the matching preset with the
-    'imagenet' head (flatten, fc4096 x2, the classifier), normalising as Keras' "caffe"
-    mode does.
-
-    `source`: a Keras weight file (.h5; read with h5py, no TensorFlow) or a Keras model
-    (`keras.applications.VGG16(...)`). The model takes the input size the Keras model was
-    built for (224 for the published weights): Keras flattens the last map, no pooling.
-    A 'notop' file gives the convolutions only: for `features`, or to fine-tune from.
-    """
+    """Keras VGG16 / VGG19 weights (a .h5 file or a Keras model) -> (model, variables)
+    with the 'imagenet' head, normalising as Keras' "caffe" mode; for the input size the
+    Keras model was built for (it flattens the last map). A 'notop' file gives the
+    convolutions only."""
     if isinstance(source, str | os.PathLike):
         path = Path(source).expanduser()
         if not path.is_file():

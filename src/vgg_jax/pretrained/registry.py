@@ -25,10 +25,8 @@ POOL = spec.HEADS["torchvision"]["pool"]
 
 @dataclasses.dataclass(frozen=True)
 class WeightFile:
-    """A published weight file and the digest that identifies it.
-
-    torchvision names its files with the first hex digits of their SHA-256 (what
-    torch.hub checks); Keras publishes an MD5. `digest` may be such a prefix."""
+    """A published weight file and its digest, or a prefix of it: torchvision names its
+    files with the first hex digits of their SHA-256 (what torch.hub checks)."""
 
     url: str
     algorithm: str  # 'sha256' | 'md5'
@@ -89,16 +87,9 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "vgg_jax"
 
 
-def _digest(path: Path, algorithm: str) -> str:
-    hasher = hashlib.new(algorithm)
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            hasher.update(chunk)
-    return hasher.hexdigest()
-
-
 def _check_digest(path: Path, weight_file: WeightFile) -> None:
-    actual = _digest(path, weight_file.algorithm)
+    with open(path, "rb") as file:
+        actual = hashlib.file_digest(file, weight_file.algorithm).hexdigest()
     if not actual.startswith(weight_file.digest):
         raise WeightFormatError(
             f"{path}: {weight_file.algorithm} {actual} does not match the published "
@@ -108,13 +99,15 @@ def _check_digest(path: Path, weight_file: WeightFile) -> None:
 
 def fetch(name: str, timeout: float = 30.0) -> Path:
     """The local path of published weights (`WEIGHT_FILES`), downloaded into
-    `cache_dir()` on first use; the file's digest is checked every time it is fetched.
-    Offline (or with VGG_JAX_OFFLINE=1), raises `WeightsUnavailableError` naming the URL
-    and where to put the file."""
+    `cache_dir()` on first use; the file's digest is checked every time it is fetched."""
     if name not in WEIGHT_FILES:
         raise ValueError(f"unknown weights {name!r}; choose one of {sorted(WEIGHT_FILES)}")
     weight_file = WEIGHT_FILES[name]
-    path = cache_dir() / weight_file.filename
+    return fetch_file(weight_file, cache_dir() / weight_file.filename, timeout)
+
+
+def fetch_file(weight_file: WeightFile, path: Path, timeout: float = 30.0) -> Path:
+    """`path`, downloaded from `weight_file.url` if missing; its digest checked."""
     if not path.exists():
         _download(weight_file, path, timeout)
     _check_digest(path, weight_file)
@@ -185,8 +178,8 @@ def import_torch(what: str, hint: str = TORCH_EXTRA_HINT, otherwise: str = ""):
 
 @contextlib.contextmanager
 def reraised_as(kind: type[Exception], message: str):
-    """Whatever a weight file's reader or writer raises (torch: RuntimeError or
-    UnpicklingError; safetensors: SafetensorError) as one `kind` error naming the file."""
+    """Whatever a weight file's reader or writer raises (the libraries' types vary) as one
+    `kind` error naming the file."""
     try:
         yield
     except (ImportError, MemoryError, KeyboardInterrupt):

@@ -107,53 +107,43 @@ def _infer_stages(state: Mapping[str, np.ndarray], what: str):
         raise WeightFormatError(f"{what} has no features.N.weight convolutions")
     batch_norm = any(key.endswith(".running_mean") for key in state)
     step = 3 if batch_norm else 2
-    stages, block, previous = [], [], None
+    stages, previous = [[]], conv_indices[0] - step
     for index in conv_indices:
-        if previous is not None and index - previous not in (step, step + 1):
+        if index - previous == step + 1:  # a max-pool between: the next block
+            stages.append([])
+        elif index - previous != step:
             raise WeightFormatError(f"{what}: features.{index} is not where a VGG has one")
-        if previous is not None and index - previous == step + 1:
-            stages.append(tuple(block))
-            block = []
-        block.append(int(state[f"features.{index}.weight"].shape[0]))
+        stages[-1].append(int(state[f"features.{index}.weight"].shape[0]))
         previous = index
-    stages.append(tuple(block))
-    return tuple(stages), batch_norm
+    return tuple(tuple(block) for block in stages), batch_norm
 
 
-def _check_keys(state: Mapping[str, Any], expected: set[str], what: str) -> None:
-    found = {key for key in state if not key.endswith("num_batches_tracked")}
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
-    if missing or unexpected:
-        raise WeightFormatError(
-            f"{what} is not torchvision's VGG layout: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
+# Our head's layers -> their index in torchvision's `classifier`.
+HEAD_INDEX = {"fc1": 0, "fc2": 3, "classifier": 6}
+# A BN layer's tensors in torchvision -> ours (collection, name).
+BN_NAMES = {
+    "weight": ("params", "scale"),
+    "bias": ("params", "bias"),
+    "running_mean": ("batch_stats", "mean"),
+    "running_var": ("batch_stats", "var"),
+}
 
 
-def _torchvision_features(state: Mapping[str, Any], layout, batch_norm: bool):
+def _torchvision_features(state: Mapping[str, Any], layout) -> dict[str, dict]:
     """The convolutional stack's params and BN statistics. torchvision's convolutions keep
     a bias before BN; ours have none, so it is folded into the running mean."""
-    params: dict[str, dict] = {}
-    batch_stats: dict[str, dict] = {}
-    conv_bias = {}
+    variables: dict[str, dict] = {"params": {}, "batch_stats": {}}
     for index, layer in layout:
+        prefix = f"features.{index}"
         if layer.startswith("conv"):
-            params[layer] = {"kernel": state[f"features.{index}.weight"].transpose(2, 3, 1, 0)}
-            if batch_norm:
-                conv_bias[layer] = state[f"features.{index}.bias"]
-            else:
-                params[layer]["bias"] = state[f"features.{index}.bias"]
-        else:
-            conv = "conv" + layer.removeprefix("bn")
-            params[layer] = {
-                "scale": state[f"features.{index}.weight"],
-                "bias": state[f"features.{index}.bias"],
-            }
-            batch_stats[layer] = {
-                "mean": state[f"features.{index}.running_mean"] - conv_bias[conv],
-                "var": state[f"features.{index}.running_var"],
-            }
-    return params, batch_stats
+            kernel = state[f"{prefix}.weight"].transpose(2, 3, 1, 0)
+            variables["params"][layer] = {"kernel": kernel, "bias": state[f"{prefix}.bias"]}
+            continue
+        for name, (collection, ours) in BN_NAMES.items():
+            variables[collection].setdefault(layer, {})[ours] = state[f"{prefix}.{name}"]
+        conv = variables["params"]["conv" + layer.removeprefix("bn")]
+        variables["batch_stats"][layer]["mean"] = state[f"{prefix}.running_mean"] - conv.pop("bias")
+    return variables
 
 
 def _fc1_kernel(weight: np.ndarray, channels: int, block: int = 256) -> np.ndarray:
@@ -176,55 +166,50 @@ def _torchvision_head(state: Mapping[str, Any], channels: int, what: str) -> dic
     shapes = (fc1.shape, state["classifier.3.weight"].shape)
     if shapes != ((hidden[0], channels * POOL * POOL), (hidden[1], hidden[0])):
         raise WeightFormatError(f"{what}: classifier {shapes} is not torchvision's VGG head")
-    return {
-        "fc1": {"kernel": _fc1_kernel(fc1, channels), "bias": state["classifier.0.bias"]},
-        "fc2": {"kernel": state["classifier.3.weight"].T, "bias": state["classifier.3.bias"]},
-        "classifier": {
-            "kernel": state["classifier.6.weight"].T,
-            "bias": state["classifier.6.bias"],
-        },
+    head = {
+        layer: {"kernel": state[f"classifier.{i}.weight"].T, "bias": state[f"classifier.{i}.bias"]}
+        for layer, i in HEAD_INDEX.items()
     }
+    head["fc1"]["kernel"] = _fc1_kernel(fc1, channels)
+    return head
 
 
 def from_torchvision(
     source: Mapping[str, Any] | str | os.PathLike, arch: str | None = None
 ) -> tuple[models.VGG, dict]:
-    """torchvision VGG weights -> (model, variables) for the matching preset with the
-    'torchvision' head (adaptive 7x7 pool, fc4096 x2, the classifier).
-
-    `source`: a state dict (torch tensors or numpy arrays) or a file (.pth/.pt/.bin, read
-    with `torch.load(weights_only=True)`; or .safetensors). `arch` ('vgg16_bn', ...) is
-    checked against the weights; None: inferred. The class count is the classifier's.
-    The model normalises with torchvision's ImageNet mean/std, or with what
-    `python -m vgg_jax.export` recorded next to the file (FILE.json).
-    """
+    """torchvision VGG weights (a state dict, a .pth/.pt/.bin file read with
+    `torch.load(weights_only=True)`, or .safetensors) -> (model, variables) with the
+    'torchvision' head. `arch` ('vgg16_bn', ...) is checked against the weights if given.
+    The model normalises as torchvision's ImageNet models, or as FILE.json says."""
     state, what, path = _read_state_dict(source)
     stages, batch_norm = _infer_stages(state, what)
     name = check_arch(arch, stages, batch_norm, what)
     layout = torchvision_layout(stages, batch_norm)
-    expected = {f"classifier.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")}
+    expected = {f"classifier.{i}.{p}" for i in HEAD_INDEX.values() for p in ("weight", "bias")}
     for index, layer in layout:
-        expected |= {f"features.{index}.weight", f"features.{index}.bias"}
-        if layer.startswith("bn"):
-            expected |= {f"features.{index}.running_mean", f"features.{index}.running_var"}
-    _check_keys(state, expected, what)
+        names = BN_NAMES if layer.startswith("bn") else ("weight", "bias")
+        expected |= {f"features.{index}.{name}" for name in names}
+    found = {key for key in state if not key.endswith("num_batches_tracked")}
+    if found != expected:
+        raise WeightFormatError(
+            f"{what} is not torchvision's VGG layout: missing {sorted(expected - found)[:5]}, "
+            f"unexpected {sorted(found - expected)[:5]}"
+        )
     state = {key: np.asarray(state[key], np.float32) for key in expected}
-
-    params, batch_stats = _torchvision_features(state, layout, batch_norm)
-    params |= _torchvision_head(state, stages[-1][-1], what)
+    variables = _torchvision_features(state, layout)
+    variables["params"] |= _torchvision_head(state, stages[-1][-1], what)
+    if not batch_norm:
+        del variables["batch_stats"]
     sidecar = read_sidecar(path)
     model = models.create_model(
         name,
-        params["classifier"]["kernel"].shape[1],
+        variables["params"]["classifier"]["kernel"].shape[1],
         batch_norm=batch_norm,
         head="torchvision",
         stages=stages,
         mean=tuple(sidecar.get("mean", spec.IMAGENET_MEAN)),
         std=tuple(sidecar.get("std", spec.IMAGENET_STD)),
     )
-    variables = {"params": params}
-    if batch_norm:
-        variables["batch_stats"] = batch_stats
     return model, jax.tree.map(jnp.asarray, variables)
 
 
@@ -232,19 +217,16 @@ def from_torchvision(
 
 
 def torchvision_state_dict(model: models.VGG, variables: Mapping[str, Any]) -> dict:
-    """Our variables in torchvision's VGG layout, as numpy arrays (no torch needed):
-    `torchvision.models.vgg16_bn(num_classes=N).load_state_dict(..., strict=True)`.
-
-    Needs a head torchvision has: 'torchvision', or 'imagenet' on a 7x7 last map (224
-    pixels). The BN variants get zero convolution biases (ours have none)."""
+    """Our variables in torchvision's VGG layout (strict=True loads them), as numpy arrays:
+    for the 'torchvision' head, or 'imagenet' on a 7x7 last map (224 pixels)."""
     head = spec.HEADS[model.head]
     if head["hidden"] != spec.HEADS["torchvision"]["hidden"] or head["linear"]:
         raise ValueError(
             f"head {model.head!r} is not torchvision's VGG head; export it with "
             "vgg_jax.bench.torch_reference.build_torch_model instead"
         )
-    params = jax.device_get(variables["params"])
-    stats = jax.device_get(variables.get("batch_stats", {}))
+    variables = jax.device_get(dict(variables))
+    params = variables["params"]
     channels = model.stages[-1][-1]
     fc1 = np.asarray(params["fc1"]["kernel"], np.float32)
     if fc1.shape[0] != POOL * POOL * channels:
@@ -264,21 +246,16 @@ def torchvision_state_dict(model: models.VGG, variables: Mapping[str, Any]) -> d
             bias = params[layer]["bias"] if "bias" in params[layer] else np.zeros(kernel.shape[-1])
             put(f"features.{index}.bias", bias)
         else:
-            put(f"features.{index}.weight", params[layer]["scale"])
-            put(f"features.{index}.bias", params[layer]["bias"])
-            put(f"features.{index}.running_mean", stats[layer]["mean"])
-            put(f"features.{index}.running_var", stats[layer]["var"])
+            for name, (collection, ours) in BN_NAMES.items():
+                put(f"features.{index}.{name}", variables[collection][layer][ours])
             state[f"features.{index}.num_batches_tracked"] = np.zeros((), np.int64)
     hidden = fc1.shape[1]
-    put(
-        "classifier.0.weight",
-        fc1.reshape(POOL, POOL, channels, hidden).transpose(3, 2, 0, 1).reshape(hidden, -1),
-    )
-    put("classifier.0.bias", params["fc1"]["bias"])
-    put("classifier.3.weight", np.asarray(params["fc2"]["kernel"]).T)
-    put("classifier.3.bias", params["fc2"]["bias"])
-    put("classifier.6.weight", np.asarray(params["classifier"]["kernel"]).T)
-    put("classifier.6.bias", params["classifier"]["bias"])
+    # fc1's inputs from our (H, W, C) flattening to torch's (C, H, W).
+    fc1 = fc1.reshape(POOL, POOL, channels, hidden).transpose(3, 2, 0, 1).reshape(hidden, -1)
+    for layer, index in HEAD_INDEX.items():
+        kernel = fc1 if layer == "fc1" else np.asarray(params[layer]["kernel"]).T
+        put(f"classifier.{index}.weight", kernel)
+        put(f"classifier.{index}.bias", params[layer]["bias"])
     return state
 
 

@@ -1,7 +1,7 @@
 """Trains the PyTorch twin (`bench.torch_reference`) with a config's recipe, on the same
 CIFAR-10 arrays as ours: the peer that says whether a gap is the recipe or our code.
 
-  python -m vgg_jax.bench.torch_training --config=configs/vgg16_fast.py \
+  python experiments/torch_twin_training.py --config=configs/vgg16_fast.py \
       --data=cifar10-jpeg.npz --metrics=twin.jsonl [--notorch_compile] [--config.X=...]
 
 Everything `vgg_jax.main` does with that config, from the same `models.VGG`, `optim`
@@ -28,10 +28,15 @@ from absl import app, flags
 from ml_collections import config_flags
 from torch.nn import functional
 
-from vgg_jax import cli, optim
-from vgg_jax.bench import cifar_arrays, torch_reference
-from vgg_jax.data import sharding, stats, views
-from vgg_jax.data.info import DatasetInfo
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+import cifar_arrays  # noqa: E402
+
+from vgg_jax import cli, optim  # noqa: E402
+from vgg_jax.bench import torch_reference  # noqa: E402
+from vgg_jax.data import sharding, stats, views  # noqa: E402
+from vgg_jax.data.info import DatasetInfo  # noqa: E402
 
 FLAGS = flags.FLAGS
 EVAL_BATCH = 1000

@@ -1,5 +1,5 @@
 """CIFAR-10 stored as JPEG (the `cifar10-jpeg.npz` archive) decoded into uint8 arrays, for
-the peers that train on the same data as ours: the PyTorch twin (`bench.torch_training`)
+the peers that train on the same data as ours: the PyTorch twin (experiments/torch_twin_training.py)
 and airbench (experiments/airbench_cifar.py).
 
 The archive holds, per split, the JPEG files' bytes concatenated (`{split}_jpeg`), their
