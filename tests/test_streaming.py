@@ -302,6 +302,24 @@ def test_auto_input_streams_what_does_not_fit_and_says_why(stream_config, caplog
     )
 
 
+def test_synthetic_data_streams_the_images_the_device_input_holds(tiny_config):
+    # Streamed where asked, or where the augmentation runs on the host.
+    tiny_config.synthetic_eval_size = 20  # not a whole number of batches: one padded
+    tiny_config.input_workers, tiny_config.eval_batch_size = 0, 8
+    got = {}
+    for kind in ("device", "stream"):
+        tiny_config.input = kind
+        batches = data.create(tiny_config, data.create_mesh(), normalisation=((0,) * 3,) * 2)
+        try:
+            got[kind] = [jax.tree.map(np.asarray, batch) for batch in batches.eval_batches()]
+        finally:
+            batches.close()
+    assert len(got["stream"]) == len(got["device"]) == 3
+    for streamed, held in zip(got["stream"], got["device"], strict=True):
+        for name in ("image", "label", "mask"):
+            np.testing.assert_array_equal(streamed[name], held[name])
+
+
 @pytest.mark.slow
 def test_host_memory_stays_flat_while_streaming(tmp_path):
     """Two passes over 2,400 JPEGs: the peak RSS after the second equals the first's,

@@ -1,5 +1,13 @@
-"""vgg-jax: train VGG networks in JAX + Flax; use trained and published ones
-(docs/pretrained.md: `load`, `pretrained`, `perceptual_loss`, `lpips`)."""
+"""vgg-jax: train VGG networks in JAX + Flax.
+
+import vgg_jax
+model = vgg_jax.load("/tmp/vgg16")      # a training workdir
+model.predict(["dog.png"])              # class probabilities
+
+model, variables = vgg_jax.pretrained.load("torchvision:vgg16_bn")   # ImageNet weights
+loss = vgg_jax.perceptual_loss(x, y, model, variables)
+distance = vgg_jax.lpips.LPIPS("torchvision:vgg16")(x, y)            # x, y in [-1, 1]
+"""
 
 from __future__ import annotations
 

@@ -141,8 +141,10 @@ def create_manager(
     array_handler: ocp.type_handlers.ArrayHandler | None = None,
 ) -> ocp.CheckpointManager:
     """A manager keeping the latest `keep` checkpoints plus the best by test accuracy.
-    `array_handler` (`models.backend_tuning`'s) is registered process-wide, where orbax
-    keeps its type handlers."""
+    Orbax writes each step into a temporary folder and renames it when complete, so a
+    save cut short by a crash never looks like a checkpoint. `array_handler`
+    (`models.backend_tuning`'s) is registered process-wide, where orbax keeps its type
+    handlers."""
     policy = checkpoint_managers.AnyPreservationPolicy(
         [checkpoint_managers.LatestN(n=max(1, keep)), BestTestAccuracy(str(directory))]
     )
@@ -188,8 +190,9 @@ def save(
     meta: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Saves `state` at its step, with the digests of its items in `meta` and the `extra`
-    items (the stream's position). Refuses a state with NaN or infinite values."""
+    """Saves `state` at its step (asynchronously where the manager is async), with the
+    digests of its items in `meta` and the `extra` items (the stream's position). Refuses
+    a state with NaN or infinite values."""
     step = int(state.step)
     model, train = split_state(state)
     bad = non_finite_leaves({"model": model, "train": train})

@@ -221,8 +221,6 @@ def _cross_field_problems(config: ml_collections.ConfigDict, device_count: int |
         found.append(
             f"flip_only_last_epochs: applies to augment='crop_flip', not {config.augment!r}"
         )
-    if config.input == "stream" and config.dataset == "synthetic":
-        found.append("input: the synthetic dataset is made in memory: use 'device' or 'auto'")
     if not config.distributed:
         for field in ("coordinator_address", "num_processes", "process_id"):
             if config[field] is not None:

@@ -95,8 +95,23 @@ def start(config: ml_collections.ConfigDict, guard: PreemptionGuard | None = Non
     _watch_stderr(config)
     import jax
 
-    # In a thread: the wait for the other processes is one blocking C++ call, during
-    # which this thread could not answer a signal.
+    _initialize_interruptibly(config, guard)
+    _process_index = jax.process_index()
+    if _watcher is not None:  # the watcher names the process in its message
+        sys.stderr.flush()
+        os.write(2, CONTROL + f"{_process_index}\n".encode())
+    if _process_index > 0:
+        quiet = logging.getLogger("vgg_jax")
+        quiet.setLevel(max(quiet.getEffectiveLevel(), logging.WARNING))
+
+
+def _initialize_interruptibly(
+    config: ml_collections.ConfigDict, guard: PreemptionGuard | None
+) -> None:
+    """`jax.distributed.initialize` in a thread: the wait for the other processes is one
+    blocking C++ call, during which this thread could not answer a signal."""
+    import jax
+
     failure: list[BaseException] = []
 
     def initialize() -> None:
@@ -136,13 +151,6 @@ def start(config: ml_collections.ConfigDict, guard: PreemptionGuard | None = Non
         raise DistributedStartError(
             f"jax.distributed.initialize failed: {type(failure[0]).__name__}: {text}"
         ) from failure[0]
-    _process_index = jax.process_index()
-    if _watcher is not None:  # the watcher names the process in its message
-        sys.stderr.flush()
-        os.write(2, CONTROL + f"{_process_index}\n".encode())
-    if _process_index > 0:
-        quiet = logging.getLogger("vgg_jax")
-        quiet.setLevel(max(quiet.getEffectiveLevel(), logging.WARNING))
 
 
 def _watch_stderr(config: ml_collections.ConfigDict) -> None:

@@ -2,8 +2,10 @@
 
   python -m vgg_jax.evaluate --workdir=/tmp/vgg16 [--step=best] [--data_dir=DIR]
 
-Uses the config stored with the checkpoint, so it prints what training's log printed
-for that step. The split is streamed a batch at a time: host memory does not grow with it.
+Uses the dataset, split, image size and evaluation view stored with the checkpoint (its
+config), so it prints what training's log printed for that step: loss, top-1, top-5
+(more than 5 classes), flip-TTA (where the config asks). The split is streamed a batch
+at a time: host memory does not grow with its size.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
-"""`vgg_jax.load(path)`: a checkpoint -> a jitted predictor for notebooks and the CLIs
-(docs/pretrained.md, "Using a trained model")."""
+"""`vgg_jax.load(path)`: a checkpoint -> a jitted predictor for notebooks and the CLIs.
+
+model = vgg_jax.load("/tmp/vgg16")            # a workdir, its checkpoints/ or a step
+probs = model.predict(["dog.png", pil_image, uint8_array])
+model.class_names[probs[0].argmax()]
+"""
 
 from __future__ import annotations
 

@@ -43,7 +43,9 @@ WEIGHT_FILES = {
 
 def weights_path(version: str, timeout: float = 30.0) -> Path:
     """The learned layers' file for `version`: the installed `lpips` package's, else the
-    official repository's, downloaded once into `pretrained.cache_dir()/lpips/v{version}`."""
+    official repository's, downloaded once into `pretrained.cache_dir()/lpips/v{version}`.
+    Offline (or VGG_JAX_OFFLINE=1) without the package: `WeightsUnavailableError` naming
+    the URL and where to put the file."""
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
     weight_file = WEIGHT_FILES[version]

@@ -3,7 +3,8 @@
   python -m vgg_jax.main --config=configs/vgg16.py --workdir=/tmp/vgg16 \
       --config.batch_size=256 --config.num_epochs=1
 
-The config is checked before anything heavy is imported or any data is read.
+The config is checked before anything heavy is imported or any data is read. Every
+expected failure ends in one line and a non-zero status.
 """
 
 from __future__ import annotations

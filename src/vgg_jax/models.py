@@ -53,7 +53,8 @@ class VGG(nn.Module):
     """Blocks of 3x3 convolutions (channels: `stages`) and 2x2 max-pools, then a head of
     `spec.HEADS`. `apply(variables, images)` gives logits, `apply(variables, images,
     layers=(...), method="features")` named activations. `conv_dropout`: a rate per
-    convolution; `head_dropout` overrides the head's own rate; `dtype`: the compute dtype
+    convolution; `batch_norm`: BN after every convolution (and in the head where the head
+    asks for it); `head_dropout` overrides the head's own rate; `dtype`: the compute dtype
     (parameters and BN statistics stay float32); `mean`, `std`: per channel, 0..255 units;
     `conv`, `dropout`, `max_pool`: the layers (stock Flax unless replaced: `vgg_jax.cpu`)."""
 
@@ -176,15 +177,18 @@ def create_model(
     num_classes: int,
     *,
     width: float = 1.0,
+    batch_norm: bool = True,
     conv_dropout: str = "none",
     head: str = "cifar",
+    head_dropout: float | None = None,
+    dtype: Any = jnp.float32,
     mean: Sequence[float] = spec.IMAGENET_MEAN,
     std: Sequence[float] = spec.IMAGENET_STD,
     stages: Sequence[Sequence[int]] | None = None,
-    **fields: Any,
+    **layers: Any,
 ) -> VGG:
     """A VGG from a preset name ('vgg11' .. 'vgg19', 'vgg_tiny') or explicit stages;
-    `fields`: VGG's other attributes (batch_norm, head_dropout, dtype, the layers)."""
+    `layers` may replace `conv`, `dropout` and `max_pool`."""
     if stages is None:
         if name not in spec.STAGES:
             raise ValueError(f"unknown model {name!r}; choose one of {sorted(spec.STAGES)}")
@@ -195,11 +199,14 @@ def create_model(
     return VGG(
         stages=stages,
         num_classes=num_classes,
+        batch_norm=batch_norm,
         conv_dropout=spec.conv_dropout_rates(stages, conv_dropout),
         head=head,
+        head_dropout=head_dropout,
+        dtype=dtype,
         mean=tuple(mean),
         std=tuple(std),
-        **fields,
+        **layers,
     )
 
 

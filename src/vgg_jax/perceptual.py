@@ -26,9 +26,16 @@ def perceptual_loss(
     before_relu: bool = False,
 ) -> jax.Array:
     """sum over layers l of w_l * mean over (H, W, C) of d(f_l(x) - f_l(y)), averaged over
-    the batch: a scalar. `layers` as `VGG.features` takes them; `layer_weights`: 1 each by
-    default; `normalize_channels`: unit-length feature vectors first, as LPIPS, so that
-    layers of different magnitudes count alike."""
+    the batch: a scalar.
+
+    x, y: images as the model takes them (RGB, 0..255, NHWC; float for gradients).
+    layers: feature names (`VGG.features`); None: the last convolution of every block.
+    layer_weights: one per layer; None: 1 each.
+    distance: 'l2' (squared difference, as in Johnson et al. 2016) or 'l1'.
+    normalize_channels: scale each position's feature vector to unit length first, as
+      LPIPS does, so that layers of different magnitudes count alike.
+    before_relu: compare the convolutions' outputs before their ReLU.
+    """
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
     if x.shape != y.shape:

@@ -72,7 +72,7 @@ def _compile(function, *args) -> tuple[Any, float, float | None]:
     start = time.perf_counter()
     compiled = function.lower(*args).compile()
     seconds = time.perf_counter() - start
-    flops = compiled.cost_analysis().get("flops")
+    flops = (compiled.cost_analysis() or {}).get("flops")  # None where XLA has no count
     return compiled, seconds, float(flops) if flops else None
 
 

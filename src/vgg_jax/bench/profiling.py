@@ -17,7 +17,10 @@ from vgg_jax import models, spec
 
 # Dense bf16 / fp32 (non-tensor-core) peaks, FLOP/s, by device-kind substring (SXM
 # spec sheets; the H200 has the H100's compute).
-GPU_PEAKS = dict.fromkeys(("H100", "H200"), {"bfloat16": 989e12, "float32": 67e12})
+GPU_PEAKS = {
+    "H100": {"bfloat16": 989e12, "float32": 67e12},
+    "H200": {"bfloat16": 989e12, "float32": 67e12},
+}
 
 
 def analytic_flops(model: models.VGG, image_size: int) -> int:

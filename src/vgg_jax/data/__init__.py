@@ -14,7 +14,8 @@ from jax.sharding import Mesh
 
 from vgg_jax.configuration import DEVICE_AUGMENTATIONS
 from vgg_jax.data.info import DatasetInfo, DatasetUnavailableError
-from vgg_jax.data.sharding import DATA_AXIS, Input, create_mesh
+from vgg_jax.data.interface import Input
+from vgg_jax.data.sharding import DATA_AXIS, create_mesh
 
 __all__ = [
     "DATA_AXIS",

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from vgg_jax.configuration import DEVICE_AUGMENTATIONS
 from vgg_jax.data import sharding, sources, stats, views
+from vgg_jax.data.interface import Input
 from vgg_jax.data.sources import Split
 
 
@@ -124,7 +125,7 @@ def _take(batches: dict[str, jax.Array], index: jax.Array) -> dict[str, jax.Arra
     return jax.tree.map(lambda array: array[index], batches)
 
 
-class DeviceInput(sharding.Input):
+class DeviceInput(Input):
     """Both splits on the devices once; each epoch permuted and augmented by one jit."""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, normalisation=None):

@@ -35,8 +35,11 @@ class DatasetInfo:
 
     @classmethod
     def from_json(cls, values: dict) -> DatasetInfo:
-        known = {field.name: values[field.name] for field in dataclasses.fields(cls)}
-        return cls(**{name: tuple(v) if isinstance(v, list) else v for name, v in known.items()})
+        fields = {}
+        for field in dataclasses.fields(cls):
+            value = values[field.name]
+            fields[field.name] = tuple(value) if isinstance(value, list) else value
+        return cls(**fields)
 
     @classmethod
     def without_data(cls, config: ml_collections.ConfigDict) -> DatasetInfo:

@@ -1,18 +1,13 @@
-"""What both inputs share: the mesh, the `Input` interface, and how host batches become
-global device arrays (also for the evaluation CLI)."""
+"""The mesh, and how host batches become global device arrays (for both inputs and the
+evaluation CLI)."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from typing import Any, Protocol
 
 import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-
-from vgg_jax.data.info import DatasetInfo
 
 DATA_AXIS = "data"
 
@@ -23,40 +18,6 @@ def create_mesh() -> Mesh:
     return jax.make_mesh(
         (jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
     )
-
-
-class Input(Protocol):
-    """What the training loop reads: batches are dicts of global arrays, 'image' uint8
-    (B, H, W, 3) and 'label' int32 (B,), plus 'mask' float32 (B,) for evaluation (the
-    last evaluation batch is padded with masked-out rows, never dropped). Both inputs
-    subclass it for its defaults."""
-
-    info: DatasetInfo
-    steps_per_epoch: int
-    counts: dict[str, float]  # this epoch's: seconds waiting for input, unreadable files
-
-    def train_batches(self, epoch: int, start: int) -> Iterator[dict[str, jax.Array]]:
-        """The batches of `epoch`'s steps from `start` (a deterministic function of the
-        seed and the step)."""
-
-    def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
-        """One pass over every evaluation example."""
-
-    def checkpoint_items(self) -> dict[str, Any]:
-        """Orbax items to save beside the model (the stream's position)."""
-        return {}
-
-    def restore(self, manager: Any, step: int, saved_config: dict[str, Any]) -> None:
-        """Positions the input as saved with checkpoint `step` (whose run had the config
-        `saved_config`, as JSON); by default the data order is a function of the seed."""
-
-    def take_epoch_counts(self) -> dict[str, float]:
-        """`counts`, then reset."""
-        counts, self.counts = self.counts, dict.fromkeys(self.counts, 0)
-        return counts
-
-    def close(self) -> None:
-        """Stops whatever the input started (worker processes)."""
 
 
 def check_batch_fits(config: ml_collections.ConfigDict, num_examples: int) -> None:

@@ -1,7 +1,19 @@
-"""Splits that do not fit on the devices, streamed with grain (the pipeline: docs/data.md):
-read, decoded and augmented on the host by worker processes, a batch at a time. Every
-batch is a deterministic function of (seed, step), so a resumed run ends with the
-parameters of one that never stopped (`StreamInput.restore`).
+"""Splits that do not fit on the devices, streamed with grain: read and augmented on
+the host by worker processes, a batch at a time.
+
+  records (image-folder paths or a TFDS ArrayRecord data source)
+    -> MapDataset.source -> seed -> shuffle (a new permutation every epoch: repeat)
+    -> this process's share (every process_count-th record)
+    -> batch (this process's part of the global batch)
+    -> map: decode + the training view of each image (`views`), a batch at a time, in the
+       workers (uint8 goes to the devices; normalisation stays in the model)
+    -> to_iter_dataset
+    -> mp_prefetch (config.input_workers processes, config.input_threads threads each;
+       with no workers, the threads decode in the training process)
+
+Every batch is a deterministic function of (seed, step), so a resumed run ends with the
+parameters of one that never stopped (`StreamInput.restore`). Unreadable files never
+stop training: they are replaced (training) or masked out (evaluation), and counted.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from jax.sharding import Mesh
 
 from vgg_jax.data import sharding, stats, views
 from vgg_jax.data.info import DatasetUnavailableError
+from vgg_jax.data.interface import Input
 from vgg_jax.data.sources import Records, check_every_class_readable, records
 from vgg_jax.data.workers import SUPERVISOR, quiet_resource_tracker, worker_init
 
@@ -37,7 +50,9 @@ REPLACEMENT_TRIES = 16
 # the decoding threads need.
 
 
-@dataclasses.dataclass
+# repr=False: grain names each map step by str(transform), and a generated repr would
+# list every record of the split.
+@dataclasses.dataclass(repr=False, eq=False)
 class TrainBatch(grain.transforms.Map):
     """(global positions, record indices) of one local batch -> {'image', 'label',
     'skipped', 'index'}: an unreadable record is replaced by the next readable one, and
@@ -238,7 +253,7 @@ class EvalPasses:
 # ------------------------------------------------- the training loop's input
 
 
-class StreamInput(sharding.Input):
+class StreamInput(Input):
     """A grain stream read by `config.input_workers` processes, a batch per step."""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, normalisation=None):
@@ -316,8 +331,12 @@ class StreamInput(sharding.Input):
             # A fresh stream positioned at `step` (batches are indexed by step) that ends
             # with the run's last step (see EvalPasses.one_pass for why).
             self._close_train_stream()
-            how = self.config.input_workers, self.config.input_threads
-            self.iterator, self.next_step = iterate(self.dataset[step : self.last_step], *how), step
+            self.iterator = iterate(
+                self.dataset[step : self.last_step],
+                self.config.input_workers,
+                self.config.input_threads,
+            )
+            self.next_step = step
         iterator = self.iterator
         for _ in range(start, self.steps_per_epoch):
             began = time.perf_counter()

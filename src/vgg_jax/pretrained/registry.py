@@ -99,7 +99,9 @@ def _check_digest(path: Path, weight_file: WeightFile) -> None:
 
 def fetch(name: str, timeout: float = 30.0) -> Path:
     """The local path of published weights (`WEIGHT_FILES`), downloaded into
-    `cache_dir()` on first use; the file's digest is checked every time it is fetched."""
+    `cache_dir()` on first use; the file's digest is checked every time it is fetched.
+    Offline (or with VGG_JAX_OFFLINE=1), raises `WeightsUnavailableError` naming the URL
+    and where to put the file."""
     if name not in WEIGHT_FILES:
         raise ValueError(f"unknown weights {name!r}; choose one of {sorted(WEIGHT_FILES)}")
     weight_file = WEIGHT_FILES[name]
