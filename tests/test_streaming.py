@@ -267,6 +267,31 @@ def test_streamed_run_stopped_mid_epoch_resumes_bitwise(
     assert 0 <= record["input_wait_fraction"] <= 1 and record["train_skipped_files"] == 0
 
 
+@pytest.mark.slow
+def test_a_stream_rebuilt_at_a_step_then_stopped_again_resumes_bitwise(
+    stream_config, tmp_path, monkeypatch, caplog
+):
+    # Stopped, resumed with another worker count (the stream is rebuilt at the step),
+    # stopped again and resumed with that count: the second checkpoint's iterator state
+    # belongs to a stream that did not start at step 0.
+    from test_checkpoint import SignalAfter, assert_trees_equal
+
+    stream_config.num_epochs = 2
+    uninterrupted = train.train_and_evaluate(stream_config, str(tmp_path / "a"))
+    for workers, polls in ((1, 2), (2, 3)):
+        stream_config.input_workers = workers
+        monkeypatch.setattr(train, "PreemptionGuard", lambda polls=polls: SignalAfter(polls))
+        with pytest.raises(Preempted):
+            train.train_and_evaluate(stream_config, str(tmp_path / "b"))
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO, logger="vgg_jax"):
+        resumed = train.train_and_evaluate(stream_config, str(tmp_path / "b"))
+    assert any("(no stream state saved)" in r.getMessage() for r in caplog.records)
+    assert int(resumed.step) == int(uninterrupted.step) == 8
+    assert_trees_equal(resumed.params, uninterrupted.params)
+    assert_trees_equal(resumed.opt_state, uninterrupted.opt_state)
+
+
 # ---------------------------------------------------------------------- bad data, size
 
 

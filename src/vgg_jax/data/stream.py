@@ -296,7 +296,9 @@ class StreamInput(Input):
             workers=config.input_workers,
             threads=config.input_threads,
         )
-        self.iterator, self.next_step = None, 0
+        # The step the training stream's first batch belongs to: grain's iterator state
+        # counts batches from there.
+        self.iterator, self.next_step, self.stream_start = None, 0, 0
         self.counts = dict.fromkeys(
             ("input_wait_seconds", "train_skipped_files", "test_skipped_files"), 0
         )
@@ -336,7 +338,7 @@ class StreamInput(Input):
                 self.config.input_workers,
                 self.config.input_threads,
             )
-            self.next_step = step
+            self.next_step = self.stream_start = step
         iterator = self.iterator
         for _ in range(start, self.steps_per_epoch):
             began = time.perf_counter()
@@ -353,7 +355,9 @@ class StreamInput(Input):
             yield self._to_devices(local, global_rows, "test_skipped_files")
 
     def checkpoint_items(self) -> dict[str, Any]:
-        if self.iterator is None:
+        # A stream built at a later step has a state `restore` would read from step 0:
+        # without it, the resumed stream is built at the step, which is as exact.
+        if self.iterator is None or self.stream_start != 0:
             return {}
         return {"data": grain.checkpoint.CheckpointSave(self.iterator)}
 
@@ -367,6 +371,9 @@ class StreamInput(Input):
         if workers < 0 or saved_config.get("input_workers") != workers:
             logger.info("stream positioned at step %d (input_workers changed)", step)
             return
+        if not os.path.isdir(os.path.join(str(manager.directory), str(step), "data")):
+            logger.info("stream positioned at step %d (no stream state saved)", step)
+            return
         iterator = iterate(self.dataset[: self.last_step], workers, self.config.input_threads)
         try:
             manager.restore(
@@ -377,4 +384,4 @@ class StreamInput(Input):
             close(iterator)
             return
         self._close_train_stream()
-        self.iterator, self.next_step = iterator, step
+        self.iterator, self.next_step, self.stream_start = iterator, step, 0
