@@ -357,9 +357,13 @@ def restore_state(
     model, train = restored["model"], restored["train"]
     raw = train.get("raw", model)
     restored_state = state.replace(
-        **raw, opt_state=train["opt_state"], step=train["step"], rng=train["rng"]
+        **raw,
+        opt_state=train["opt_state"],
+        step=train["step"],
+        rng=train["rng"],
+        ema=model if state.ema else {},
     )
-    return restored_state.replace(ema=model if state.ema else {}), meta
+    return restored_state, meta
 
 
 def missing_items(manager: ocp.CheckpointManager, step: int) -> list[str]:

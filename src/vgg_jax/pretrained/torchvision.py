@@ -218,7 +218,8 @@ def from_torchvision(
 
 def torchvision_state_dict(model: models.VGG, variables: Mapping[str, Any]) -> dict:
     """Our variables in torchvision's VGG layout (strict=True loads them), as numpy arrays:
-    for the 'torchvision' head, or 'imagenet' on a 7x7 last map (224 pixels)."""
+    for the 'torchvision' head, or 'imagenet' on a 7x7 last map (224 pixels). The BN
+    variants get zero convolution biases (ours have none)."""
     head = spec.HEADS[model.head]
     if head["hidden"] != spec.HEADS["torchvision"]["hidden"] or head["linear"]:
         raise ValueError(
