@@ -1,4 +1,5 @@
-"""CPU speed work, kept out of the core: injected only through `models.backend_tuning`."""
+"""CPU speed work, kept out of the core: injected only through `models.backend_tuning`
+(what each module does: docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,12 @@
 F(2x2, 3x3) or im2col matrix products (`plan` says which). Why: XLA:CPU's convolution
 falls off a cliff on small maps (VGG-CIFAR's last blocks are 2x2) and elsewhere runs well
 below the machine's matrix-product rate, its kernel gradient at half its forward speed
-(experiments/RESULTS.md, "Speed", CPU)."""
+(experiments/RESULTS.md, "Speed", CPU).
+
+Winograd F(2x2, 3x3) (Lavin & Gray 2015) is 16 batched matrix products with 4 instead of
+9 multiplies per output, plus cheap transforms; its custom VJP reuses the forward's
+transformed tiles and kernel. Every path is tested against `lax.conv_general_dilated`,
+forward and both gradients (tests/test_cpu.py)."""
 
 from __future__ import annotations
 
